@@ -1,0 +1,53 @@
+"""streamshard: sharded, checksummed datasets with a deterministic, world-size-aware sampler
+and O(1) mid-epoch resume for PyTorch. See README.md and docs/API.md."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from streamshard.errors import (  # noqa: F401
+    ConfigError,
+    CorruptionError,
+    DatasetExistsError,
+    FormatError,
+    InputError,
+    MissingDependencyError,
+    SchemaError,
+    StateMismatchError,
+    StorageError,
+    StreamshardError,
+)
+from streamshard.world import World, detect_world  # noqa: F401
+
+# The heavier public names are imported lazily so `import streamshard` stays cheap and so
+# modules can be developed independently.
+_LAZY = {
+    "ShardWriter": "streamshard.writer",
+    "WriteSummary": "streamshard.writer",
+    "open_dataset": "streamshard.reader",
+    "Dataset": "streamshard.reader",
+    "verify_dataset": "streamshard.verify",
+    "merge_datasets": "streamshard.merge",
+    "StreamingDataset": "streamshard.dataset",
+    "Stream": "streamshard.dataset",
+    "StreamingDataLoader": "streamshard.loader",
+    "sample_rng": "streamshard.sampler.rng",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamshard' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(
+    [
+        "ConfigError", "CorruptionError", "DatasetExistsError", "FormatError", "InputError",
+        "MissingDependencyError", "SchemaError", "StateMismatchError", "StorageError",
+        "StreamshardError", "World", "detect_world", *_LAZY,
+    ]
+)
