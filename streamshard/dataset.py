@@ -1,0 +1,225 @@
+"""``StreamingDataset``: the sampler's sequence served as device batches inside PyTorch.
+
+The dataset is an ``IterableDataset`` whose items are device batches (lists of samples): item
+``k`` of worker ``w`` of ``W`` is the ``(w + k*W)``-th served step of the plan, which is exactly the
+round-robin order in which ``torch.utils.data.DataLoader`` consumes its workers. So the global
+order never depends on ``num_workers``, and ``num_workers`` may change between save and resume.
+Use it through :class:`streamshard.StreamingDataLoader`, which counts consumed batches and owns
+the checkpoint state; a plain ``DataLoader(ds, batch_size=None, collate_fn=default_collate)``
+works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch.utils.data
+
+from streamshard.errors import ConfigError
+from streamshard.plan import Plan, PlanBox
+from streamshard.reader import Dataset, open_dataset
+from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key, sample_rng
+from streamshard.world import World, detect_world
+
+Transform = Callable[[dict, np.random.Generator], Any]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One dataset of a weighted mixture. ``weight`` is relative; it need not sum to 1."""
+
+    source: str
+    weight: float = 1.0
+    storage_options: dict | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"Stream source must be a path or URL string, got {self.source!r}")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)) or self.weight <= 0:
+            raise ConfigError(f"Stream weight must be a positive number, got {self.weight!r}")
+
+
+def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world: World) -> int:
+    if (batch_size is None) == (global_batch_size is None):
+        raise ConfigError(
+            "give exactly one of batch_size (per device) and global_batch_size, "
+            f"got batch_size={batch_size!r}, global_batch_size={global_batch_size!r}"
+        )
+    if batch_size is not None:
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        return batch_size * world.world_size
+    if not isinstance(global_batch_size, int) or global_batch_size <= 0:
+        raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    if global_batch_size % world.world_size:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} must be divisible by the world size "
+            f"{world.world_size}"
+        )
+    return global_batch_size
+
+
+class StreamingDataset(torch.utils.data.IterableDataset):
+    """Device batches of one dataset or a weighted mixture, in the sampler's global order.
+
+    ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
+    device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
+    ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
+    sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
+    index (remote: fetched once into ``cache_dir``); shards are read lazily.
+    """
+
+    def __init__(
+        self,
+        source: str | Sequence[Stream],
+        *,
+        batch_size: int | None = None,
+        global_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        lanes: int | None = None,
+        window: int | None = None,
+        drop_last: bool = True,
+        world: World | None = None,
+        transform: Transform | None = None,
+        cache_dir: str | None = None,
+        cache_limit: int | str | None = None,
+        storage_options: dict | None = None,
+        epoch_size: int | None = None,
+        mixture_block: int | None = None,
+    ):
+        super().__init__()
+        streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
+        if not streams or not all(isinstance(s, Stream) for s in streams):
+            raise ConfigError(f"source must be a path/URL or a non-empty list of Stream, got {source!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+        self.world = world if world is not None else detect_world()
+        self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
+        self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        self.streams = tuple(streams)
+        self.datasets: tuple[Dataset, ...] = tuple(
+            open_dataset(
+                s.source,
+                cache_dir=cache_dir,
+                cache_limit=cache_limit,
+                storage_options=s.storage_options if s.storage_options is not None else storage_options,
+            )
+            for s in streams
+        )
+        orders = [
+            EpochOrder(
+                [info.samples for info in ds.index.shards],
+                # One stream keeps the user's seed; mixture members get distinct derived keys so
+                # two copies of one dataset in a mixture are not read in lockstep.
+                seed=seed if len(streams) == 1 else derive_key(seed, i),
+                shuffle=shuffle,
+                lanes=lanes,
+                window=window,
+            )
+            for i, ds in enumerate(self.datasets)
+        ]
+        if len(orders) == 1 and epoch_size is None:
+            order: EpochOrder | MixtureOrder = orders[0]
+        else:
+            order = MixtureOrder(
+                orders, [s.weight for s in streams], seed=seed, block=mixture_block, epoch_size=epoch_size
+            )
+        self.sequence = SampleSequence(
+            order, global_batch_size=self.global_batch_size, drop_last=drop_last
+        )
+        self.steps_per_epoch = self.sequence.steps_per_epoch
+        self._plan = PlanBox(Plan(0, self.steps_per_epoch))
+        self._plan_cache: tuple[Plan, SampleSequence] | None = None
+
+    # -- plain DataLoader usage -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Serve all of ``epoch`` on the next ``iter()`` (for use without StreamingDataLoader)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.set_plan(Plan(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch))
+
+    def set_plan(self, plan: Plan) -> None:
+        """Set the steps the next ``iter()`` serves (the loader calls this; visible to workers)."""
+        self._plan.write(plan)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per device batch."""
+        return self.global_batch_size // self.world.world_size
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [ds.fingerprint for ds in self.datasets]
+
+    def __len__(self) -> int:
+        """Device batches per epoch (every device gets the same number)."""
+        return self.steps_per_epoch
+
+    # -- random access ------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict:
+        """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
+        return self.datasets[0][index]
+
+    def get(self, stream: int, sample_id: int) -> dict:
+        """Sample ``sample_id`` of stream ``stream``, without transform."""
+        return self.datasets[stream][sample_id]
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _sequence_for(self, plan: Plan) -> SampleSequence:
+        cached = self._plan_cache
+        if cached is not None and cached[0] == plan:
+            return cached[1]
+        seq = self.sequence
+        for start, stop in plan.skips:
+            seq = seq.with_skip(start, stop)
+        for step, salt in plan.reseeds:
+            seq = seq.with_reseed(step, salt)
+        self._plan_cache = (plan, seq)
+        return seq
+
+    def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
+        """Read (and transform) the samples of one device batch, in order."""
+        epoch = step // self.steps_per_epoch
+        out = []
+        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
+            ds = self.datasets[stream]
+            item = ds.read(*ds.locate(sample))
+            if self.transform is not None:
+                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+            out.append(item)
+        return out
+
+    def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:
+        """Yield ``(step, device batch)`` for this worker's share of the current plan."""
+        plan = self._plan.read()
+        seq = self._sequence_for(plan)
+        rank, world_size = self.world.rank, self.world.world_size
+        n = worker
+        while True:
+            step = seq.nth_served_step(plan.start, n)
+            if step >= plan.stop:
+                return
+            stream_ids, sample_ids = seq.batch(step, rank, world_size)
+            yield step, self.fetch(step, stream_ids, sample_ids)
+            n += num_workers
+
+    def __iter__(self) -> Iterator[list]:
+        worker, num_workers = _worker_slot()
+        for _, batch in self.iter_steps(worker, num_workers):
+            yield batch
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        return (
+            f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
+            f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
+        )
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)

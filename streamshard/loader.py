@@ -1,0 +1,229 @@
+"""``StreamingDataLoader``: a DataLoader that knows which global batch the training loop consumed.
+
+State is a few integers plus the dataset fingerprints and the sampler settings
+(:mod:`streamshard.state`). It counts batches returned to the training loop, never what workers
+prefetched, and it is the same on every rank. ``load_state_dict`` is arithmetic: the next
+``iter()`` starts at the saved step; nothing is replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch.utils.data
+from torch.utils.data._utils.collate import default_collate
+
+from streamshard.dataset import StreamingDataset, _worker_slot
+from streamshard.errors import ConfigError
+from streamshard.plan import Plan
+from streamshard.state import (
+    KEY_RESEEDS,
+    KEY_SEQUENCE,
+    KEY_SKIPS,
+    KEY_STEP,
+    build_state,
+    validate_state,
+)
+
+
+class _StepTagged(torch.utils.data.IterableDataset):
+    """Yields ``(step, samples)`` so the main process learns which step each batch is."""
+
+    def __init__(self, dataset: StreamingDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self):
+        worker, num_workers = _worker_slot()
+        return self.dataset.iter_steps(worker, num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class _StepCollate:
+    """Collates the samples of a tagged batch in the worker; keeps the step tag."""
+
+    def __init__(self, collate_fn: Callable[[list], Any]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, item: tuple[int, list]) -> tuple[int, Any]:
+        step, samples = item
+        return step, self.collate_fn(samples)
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[list[int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
+class StreamingDataLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` over a :class:`StreamingDataset` with exact, world-size-free resume.
+
+    Each ``iter()`` serves the rest of the current epoch from the loader's step; after a full
+    epoch the next ``iter()`` starts the next one. ``batch_size``/``sampler`` are owned by the
+    dataset; every other DataLoader argument (``num_workers``, ``persistent_workers``,
+    ``pin_memory``, ``prefetch_factor``, ``multiprocessing_context``, ...) is passed through.
+    Implements torchdata's ``Stateful`` protocol (``state_dict``/``load_state_dict``).
+    """
+
+    def __init__(self, dataset: StreamingDataset, *, collate_fn: Callable | None = None, **kwargs):
+        if not isinstance(dataset, StreamingDataset):
+            raise ConfigError(
+                f"StreamingDataLoader needs a StreamingDataset, got {type(dataset).__name__}"
+            )
+        for owned in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if owned in kwargs:
+                raise ConfigError(
+                    f"{owned} is set on the StreamingDataset, not on StreamingDataLoader"
+                )
+        super().__init__(
+            _StepTagged(dataset),
+            batch_size=None,
+            collate_fn=_StepCollate(collate_fn or default_collate),
+            **kwargs,
+        )
+        self.streaming_dataset = dataset
+        self._step = 0
+        self._last_step: int | None = None
+        self._skips: list[tuple[int, int]] = []
+        self._reseeds: list[tuple[int, int]] = []
+        self._generation = 0  # bumped by every state change that invalidates a live plan
+
+    # -- position -----------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.streaming_dataset.steps_per_epoch
+
+    @property
+    def step(self) -> int:
+        """Absolute data step of the next batch this loader will serve."""
+        return self._sequence().next_served_step(self._step)
+
+    @property
+    def last_step(self) -> int | None:
+        """Absolute data step of the batch returned last (``None`` before the first)."""
+        return self._last_step
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def _sequence(self):
+        return self.streaming_dataset._sequence_for(self._current_plan(0, 0))
+
+    def _current_plan(self, start: int, stop: int) -> Plan:
+        return Plan(start, stop, tuple(self._skips), tuple(self._reseeds))
+
+    # -- iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        return _LoaderIterator(self)
+
+    def _start_epoch_iteration(self) -> tuple[Plan, Iterator]:
+        start = self.step
+        epoch = start // self.steps_per_epoch
+        plan = self._current_plan(start, (epoch + 1) * self.steps_per_epoch)
+        self.streaming_dataset.set_plan(plan)
+        return plan, super().__iter__()
+
+    # -- state --------------------------------------------------------------------------------
+    def _live_state(self) -> dict:
+        ds = self.streaming_dataset
+        fields = dict(ds.sequence.state_fields())
+        fields.pop(KEY_SKIPS, None)
+        fields.pop(KEY_RESEEDS, None)
+        return build_state(
+            fingerprints=ds.fingerprints,
+            sequence=fields,
+            steps_per_epoch=self.steps_per_epoch,
+            step=self.step,
+            skips=[list(r) for r in self._skips],
+            reseeds=[list(r) for r in self._reseeds],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able state, identical on every rank; counts consumed batches only."""
+        return self._live_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
+
+        A live iterator notices and continues from the restored step."""
+        validate_state(state_dict, self._live_state())
+        self._skips = _merge_ranges([tuple(r) for r in state_dict[KEY_SKIPS]])
+        self._reseeds = sorted({tuple(r) for r in state_dict[KEY_RESEEDS]})
+        self._step = int(state_dict[KEY_STEP])
+        self._last_step = None
+        self._generation += 1
+
+    def skip(self, start_step: int, stop_step: int) -> None:
+        """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
+        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or not 0 <= start_step <= stop_step:
+            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
+        if start_step == stop_step:
+            return
+        self._skips = _merge_ranges(self._skips + [(start_step, stop_step)])
+        self._generation += 1
+
+    def reseed_from(self, step: int, salt: int) -> None:
+        """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``. Idempotent."""
+        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
+            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
+        if (step, salt) not in self._reseeds:
+            self._reseeds = sorted(self._reseeds + [(step, salt)])
+            self._generation += 1
+
+    @property
+    def skips(self) -> list[tuple[int, int]]:
+        return list(self._skips)
+
+    @property
+    def reseeds(self) -> list[tuple[int, int]]:
+        return list(self._reseeds)
+
+
+class _LoaderIterator:
+    """Iterates one epoch; re-plans transparently when the loader's state changes under it."""
+
+    def __init__(self, loader: StreamingDataLoader):
+        self._loader = loader
+        self._begin()
+
+    def _begin(self) -> None:
+        loader = self._loader
+        self._generation = loader._generation
+        self._plan, self._inner = loader._start_epoch_iteration()
+        self._seq = loader._sequence()
+        self._served = 0
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        loader = self._loader
+        if self._generation != loader._generation:
+            self._begin()
+        try:
+            step, batch = next(self._inner)
+        except StopIteration:
+            # The epoch is over: the next iter() starts the next epoch.
+            loader._step = max(loader._step, self._plan.stop)
+            raise
+        expected = self._seq.nth_served_step(self._plan.start, self._served)
+        if step != expected:
+            raise RuntimeError(
+                f"batch order broken: got step {step}, expected {expected}. "
+                "Do not pass in_order=False or a custom worker split to StreamingDataLoader."
+            )
+        self._served += 1
+        loader._last_step = step
+        loader._step = step + 1
+        return batch

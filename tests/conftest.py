@@ -1,0 +1,38 @@
+"""Shared fixtures. Each area keeps its own helpers in its test files; only cross-area ones live here."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+# The package under test is the checkout, also when pytest is started from elsewhere.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def id_dataset_factory(tmp_path_factory):
+    """Build (once per session and arguments) a dataset whose sample i has column id == i."""
+    from streamshard.testing import write_id_dataset
+
+    made: dict[tuple, str] = {}
+
+    def make(num_samples: int, **kwargs) -> str:
+        key = (num_samples, tuple(sorted(kwargs.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp("ids") / f"ds-{num_samples}"
+            made[key] = write_id_dataset(str(path), num_samples, **kwargs)
+        return made[key]
+
+    return make
