@@ -1,0 +1,263 @@
+"""``SampleSequence``: the served sequence of global batches, with skip and reseed ledgers.
+
+A *step* is an absolute data step, the global batch index counted from epoch 0:
+``epoch = step // S``, ``j = step % S``, and global batch ``step`` is epoch positions
+``[j*G, (j+1)*G)``. Device ``d`` of ``D`` takes positions ``j*G + d + D*i`` for ``i < G/D``.
+An epoch position goes through the epoch's reseeds, then through the order (docs/SAMPLER.md).
+Every call is pure and costs O(#skips + #reseeds) besides the vectorized mapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+from math import ceil
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+
+from streamshard.errors import ConfigError
+from streamshard.sampler.mixture import MixtureOrder
+from streamshard.sampler.order import EpochOrder, check_int
+from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
+
+Order = Union[EpochOrder, MixtureOrder]
+# Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
+_ORDER_CACHE_SIZE = 8
+
+
+def normalize_skips(ranges: Iterable) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged half-open step ranges; overlapping and adjacent ranges are united."""
+    pairs = []
+    for item in ranges:
+        start, stop = item
+        start = check_int(start, "skip start", minimum=0)
+        stop = check_int(stop, "skip stop", minimum=0)
+        if stop < start:
+            raise ConfigError(f"skip range must have start <= stop, got [{start}, {stop})")
+        if stop > start:  # an empty range skips nothing
+            pairs.append((start, stop))
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(pairs):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
+def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
+    """Distinct (step, salt) pairs sorted by step, then salt."""
+    pairs = set()
+    for item in entries:
+        step, salt = item
+        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
+    return tuple(sorted(pairs))
+
+
+class SampleSequence:
+    """The whole served sequence for one order and global batch size ``G``.
+
+    Immutable (``with_skip`` / ``with_reseed`` return new sequences) and picklable.
+    ``drop_last=True`` serves ``S = E // G`` steps per epoch and never serves the last ``E % G``
+    positions; ``drop_last=False`` serves ``ceil(E / G)`` steps, and positions ``p >= E`` of the
+    last one wrap to ``p % E``: the pad repeats the first samples of the same epoch.
+    """
+
+    def __init__(self, order: Order, *, global_batch_size: int, drop_last: bool = True,
+                 skips: Iterable = (), reseeds: Iterable = ()):
+        if not isinstance(order, (EpochOrder, MixtureOrder)):
+            raise ConfigError(f"order must be an EpochOrder or MixtureOrder, got {order!r:.80}")
+        if not isinstance(drop_last, (bool, np.bool_)):
+            raise ConfigError(f"drop_last must be a bool, got {drop_last!r}")
+        self._order = order
+        self._g = check_int(global_batch_size, "global_batch_size", minimum=1)
+        self._drop_last = bool(drop_last)
+        self._e = order.size if isinstance(order, EpochOrder) else order.epoch_size
+        self._steps = self._e // self._g if self._drop_last else ceil(self._e / self._g)
+        if self._steps == 0:
+            raise ConfigError(
+                f"an epoch has no step: epoch_size E={self._e} and global_batch_size "
+                f"G={self._g} with drop_last={self._drop_last}")
+        self._skips = normalize_skips(skips)
+        self._skip_starts = [start for start, _ in self._skips]
+        self._reseeds = normalize_reseeds(reseeds)
+        self._orders: dict[int, EpochOrder] = {}
+
+    # -- description ----------------------------------------------------------------------
+    order = property(lambda self: self._order)
+    global_batch_size = property(lambda self: self._g)
+    drop_last = property(lambda self: self._drop_last)
+    skips = property(lambda self: self._skips, doc="Normalized skip ledger ((start, stop), ...).")
+    reseeds = property(lambda self: self._reseeds, doc="Sorted reseed ledger ((step, salt), ...).")
+
+    @property
+    def epoch_size(self) -> int:
+        """E: positions per epoch (N for an EpochOrder, ``epoch_size`` for a mixture)."""
+        return self._e
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """S: ``E // G`` with drop_last, else ``ceil(E / G)``."""
+        return self._steps
+
+    @property
+    def lanes(self) -> int:
+        """Residue classes a reseed preserves: the order's lanes, 1 for a mixture."""
+        return self._order.lanes if isinstance(self._order, EpochOrder) else 1
+
+    def state_fields(self) -> dict:
+        """JSON-able definition of the sequence, for the loader state and strict restore."""
+        fields = {"kind": "epoch" if isinstance(self._order, EpochOrder) else "mixture",
+                  "global_batch_size": self._g, "drop_last": self._drop_last,
+                  "epoch_size": self._e, "steps_per_epoch": self._steps}
+        fields.update(self._order.state_fields())
+        fields["skips"] = [list(pair) for pair in self._skips]
+        fields["reseeds"] = [list(pair) for pair in self._reseeds]
+        return fields
+
+    def __repr__(self) -> str:
+        return (f"SampleSequence({self._order!r}, global_batch_size={self._g}, "
+                f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds})")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_orders"] = {}
+        return state
+
+    # -- ledgers --------------------------------------------------------------------------
+    def _replace(self, skips, reseeds) -> "SampleSequence":
+        return SampleSequence(self._order, global_batch_size=self._g, drop_last=self._drop_last,
+                              skips=skips, reseeds=reseeds)
+
+    def with_skip(self, start: int, stop: int) -> "SampleSequence":
+        """A sequence that never serves steps ``[start, stop)`` (united with earlier skips)."""
+        return self._replace(self._skips + ((start, stop),), self._reseeds)
+
+    def with_reseed(self, step: int, salt: int) -> "SampleSequence":
+        """A sequence whose positions from ``step`` on are re-permuted with ``salt``."""
+        return self._replace(self._skips, self._reseeds + ((step, salt),))
+
+    def next_served_step(self, step: int) -> int:
+        """Smallest step ``>= step`` outside every skip range."""
+        step = check_int(step, "step", minimum=0)
+        i = bisect.bisect_right(self._skip_starts, step) - 1
+        if i >= 0 and step < self._skips[i][1]:
+            return self._skips[i][1]  # merged ranges never touch, so one jump suffices
+        return step
+
+    def nth_served_step(self, start: int, n: int) -> int:
+        """The ``n``-th (0-based) served step at or after ``start``, in O(#skips)."""
+        n = check_int(n, "n", minimum=0)
+        step = self.next_served_step(start)
+        i = bisect.bisect_right(self._skip_starts, step)
+        for skip_start, skip_stop in self._skips[i:]:
+            gap = skip_start - step  # served steps before this skip
+            if n < gap:
+                break
+            n -= gap
+            step = skip_stop
+        return step + n
+
+    def served_steps(self, start: int, stop: int) -> Iterator[int]:
+        """Served steps in ``[start, stop)``, in order."""
+        step = self.next_served_step(start)
+        stop = check_int(stop, "stop", minimum=0)
+        while step < stop:
+            yield step
+            step = self.next_served_step(step + 1)
+
+    # -- batches --------------------------------------------------------------------------
+    def device_positions(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """Epoch positions of device ``rank`` in step ``step`` (pad-wrapped, before reseeds)."""
+        step = check_int(step, "step", minimum=0)
+        world_size = check_int(world_size, "world_size", minimum=1)
+        rank = check_int(rank, "rank", minimum=0)
+        if rank >= world_size:
+            raise ConfigError(f"rank must be < world_size={world_size}, got {rank}")
+        if self._g % world_size:
+            raise ConfigError(f"global_batch_size G={self._g} is not divisible by "
+                              f"world_size D={world_size}")
+        j = step % self._steps
+        pos = j * self._g + rank + world_size * np.arange(self._g // world_size, dtype=np.int64)
+        if not self._drop_last:
+            pos %= self._e  # only the last step of an epoch has positions >= E
+        return pos
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(stream_ids, sample_ids), int64 arrays of length ``G / world_size``."""
+        pos = self.device_positions(step, rank, world_size)
+        return self.map_positions(step // self._steps, pos)
+
+    def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole global batch ``step``: ``batch(step, 0, 1)``."""
+        return self.batch(step, 0, 1)
+
+    def map_positions(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``."""
+        epoch = check_int(epoch, "epoch", minimum=0)
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.size and (pos.min() < 0 or pos.max() >= self._e):
+            bad = int(pos.min()) if pos.min() < 0 else int(pos.max())
+            raise IndexError(f"epoch position {bad} out of range [0, {self._e})")
+        first_step = epoch * self._steps
+        within = [(r, salt) for r, salt in self._reseeds
+                  if first_step <= r < first_step + self._steps]
+        for r, salt in reversed(within):  # latest reseed first, then earlier ones
+            pos = self._reseed_map(pos, r, salt)
+        salts = [salt for r, salt in self._reseeds if r < first_step]
+        if isinstance(self._order, EpochOrder):
+            samples = self._epoch_order(salts)(epoch, pos)
+            return np.zeros(pos.shape, dtype=np.int64), samples
+        if salts:  # a mixture's later epochs are re-permuted as a whole (docs/SAMPLER.md)
+            key = derive_key(self._order.seed, "reseed-epoch", *salts, epoch)
+            pos = self._class_permute(pos, 0, 1, key)
+        return self._order(epoch * self._e + pos)
+
+    def _epoch_order(self, salts: list[int]) -> EpochOrder:
+        if not salts:
+            return self._order
+        seed = derive_key(self._order.seed, *salts)
+        order = self._orders.get(seed)
+        if order is None:
+            order = self._order.reseeded(seed)
+            cache = dict(self._orders) if len(self._orders) < _ORDER_CACHE_SIZE else {}
+            cache[seed] = order
+            self._orders = cache
+        return order
+
+    def _reseed_map(self, pos: np.ndarray, r: int, salt: int) -> np.ndarray:
+        """Apply the reseed at step r: permute ``[p0, E)`` within residue classes mod L."""
+        p0 = (r % self._steps) * self._g
+        keys = derive_keys((salt, "reseed", r), (pos - p0) % self.lanes)
+        return self._class_permute(pos, p0, self.lanes, keys)
+
+    def _class_permute(self, pos, p0: int, lanes: int, keys) -> np.ndarray:
+        """Positions ``p0 + c + lanes*i`` (< E) permuted in i within each class c, by key."""
+        moved = pos >= p0  # wrapped pad positions are already < E
+        rel = pos - p0
+        cls = rel % lanes
+        count = np.maximum((self._e - p0 - cls + lanes - 1) // lanes, 0)
+        new_i = permute_array(np.where(moved, rel // lanes, 0), np.where(moved, count, 1), keys)
+        return np.where(moved, p0 + cls + lanes * new_i, pos)
+
+    def working_set_shards(self, rank: int, world_size: int) -> int:
+        """Upper bound on distinct shards device ``rank`` needs at the same time.
+
+        Per stream: lanes the device reads (``L / gcd(D, L)``) x (shards a window of ``W``
+        samples can touch + 1, for the step into the next window), capped at the shard count;
+        with ``shuffle=False`` the shards a run of ``G`` samples touches + 1. Summed over the
+        streams of a mixture. The padded last step of a ``drop_last=False`` epoch re-reads the
+        epoch's first positions and may exceed the bound for that one step.
+        """
+        self.device_positions(0, rank, world_size)  # validates rank, world_size, G % D
+        orders = ([self._order] if isinstance(self._order, EpochOrder)
+                  else list(self._order.orders))
+        total = 0
+        for order in orders:
+            if order.shuffle:
+                need = order.lanes_read(rank, world_size) * (
+                    order.shards_touched_by_run(order.window) + 1)
+            else:
+                need = order.shards_touched_by_run(self._g) + 1
+            total += min(need, order.num_shards)
+        return total
