@@ -1,0 +1,257 @@
+"""Random access to a dataset: ``open_dataset`` -> ``Dataset``; ``LocalSource`` for local dirs.
+
+``Dataset.read(shard, offset)`` is the loader's hot path: a dict lookup of the open shard reader,
+then one block read (compressed) or an mmap slice (uncompressed). Shard readers are kept in an
+LRU of ``max_open_shards``; closing one unpins it in the source (the remote cache may then evict).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from bisect import bisect_right
+from typing import Any, Iterator, Protocol, Sequence
+
+from streamshard.errors import ConfigError, StorageError
+from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.schema import Schema
+from streamshard.shardfile import ReadStats, ShardFileReader
+
+DEFAULT_MAX_OPEN_SHARDS = 64
+
+
+class ShardSource(Protocol):
+    """Where a dataset's bytes come from. Picklable (it travels to DataLoader workers);
+    methods are thread-safe; repr is stable."""
+
+    url: str
+
+    def read_index(self) -> bytes: ...
+    def shard_path(self, shard: ShardInfo) -> str: ...
+    def unpin(self, shard: ShardInfo) -> None: ...
+    def prefetch(self, shards: Sequence[ShardInfo]) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+class LocalSource:
+    """A dataset directory on the local file system. Returns paths inside it; never copies,
+    never pins (local files are not evictable). Picklable, thread-safe, stable repr."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        self._reads = 0
+
+    def read_index(self) -> bytes:
+        path = os.path.join(self.root, INDEX_FILE)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            hint = "" if os.path.isdir(self.root) else " (the directory does not exist)"
+            raise StorageError(f"{path}: no index file{hint}. Are you passing a streamshard "
+                               f"directory?", url=path) from None
+
+    def shard_path(self, shard: ShardInfo) -> str:
+        path = os.path.join(self.root, *shard.file.split("/"))
+        if not os.path.exists(path):
+            raise StorageError(f"{path}: shard {shard.index} ({shard.file}) is missing", url=path)
+        return path
+
+    def unpin(self, shard: ShardInfo) -> None:
+        """Nothing to release: local files are never evicted."""
+
+    def prefetch(self, shards: Sequence[ShardInfo]) -> None:
+        """Nothing to fetch: the files are already local."""
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"LocalSource({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalSource) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+
+class Dataset:
+    """A random-access view of a dataset. ``len``, ``ds[i]`` (negative allowed), ``iter`` (in
+    order), ``read(shard, offset)``, ``locate(i)``, ``schema``, ``index``, ``fingerprint``,
+    ``num_shards``, ``stats``, ``close()``.
+
+    Picklable: a pickled copy holds the source and index only and reopens shards lazily.
+    Reads are thread-safe (per-thread zstd contexts; opening/evicting shard readers is locked).
+    """
+
+    def __init__(self, source: ShardSource, index: DatasetIndex | None = None, *,
+                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS):
+        if not isinstance(max_open_shards, int) or max_open_shards < 1:
+            raise ConfigError(f"max_open_shards must be positive, got {max_open_shards!r}")
+        self.source = source
+        if index is None:
+            index = DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}")
+        self.index = index
+        self.max_open_shards = max_open_shards
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._readers: dict[int, ShardFileReader] = {}
+        self._last_used: dict[int, int] = {}
+        self._tick = itertools.count()
+        self._lock = threading.Lock()
+        self._stats = ReadStats()
+        self._opened = 0
+        self._offsets = self.index._offsets_list
+        self._len = self.index.num_samples
+        self._decode = self.index.schema.decode
+
+    # -- pickling: drop open files and maps ------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {"source": self.source, "index": self.index, "max_open_shards": self.max_open_shards}
+
+    def __setstate__(self, state: dict) -> None:
+        self.source = state["source"]
+        self.index = state["index"]
+        self.max_open_shards = state["max_open_shards"]
+        self._init_runtime()
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def schema(self) -> Schema:
+        return self.index.schema
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index.fingerprint
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.index.shards)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``blocks_read``, ``block_cache_hits``, ``bytes_read`` (decompressed),
+        ``stored_bytes_read``, ``shards_opened``, ``open_shards``."""
+        d = self._stats.as_dict()
+        d["shards_opened"] = self._opened
+        d["open_shards"] = len(self._readers)
+        return d
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
+                f"fingerprint={self.index.fingerprint!r})")
+
+    # -- reading ---------------------------------------------------------------------------
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global sample ``i`` -> ``(shard index, offset in shard)``."""
+        return self.index.locate(i)
+
+    def __getitem__(self, i: int) -> dict:
+        n = self._len
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i - n if i < 0 else i} out of range for a dataset "
+                             f"of {n} samples")
+        offs = self._offsets
+        s = bisect_right(offs, i) - 1
+        r = self._readers.get(s)
+        if r is None:
+            r = self._open(s)
+        self._last_used[s] = next(self._tick)
+        return r.read(i - offs[s])
+
+    def read(self, shard: int, offset: int) -> dict:
+        """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
+        r = self._readers.get(shard)
+        if r is None:
+            if not 0 <= shard < len(self.index.shards):
+                raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
+            r = self._open(shard)
+        if not 0 <= offset < r.num_samples:
+            raise IndexError(f"offset {offset} out of range for shard {shard} "
+                             f"({r.num_samples} samples)")
+        self._last_used[shard] = next(self._tick)
+        return r.read(offset)
+
+    def __iter__(self) -> Iterator[dict]:
+        for s, info in enumerate(self.index.shards):
+            if not info.samples:
+                continue
+            r = self._readers.get(s) or self._open(s)
+            read = r.read
+            for k in range(info.samples):
+                yield read(k)
+            self._last_used[s] = next(self._tick)
+
+    def _open(self, s: int) -> ShardFileReader:
+        with self._lock:
+            r = self._readers.get(s)
+            if r is not None:
+                return r
+            info = self.index.shards[s]
+            while len(self._readers) >= self.max_open_shards:
+                self._evict_lru()
+            path = self.source.shard_path(info)
+            try:
+                r = ShardFileReader(path, decode=self._decode, stats=self._stats,
+                                    name=f"shard {s} ({info.file})", expected_samples=info.samples)
+            except BaseException:
+                self.source.unpin(info)
+                raise
+            self._readers[s] = r
+            self._last_used[s] = next(self._tick)
+            self._opened += 1
+            return r
+
+    def _evict_lru(self) -> None:
+        # O(open shards) scan, only when opening a new shard; hits only bump a counter.
+        victim = min(self._readers, key=lambda k: self._last_used.get(k, -1))
+        # Drop references instead of closing: another thread may be mid-read on this reader;
+        # the file and map close when the last reference goes (POSIX keeps unlinked files
+        # readable, so unpinning now is safe even if the cache evicts the file).
+        self._readers.pop(victim)
+        self._last_used.pop(victim, None)
+        self.source.unpin(self.index.shards[victim])
+
+    def close(self) -> None:
+        """Close every open shard and unpin it. The dataset stays usable (reopens lazily)."""
+        with self._lock:
+            for s, r in list(self._readers.items()):
+                r.close()
+                self.source.unpin(self.index.shards[s])
+            self._readers.clear()
+            self._last_used.clear()
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit: Any = None,
+                 storage_options: dict | None = None, source: ShardSource | None = None,
+                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS) -> Dataset:
+    """Open a dataset. Local path or ``file://`` -> ``LocalSource``; any other URL ->
+    ``streamshard.remote.CachedSource`` (needs ``cache_dir`` or the cache's default).
+    ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index."""
+    if source is None:
+        url = os.fspath(path_or_url)
+        if url.startswith("file://"):
+            url = url[len("file://"):]
+        if "://" not in url:
+            source = LocalSource(url)
+        else:
+            from streamshard.remote import CachedSource  # lazy: local reading needs no remote code
+
+            source = CachedSource(url, cache_dir=cache_dir, cache_limit=cache_limit,
+                                  storage_options=storage_options)
+    return Dataset(source, max_open_shards=max_open_shards)

@@ -1,0 +1,353 @@
+"""The shard file byte layout (docs/FORMAT.md is the spec; this module is its only implementation).
+
+    header   32 B   magic b"SSHARD\\r\\n" | u16 version=1 | u16 flags (bit0 = zstd) | 20 zero bytes
+    blocks          each block stored (zstd frame, or raw when uncompressed)
+    table    40 B/block  u64 offset | u64 stored size | u64 raw size | u64 first sample | u64 xxh64
+    trailer  40 B   u64 table offset | u32 num_blocks | u32 zero | u64 num_samples |
+                    u64 xxh64(table) | end magic b"SSHEND\\r\\n"
+
+A raw block is ``u64 n | u64 offsets[n+1] (relative to payload start) | payload``. All little-endian.
+Reading a shard's metadata costs three reads (header, trailer, table): one range request each
+on remote storage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from bisect import bisect_right as _bisect_right
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import xxhash
+import zstandard
+
+from streamshard.errors import CorruptionError, FormatError
+
+MAGIC = b"SSHARD\r\n"
+END_MAGIC = b"SSHEND\r\n"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+FLAG_ZSTD = 0x1
+KNOWN_FLAGS = FLAG_ZSTD
+HEADER = struct.Struct("<8sHH20s")
+TABLE_ENTRY = struct.Struct("<QQQQQ")
+TRAILER = struct.Struct("<QIIQQ8s")
+TABLE_DTYPE = np.dtype([("offset", "<u8"), ("stored", "<u8"), ("raw", "<u8"),
+                        ("first", "<u8"), ("xxh64", "<u8")])
+assert HEADER.size == 32 and TABLE_ENTRY.size == 40 and TRAILER.size == 40
+_U64 = struct.Struct("<Q")
+_U64x2 = struct.Struct("<QQ")
+
+
+def pack_header(compressed: bool) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, FLAG_ZSTD if compressed else 0, bytes(20))
+
+
+def parse_header(data: bytes, name: str) -> bool:
+    """Validate a 32-byte header; return whether the shard is zstd-compressed.
+    ``FormatError`` on a foreign file, a newer version or unknown flags (all name the file)."""
+    if len(data) < HEADER.size:
+        raise CorruptionError(f"{name}: file is {len(data)} bytes, shorter than the 32-byte header")
+    magic, version, flags, reserved = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FormatError(f"{name}: not a streamshard shard (magic {magic!r}, expected {MAGIC!r})")
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"{name}: shard format version {version} is not supported by this "
+                          f"reader (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                          f"upgrade streamshard")
+    if flags & ~KNOWN_FLAGS:
+        raise FormatError(f"{name}: unknown shard flags 0x{flags:04x} (this reader knows "
+                          f"0x{KNOWN_FLAGS:04x}); upgrade streamshard")
+    if reserved != bytes(20):
+        raise CorruptionError(f"{name}: reserved header bytes are not zero")
+    return bool(flags & FLAG_ZSTD)
+
+
+@dataclass(frozen=True)
+class Trailer:
+    table_offset: int
+    num_blocks: int
+    num_samples: int
+    table_xxh64: int
+
+
+def parse_trailer(data: bytes, file_size: int, name: str) -> Trailer:
+    """Validate the 40-byte trailer of a ``file_size``-byte shard (``CorruptionError`` naming it)."""
+    if file_size < HEADER.size + TRAILER.size or len(data) != TRAILER.size:
+        raise CorruptionError(f"{name}: file is {file_size} bytes, too short for header and "
+                              f"trailer (truncated?)")
+    table_offset, num_blocks, reserved, num_samples, table_hash, end = TRAILER.unpack(data)
+    if end != END_MAGIC:
+        raise CorruptionError(f"{name}: end magic is {end!r}, expected {END_MAGIC!r} "
+                              f"(truncated or overwritten shard)")
+    if reserved != 0:
+        raise CorruptionError(f"{name}: reserved trailer field is {reserved}, expected 0")
+    if table_offset + num_blocks * TABLE_ENTRY.size + TRAILER.size != file_size \
+            or table_offset < HEADER.size:
+        raise CorruptionError(f"{name}: table at {table_offset} with {num_blocks} blocks does "
+                              f"not fit a file of {file_size} bytes")
+    return Trailer(table_offset, num_blocks, num_samples, table_hash)
+
+
+def parse_table(data: bytes, trailer: Trailer, name: str) -> np.ndarray:
+    """Check the table against its xxh64 and the trailer; return it as a ``TABLE_DTYPE`` array."""
+    if xxhash.xxh64_intdigest(data) != trailer.table_xxh64:
+        raise CorruptionError(f"{name}: block table checksum mismatch")
+    table = np.frombuffer(data, TABLE_DTYPE, trailer.num_blocks).copy()
+    end = table["offset"] + table["stored"]
+    if trailer.num_blocks and (
+            int(table["offset"][0]) != HEADER.size
+            or np.any(table["offset"][1:] != end[:-1])
+            or int(end[-1]) != trailer.table_offset
+            or int(table["first"][0]) != 0
+            or np.any(table["first"][1:] <= table["first"][:-1])
+            or int(table["first"][-1]) >= trailer.num_samples):
+        raise CorruptionError(f"{name}: block table is inconsistent (offsets or sample counts)")
+    if trailer.num_blocks == 0 and (trailer.num_samples or trailer.table_offset != HEADER.size):
+        raise CorruptionError(f"{name}: no blocks but {trailer.num_samples} samples")
+    return table
+
+
+class ShardFileWriter:
+    """Appends finished blocks to one shard file and closes it with the table and trailer.
+
+    ``f`` is a binary file opened for writing; the writer computes the whole-file xxh64 while
+    writing so nobody reads the file back. Not thread-safe. Deterministic: same blocks, same bytes.
+    """
+
+    def __init__(self, f: Any, *, compressed: bool):
+        self._f = f
+        self._hash = xxhash.xxh64()
+        self._entries: list[bytes] = []
+        self._pos = 0
+        self.num_samples = 0
+        self.raw_bytes = 0
+        self._put(pack_header(compressed))
+
+    def _put(self, data: bytes) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+        self._pos += len(data)
+
+    @property
+    def size(self) -> int:
+        """Bytes the file would have if closed now (header + blocks + table + trailer)."""
+        return self._pos + TABLE_ENTRY.size * len(self._entries) + TRAILER.size
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._entries)
+
+    def add_block(self, stored: bytes, raw_size: int, num_samples: int) -> None:
+        self._entries.append(TABLE_ENTRY.pack(self._pos, len(stored), raw_size, self.num_samples,
+                                              xxhash.xxh64_intdigest(stored)))
+        self._put(stored)
+        self.num_samples += num_samples
+        self.raw_bytes += raw_size
+
+    def finish(self) -> tuple[int, str]:
+        """Write table and trailer; return ``(file size, xxh64 hex of the whole file)``."""
+        table = b"".join(self._entries)
+        table_offset = self._pos
+        self._put(table)
+        self._put(TRAILER.pack(table_offset, len(self._entries), 0, self.num_samples,
+                               xxhash.xxh64_intdigest(table), END_MAGIC))
+        return self._pos, self._hash.hexdigest()
+
+
+def pack_raw_block(samples: list[bytes]) -> bytes:
+    """``u64 n | u64 offsets[n+1] | payload`` for encoded samples."""
+    offsets = [0]
+    total = 0
+    for s in samples:
+        total += len(s)
+        offsets.append(total)
+    return struct.pack(f"<{len(offsets) + 1}Q", len(samples), *offsets) + b"".join(samples)
+
+
+def block_offsets(buf: Any, off: int, raw_size: int, expected: int, where: str) -> np.ndarray:
+    """Check the header of the raw block at ``buf[off:off+raw_size]`` holding ``expected``
+    samples; return its ``n+1`` payload-relative sample offsets (uint64, a view of ``buf``)."""
+    n = _U64.unpack_from(buf, off)[0] if raw_size >= 8 else -1
+    head = 8 + 8 * (n + 1)
+    if n != expected or head > raw_size:
+        raise CorruptionError(f"{where}: block header says {n} samples, table says {expected}")
+    rel = np.frombuffer(buf, "<u8", n + 1, off + 8)
+    if rel[0] != 0 or np.any(rel[1:] < rel[:-1]) or head + int(rel[-1]) != raw_size:
+        raise CorruptionError(f"{where}: sample offsets are inconsistent")
+    return rel
+
+
+_tls = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # zstandard objects are not thread-safe; one per thread, reused (creating one costs ~10 us).
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+class ShardFileReader:
+    """Random access to the samples of one local, complete shard file.
+
+    ``read(k) -> dict`` decodes sample ``k`` of the shard. Compressed shards: one ``pread`` of
+    the block, xxh64 check, decompress; the last decoded block is kept (in-order reads decode
+    each block once). Uncompressed shards are mmapped and read without checksum checks
+    (``verify_dataset`` checks them); their absolute sample offsets are computed on open.
+    Thread-safe for reads. ``name`` is used in every error message.
+    """
+
+    def __init__(self, path: str, *, decode: Callable[[Any, int, int], dict], name: str,
+                 stats: Any = None, expected_samples: int | None = None):
+        self.name = name
+        self._decode = decode
+        self._stats = stats if stats is not None else ReadStats()
+        self._file = open(path, "rb", buffering=0)
+        self._mm = None
+        self._block = (-1, b"", 0)  # (block number, raw bytes, payload start)
+        try:
+            self._open(expected_samples)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def _open(self, expected_samples: int | None) -> None:
+        self._fd = self._file.fileno()
+        size = os.fstat(self._fd).st_size
+        self.compressed = parse_header(self._pread(HEADER.size, 0), self.name)
+        if size < HEADER.size + TRAILER.size:
+            raise CorruptionError(f"{self.name}: file is {size} bytes, too short for header and "
+                                  f"trailer (truncated?)")
+        trailer = parse_trailer(self._pread(TRAILER.size, size - TRAILER.size), size, self.name)
+        table = parse_table(self._pread(trailer.num_blocks * TABLE_ENTRY.size,
+                                        trailer.table_offset), trailer, self.name)
+        self.num_samples = trailer.num_samples
+        self.num_blocks = trailer.num_blocks
+        if expected_samples is not None and expected_samples != self.num_samples:
+            raise CorruptionError(f"{self.name}: shard holds {self.num_samples} samples, the "
+                                  f"index says {expected_samples}")
+        self._table = table
+        # Python lists: indexing a list is ~4x faster than indexing a numpy array on the hot path.
+        self._first = table["first"].tolist()
+        if self.compressed:
+            self._offsets = table["offset"].tolist()
+            self._stored = table["stored"].tolist()
+            self._raw = table["raw"].tolist()
+            self._hashes = table["xxh64"].tolist()
+            self.read = self._read_compressed
+        else:
+            self._map_uncompressed(table)
+            self.read = self._read_mmap
+
+    def _map_uncompressed(self, table: np.ndarray) -> None:
+        import mmap
+
+        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        starts, ends = [], []
+        for b, (off, stored, raw, first, _h) in enumerate(table.tolist()):
+            if stored != raw or stored < 16:
+                raise CorruptionError(f"{self.name} block {b}: uncompressed block with stored "
+                                      f"size {stored} and raw size {raw}")
+            nxt = self._first[b + 1] if b + 1 < len(self._first) else self.num_samples
+            rel = block_offsets(self._mm, off, raw, nxt - first, f"{self.name} block {b}")
+            head = 8 * (len(rel) + 1)
+            starts.append(rel[:-1] + (off + head))
+            ends.append(rel[1:] + (off + head))
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.uint64))
+        # uint64 arrays (8 B/sample each); memoryviews of them index to Python ints quickly.
+        self.sample_starts = cat(starts).astype(np.uint64)
+        self.sample_ends = cat(ends).astype(np.uint64)
+        self._starts = memoryview(self.sample_starts)
+        self._ends = memoryview(self.sample_ends)
+
+    def _read_mmap(self, k: int) -> dict:
+        start = self._starts[k]
+        self._stats.bytes_read += self._ends[k] - start
+        try:
+            return self._decode(self._mm, start, self._ends[k] - start)
+        except CorruptionError as exc:
+            raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
+
+    def block(self, b: int) -> tuple[bytes, int]:
+        """Return ``(raw block bytes, payload start)`` of block ``b``, checked and decompressed."""
+        cached = self._block
+        st = self._stats
+        if cached[0] == b:
+            st.block_cache_hits += 1
+            return cached[1], cached[2]
+        stored = self._pread(self._stored[b], self._offsets[b])
+        st.blocks_read += 1
+        st.stored_bytes_read += len(stored)
+        if len(stored) != self._stored[b]:
+            raise CorruptionError(f"{self.name} block {b}: read {len(stored)} of "
+                                  f"{self._stored[b]} bytes (truncated shard)")
+        if xxhash.xxh64_intdigest(stored) != self._hashes[b]:
+            raise CorruptionError(f"{self.name} block {b}: xxh64 checksum mismatch "
+                                  f"(corrupted data)")
+        try:
+            raw = _decompressor().decompress(stored, max_output_size=self._raw[b])
+        except zstandard.ZstdError as exc:
+            raise CorruptionError(f"{self.name} block {b}: zstd cannot decompress: {exc}") from None
+        if len(raw) != self._raw[b]:
+            raise CorruptionError(f"{self.name} block {b}: decompressed to {len(raw)} bytes, "
+                                  f"table says {self._raw[b]}")
+        n = _U64.unpack_from(raw, 0)[0] if len(raw) >= 8 else -1
+        head = 8 + 8 * (n + 1)
+        expected = (self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples) \
+            - self._first[b]
+        if n != expected or head > len(raw):
+            raise CorruptionError(f"{self.name} block {b}: block header says {n} samples, "
+                                  f"table says {expected}")
+        st.bytes_read += len(raw)
+        self._block = (b, raw, head)
+        return raw, head
+
+    def _read_compressed(self, k: int) -> dict:
+        first = self._first
+        b = _bisect_right(first, k) - 1
+        if self._block[0] == b:  # inlined cache hit: the in-order iteration case
+            raw, head = self._block[1], self._block[2]
+            self._stats.block_cache_hits += 1
+        else:
+            raw, head = self.block(b)
+        j = k - first[b]
+        start, end = _U64x2.unpack_from(raw, 8 + 8 * j)
+        if end < start or head + end > len(raw):
+            raise CorruptionError(f"{self.name} block {b} sample {k}: offsets out of range")
+        try:
+            return self._decode(raw, head + start, end - start)
+        except CorruptionError as exc:
+            raise CorruptionError(f"{self.name} block {b} sample {k}: {exc}") from None
+
+    def close(self) -> None:
+        """Release the mmap and file. Safe to call twice."""
+        self._starts = self._ends = None  # type: ignore[assignment]
+        self._block = (-1, b"", 0)
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a numpy view of the map is still alive; GC closes the map with it
+            self._mm = None
+        self._file.close()
+
+
+class ReadStats:
+    """Counters a reader keeps about its own work (see ``Dataset.stats``)."""
+
+    __slots__ = ("blocks_read", "block_cache_hits", "bytes_read", "stored_bytes_read")
+
+    def __init__(self) -> None:
+        self.blocks_read = self.block_cache_hits = self.bytes_read = self.stored_bytes_read = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+

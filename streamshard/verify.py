@@ -1,0 +1,135 @@
+"""``verify_dataset``: check every byte of a dataset against its checksums and declared sizes.
+
+It reports instead of raising: each problem is one line naming the shard file and, where it
+applies, the block and sample. It raises ``FormatError`` only when the index itself cannot be
+understood (not JSON, wrong magic, newer version, missing fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import xxhash
+import zstandard
+
+from streamshard.errors import CorruptionError, FormatError, StreamshardError
+from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.shardfile import (
+    HEADER, TABLE_ENTRY, TRAILER, block_offsets, parse_header, parse_table, parse_trailer,
+)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify_dataset``. ``ok`` is true iff ``problems`` is empty."""
+
+    ok: bool = True
+    shards_checked: int = 0
+    blocks_checked: int = 0
+    samples_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+        self.ok = False
+
+
+def verify_dataset(path: str, *, progress: Callable[[ShardInfo], None] | None = None,
+                   storage_options: dict | None = None,
+                   decode_samples: bool = True) -> VerifyReport:
+    """Check index magic/version/fingerprint; every shard's presence, size and whole-file
+    xxh64; header, trailer and table; every block's xxh64, decompression and sample offsets;
+    sample counts; and (``decode_samples``) that every sample decodes under the schema.
+    ``progress(shard_info)`` is called after each shard. ``path`` may be any fsspec URL."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    root = root.rstrip("/") or root
+    index_path = f"{root}/{INDEX_FILE}"
+    try:
+        data = fs.cat_file(index_path)
+    except FileNotFoundError:
+        raise FormatError(f"{index_path}: no index file. Are you passing a streamshard "
+                          f"directory?") from None
+    report = VerifyReport()
+    try:
+        index = DatasetIndex.from_bytes(data, index_path)
+    except CorruptionError as exc:
+        report.add(str(exc))
+        try:  # keep checking shards against what the (damaged) index still says
+            index = DatasetIndex.from_bytes(data, index_path, check_fingerprint=False)
+        except CorruptionError:
+            return report
+    decode = index.schema.decode if decode_samples else None
+    for info in index.shards:
+        _verify_shard(fs, f"{root}/{info.file}", info, report, decode)
+        report.shards_checked += 1
+        if progress is not None:
+            progress(info)
+    return report
+
+
+def _verify_shard(fs: Any, path: str, info: ShardInfo, report: VerifyReport,
+                  decode: Callable | None) -> None:
+    name = f"shard {info.index} ({info.file})"
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        report.add(f"{name}: missing ({path})")
+        return
+    except OSError as exc:
+        report.add(f"{name}: cannot read {path}: {exc}")
+        return
+    if len(data) != info.bytes:
+        report.add(f"{name}: size is {len(data)} bytes, the index says {info.bytes} "
+                   f"({'truncated' if len(data) < info.bytes else 'extended'})")
+    elif xxhash.xxh64_hexdigest(data) != info.xxh64:
+        report.add(f"{name}: whole-file xxh64 mismatch (index {info.xxh64}, file "
+                   f"{xxhash.xxh64_hexdigest(data)})")
+    try:
+        compressed = parse_header(data[:HEADER.size], name)
+        trailer = parse_trailer(data[-TRAILER.size:], len(data), name)
+        table = parse_table(data[trailer.table_offset:trailer.table_offset
+                                 + trailer.num_blocks * TABLE_ENTRY.size], trailer, name)
+    except StreamshardError as exc:  # FormatError or CorruptionError: the shard is unreadable
+        report.add(str(exc))
+        return
+    if trailer.num_samples != info.samples:
+        report.add(f"{name}: holds {trailer.num_samples} samples, the index says {info.samples}")
+    dctx = zstandard.ZstdDecompressor()
+    entries = table.tolist()
+    for b, (off, stored_size, raw_size, first, digest) in enumerate(entries):
+        report.blocks_checked += 1
+        where = f"{name} block {b}"
+        stored = data[off:off + stored_size]
+        if xxhash.xxh64_intdigest(stored) != digest:
+            report.add(f"{where}: xxh64 checksum mismatch (corrupted data)")
+            continue
+        if compressed:
+            try:
+                raw = dctx.decompress(stored, max_output_size=raw_size)
+            except zstandard.ZstdError as exc:
+                report.add(f"{where}: zstd cannot decompress: {exc}")
+                continue
+        else:
+            raw = stored
+        if len(raw) != raw_size:
+            report.add(f"{where}: {len(raw)} raw bytes, the table says {raw_size}")
+            continue
+        nxt = entries[b + 1][3] if b + 1 < len(entries) else trailer.num_samples
+        try:
+            rel = block_offsets(raw, 0, raw_size, nxt - first, where).tolist()
+        except CorruptionError as exc:
+            report.add(str(exc))
+            continue
+        report.samples_checked += len(rel) - 1
+        if decode is None:
+            continue
+        head = 8 * (len(rel) + 1)
+        for j in range(len(rel) - 1):
+            try:
+                decode(raw, head + rel[j], rel[j + 1] - rel[j])
+            except (CorruptionError, ValueError) as exc:
+                report.add(f"{where} sample {first + j}: does not decode: {exc}")
+                break
