@@ -1,0 +1,272 @@
+"""The ``streamshard`` command: ``convert``, ``inspect``, ``verify``, ``merge``.
+
+Each subcommand is a pair ``_add_NAME(subparsers)`` / ``_cmd_NAME(args) -> exit code``; adding one
+means writing that pair and listing it in ``_SUBCOMMANDS``. Exit codes: 0 success; 1 a runtime
+error (bad input, existing dataset, corruption found by ``verify``); 2 a usage error (argparse, or
+a ``ConfigError`` such as an option the format does not take); 130 interrupted. Errors print one
+line (``streamshard: error: ...``); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from streamshard.errors import ConfigError, StreamshardError
+from streamshard.progress import ProgressBar, format_duration
+from streamshard.sizes import format_size
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_PREVIEW_CHARS = 80
+
+
+# -- convert ---------------------------------------------------------------------------------
+
+def _add_convert(sub: Any) -> None:
+    import converters
+
+    formats = converters.available()
+    p = sub.add_parser("convert", help="convert input files into a streamshard dataset",
+                       description="Convert SRC files, directories (recursed, sorted) or globs "
+                                   "into the dataset DEST (a directory or fsspec URL).")
+    p.add_argument("paths", nargs="+", metavar="SRC... DEST")
+    p.add_argument("--format", required=True, choices=sorted(formats),
+                   help="input format: " + "; ".join(f"{n}: {c.help}"
+                                                     for n, c in sorted(formats.items())))
+    p.add_argument("--shard-size", default="64MB", help="target shard size (default 64MB)")
+    p.add_argument("--block-size", default="128KiB", help="raw bytes per block (default 128KiB)")
+    p.add_argument("--compression", default="zstd", choices=("zstd", "none"))
+    p.add_argument("--compression-level", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1); "
+                   "the dataset is identical for every value")
+    p.add_argument("--chunk-size", default="64MB", help="input bytes per chunk, the unit of "
+                   "parallel work and of resume (default 64MB; part of the output layout)")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="skip and count malformed records instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue an unfinished conversion with the same arguments (default: "
+                        "on when DEST has one); --no-resume discards it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group("format options")
+    seen: dict[str, list[str]] = {}
+    for name, conv in sorted(formats.items()):
+        for opt in conv.options:
+            seen.setdefault(opt.flag, []).append(name)
+    for flag, users in seen.items():
+        opt = next(o for o in formats[users[0]].options if o.flag == flag)
+        kwargs: dict[str, Any] = {"default": None, "help": opt.help}
+        if not opt.is_flag and not opt.choices:
+            kwargs["metavar"] = opt.dest.upper()
+        if opt.is_flag:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=opt.type, choices=opt.choices)
+        group.add_argument(flag, dest=f"fmt_{opt.dest}", **kwargs)
+    p.set_defaults(func=_cmd_convert, option_dests=[f"fmt_{o.lstrip('-').replace('-', '_')}"
+                                                    for o in seen])
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from streamshard.convert import convert
+
+    if len(args.paths) < 2:
+        raise ConfigError("convert needs at least one SRC and a DEST")
+    *sources, dest = args.paths
+    options = {d[4:]: getattr(args, d) for d in args.option_dests if getattr(args, d) is not None}
+    bar: list[ProgressBar] = []
+
+    def on_start(chunks: int, reused: int, nbytes: int) -> None:
+        if reused:
+            print(f"resuming: {reused} of {chunks} chunks already done", file=sys.stderr)
+        bar.append(ProgressBar(nbytes, label="convert", enabled=not args.quiet))
+
+    try:
+        s = convert(sources, dest, format=args.format, options=options,
+                    shard_size=args.shard_size, block_size=args.block_size,
+                    compression=args.compression, compression_level=args.compression_level,
+                    workers=args.workers, chunk_size=args.chunk_size,
+                    skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
+                    progress=lambda n, b: bar[0].update(n, b) if bar else None,
+                    on_start=on_start)
+    finally:
+        if bar:
+            bar[0].close()
+    print(f"converted {s.samples:,} samples into {s.shards:,} shards ({s.chunks} chunks, "
+          f"{s.reused_chunks} reused) in {format_duration(s.seconds)} ({s.seconds:.2f} s)")
+    print(f"input {format_size(s.input_bytes)}, {s.mb_per_s:.1f} MB/s; raw "
+          f"{format_size(s.raw_bytes)} -> stored {format_size(s.stored_bytes)} "
+          f"(ratio {s.ratio:.2f})")
+    for name, value in sorted(s.counters.items()):
+        hint = " (shorter than --seq-len; pass --keep-tail to keep them)" \
+            if name == "dropped_tokens" else ""
+        print(f"{name.replace('_', ' ')}: {value:,}{hint}")
+    if s.skipped:
+        print(f"skipped {s.skipped:,} malformed records; first ones:")
+        for example in s.skipped_examples:
+            print(f"  {example}")
+    print(f"fingerprint {s.fingerprint}")
+    print(f"dataset {dest}")
+    return EXIT_OK
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="show a dataset's schema, sizes and a few samples")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--samples", type=int, default=3, help="samples to preview (default 3)")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def preview(value: Any, limit: int = _PREVIEW_CHARS) -> str:
+    """A one-line, truncated rendering of a decoded column value."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        head = np.array2string(value.ravel()[:8], separator=",", threshold=8)
+        more = ",..." if value.size > 8 else ""
+        return f"{value.dtype}{list(value.shape)} {head[:-1]}{more}]"
+    if isinstance(value, bytes):
+        text = f"{len(value)} bytes {value[:24].hex()}" + ("..." if len(value) > 24 else "")
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} chars)"
+    return text
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from streamshard.reader import open_dataset
+
+    with open_dataset(args.dest) as ds:
+        idx = ds.index
+        raw = sum(s.raw_bytes for s in idx.shards)
+        stored = sum(s.bytes for s in idx.shards)
+        level = f" (level {idx.compression_level})" if idx.compression else ""
+        print(f"dataset     {args.dest}")
+        print(f"fingerprint {idx.fingerprint}")
+        print(f"samples     {idx.num_samples:,}")
+        print(f"shards      {idx.num_shards:,} (target {format_size(idx.shard_size)}, "
+              f"blocks {format_size(idx.block_size)})")
+        print(f"compression {idx.compression or 'none'}{level}")
+        print(f"size        raw {format_size(raw)}, stored {format_size(stored)}, ratio "
+              f"{raw / stored if stored else 1.0:.2f}")
+        print("columns")
+        for name, typ in ds.schema.to_json().items():
+            print(f"  {name}: {typ}")
+        if idx.metadata:
+            print(f"metadata    {preview(idx.metadata, 200)}")
+        for i in range(min(max(args.samples, 0), len(ds))):
+            print(f"sample {i}")
+            for name, value in ds[i].items():
+                print(f"  {name}: {preview(value)}")
+    return EXIT_OK
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check every checksum; exit 1 on any corruption")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _stored_bytes(dest: str) -> int:
+    """Total shard bytes for the progress bar's ETA; 0 (unknown) when the index is unreadable,
+    which verify_dataset then reports properly."""
+    from streamshard.reader import open_dataset
+
+    try:
+        with open_dataset(dest) as ds:
+            return sum(s.bytes for s in ds.index.shards)
+    except StreamshardError:
+        return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from streamshard.verify import verify_dataset
+
+    bar = ProgressBar(_stored_bytes(args.dest), label="verify", unit="shards",
+                      enabled=not args.quiet)
+    with bar:
+        report = verify_dataset(args.dest, progress=lambda info: bar.update(1, info.bytes))
+    for problem in report.problems:
+        print(f"CORRUPT {problem}")
+    state = "ok" if report.ok else f"FAILED with {len(report.problems)} problem(s)"
+    print(f"{state}: {report.shards_checked} shards, {report.blocks_checked} blocks, "
+          f"{report.samples_checked:,} samples checked")
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+# -- merge -----------------------------------------------------------------------------------
+
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="one index over part datasets inside DEST (no data copied)")
+    p.add_argument("paths", nargs="+", metavar="PART... DEST")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST's existing index")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from streamshard.merge import merge_datasets
+
+    if len(args.paths) < 2:
+        raise ConfigError("merge needs at least one PART and a DEST")
+    *parts, dest = args.paths
+    index = merge_datasets(parts, dest, overwrite=args.overwrite)
+    print(f"merged {len(parts)} parts: {index.num_samples:,} samples in {index.num_shards:,} "
+          f"shards; fingerprint {index.fingerprint}")
+    return EXIT_OK
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streamshard import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="streamshard", description="Sharded, checksummed datasets for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"streamshard {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    for subparser in sub.choices.values():  # --debug also after the subcommand
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
+    # leaves the later positionals over, and they are appended in order.
+    args, extra = parser.parse_known_args(argv)  # exits with 2 on usage errors
+    if extra:
+        if not hasattr(args, "paths") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.paths += extra
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("streamshard: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StreamshardError as exc:
+        if args.debug:
+            raise
+        print(f"streamshard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

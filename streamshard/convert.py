@@ -1,0 +1,407 @@
+"""The conversion driver behind ``streamshard convert``: plan, convert chunks in processes, resume.
+
+Plan: the inputs (files, directories recursed and sorted, globs) are cut by the converter into
+pieces, and pieces are packed in input order into chunks of about ``chunk_size`` input bytes. The
+plan depends only on the inputs and the arguments, never on ``workers``, and chunk ``i`` is written
+by its own ``ShardWriter`` to ``DEST/parts/chunk-{i:06d}/``; the final ``DEST/index.json`` lists the
+shards of all chunks in chunk order (``merge_datasets``, no shard data copied). So every worker
+count gives byte-identical shards and the same fingerprint. See docs/CONVERT.md.
+
+Resume: ``DEST/.streamshard-convert.json`` records the arguments while a conversion is unfinished.
+A chunk whose part index exists is complete and is reused by a rerun with the same arguments; a
+rerun with different arguments is refused, naming the difference. The final index is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import converters
+from converters import Piece
+from streamshard.errors import (
+    ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
+)
+from streamshard.index import INDEX_FILE, DatasetIndex
+from streamshard.sizes import parse_size
+
+MARKER = ".streamshard-convert.json"
+PARTS = "parts"
+STATS_FILE = "convert-stats.json"
+MARKER_VERSION = 1
+MAX_EXAMPLES = converters.MAX_EXAMPLES
+# Test-only: seconds to sleep before each chunk's index is written, so a test can SIGKILL a
+# conversion between chunks. Never set in production.
+DELAY_ENV = "STREAMSHARD_TEST_CHUNK_DELAY"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Deterministic unit of work: consecutive pieces, written to ``parts/chunk-{index:06d}``."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    @property
+    def part(self) -> str:
+        return f"{PARTS}/chunk-{self.index:06d}"
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    """What a conversion produced. ``input_bytes`` is the on-disk size of all inputs;
+    ``converted_bytes`` the part of it converted by this run (the rest was resumed)."""
+
+    samples: int
+    shards: int
+    chunks: int
+    reused_chunks: int
+    input_bytes: int
+    converted_bytes: int
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+    skipped: int
+    skipped_examples: tuple[str, ...]
+    counters: Mapping[str, int]
+    fingerprint: str
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.converted_bytes / max(self.seconds, 1e-9) / 1e6
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker process needs for one chunk (picklable for spawn)."""
+
+    chunk: Chunk
+    dest: str
+    format: str
+    options: dict
+    columns: dict
+    writer: dict
+    skip_errors: bool
+    storage_options: dict = field(default_factory=dict)
+
+
+def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
+    """Write one chunk's part dataset and its stats; on any error remove the part and re-raise."""
+    from streamshard.writer import ShardWriter
+
+    conv = converters.get(job.format)
+    fs, root = _fs(job.dest, job.storage_options)
+    part_path = f"{root}/{job.chunk.part}"
+    ctx = converters.CountingContext(job.skip_errors, report)
+    try:
+        with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.columns,
+                         storage_options=job.storage_options, **job.writer) as writer:
+            write = writer.write
+            for piece in job.chunk.pieces:
+                for sample in conv.read(piece, job.options, ctx):
+                    try:
+                        write(sample)
+                    except SchemaError as exc:
+                        ctx.bad_record(InputError(f"{ctx.where()}: {exc}"))
+                        continue
+                    ctx.samples += 1
+                    if not ctx.samples & 15:
+                        ctx.tick()
+            stats = {"chunk": job.chunk.index, "samples": ctx.samples, "skipped": ctx.skipped,
+                     "examples": ctx.examples, "counters": ctx.counters,
+                     "input_bytes": job.chunk.nbytes}
+            _put_json(fs, f"{part_path}/{STATS_FILE}", stats)
+            delay = float(os.environ.get(DELAY_ENV) or 0)
+            if delay:
+                time.sleep(delay)
+    except BaseException:
+        _remove(fs, part_path)
+        raise
+    ctx.tick(force=True)
+    return stats
+
+
+# -- planning ------------------------------------------------------------------------------
+
+def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
+    """Pack pieces, in order, into chunks: a chunk closes before a piece that would take it past
+    ``chunk_size`` bytes (a piece is never split here; converters cut pieces of at most about
+    ``chunk_size``), so small files share chunks and large files get one chunk per piece."""
+    chunks: list[Chunk] = []
+    current: list[Piece] = []
+    acc = 0
+    for piece in pieces:
+        if current and acc + piece.nbytes > chunk_size:
+            chunks.append(Chunk(len(chunks), tuple(current)))
+            current, acc = [], 0
+        current.append(piece)
+        acc += piece.nbytes
+    if current:
+        chunks.append(Chunk(len(chunks), tuple(current)))
+    return chunks
+
+
+# -- destination helpers ---------------------------------------------------------------------
+
+def _fs(dest: str, storage_options: Mapping | None) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
+    return fs, (root.rstrip("/") or root)
+
+
+def _put_json(fs: Any, path: str, doc: Any) -> None:
+    """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
+    data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _get_json(fs: Any, path: str) -> Any:
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def _remove(fs: Any, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def marker_diff(saved: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between the saved and the live conversion arguments."""
+    out = []
+    for key in sorted(set(saved) | set(live)):
+        a, b = saved.get(key), live.get(key)
+        if a == b:
+            continue
+        if key == "inputs" and isinstance(a, list) and isinstance(b, list):
+            old, new = {x[0]: x[1:] for x in a}, {x[0]: x[1:] for x in b}
+            for path in sorted(set(old) | set(new)):
+                if path not in new:
+                    out.append(f"input {path} was removed")
+                elif path not in old:
+                    out.append(f"input {path} was added")
+                elif old[path] != new[path]:
+                    out.append(f"input {path} changed (size, mtime {old[path]} -> {new[path]})")
+            if not out and [x[0] for x in a] != [x[0] for x in b]:
+                out.append("input order changed")
+        else:
+            out.append(f"{key}: unfinished conversion used {a!r}, now {b!r}")
+    return out
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+def convert(sources: Sequence[str], dest: str, *, format: str,
+            options: Mapping[str, Any] | None = None, shard_size: int | str = "64MB",
+            block_size: int | str = "128KiB", compression: str | None = "zstd",
+            compression_level: int = 3, workers: int = 1, chunk_size: int | str = "64MB",
+            skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
+            storage_options: dict | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            on_start: Callable[[int, int, int], None] | None = None) -> ConvertSummary:
+    """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
+
+    ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
+    ``resume=None`` resumes an unfinished conversion with the same arguments; ``False`` discards
+    it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
+    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers must be a positive int, got {workers!r}")
+    if compression == "none":
+        compression = None
+    conv = converters.get(format)
+    opts = converters.resolve_options(conv, options or {})
+    chunk_bytes = parse_size(chunk_size, name="chunk_size")
+    writer = {"shard_size": parse_size(shard_size, name="shard_size"),
+              "block_size": parse_size(block_size, name="block_size"),
+              "compression": compression, "compression_level": compression_level}
+    files = converters.discover(sources, conv.extensions, exclude=dest)
+    columns = dict(conv.columns([p for p, _ in files], opts))
+    from streamshard.schema import Schema
+
+    Schema(columns)  # a bad column type fails here, before anything is written
+    stats = [(p, n, os.stat(p)) for p, n in files]
+    pieces = [pc for p, n, st in stats for pc in conv.split(p, n, st.st_size, chunk_bytes, opts)]
+    chunks = plan_chunks(pieces, chunk_bytes)
+    live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
+            "chunk_size": chunk_bytes, **writer,
+            "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+
+    fs, root = _fs(dest, storage_options)
+    done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
+    todo = [c for c in chunks if c.index not in done]
+    if on_start:
+        on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
+    jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors, dict(storage_options or {}))
+            for c in todo]
+    report = progress or (lambda s, b: None)
+    for result in _run(jobs, workers, report):
+        done[result["chunk"]] = result
+
+    from streamshard.merge import merge_datasets
+
+    results = [done[c.index] for c in chunks]
+    counters = dict(sum((Counter(r["counters"]) for r in results), Counter()))
+    skipped = sum(r["skipped"] for r in results)
+    meta = {"converter": {"format": format, "options": opts, "chunk_size": chunk_bytes,
+                          "chunks": len(chunks), "skipped_records": skipped, **counters}}
+    index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
+                           overwrite=True, metadata=meta, storage_options=storage_options)
+    _remove(fs, f"{root}/{MARKER}")
+    return ConvertSummary(
+        samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
+        reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),
+        converted_bytes=sum(c.nbytes for c in todo),
+        raw_bytes=sum(s.raw_bytes for s in index.shards),
+        stored_bytes=sum(s.bytes for s in index.shards), seconds=time.perf_counter() - t0,
+        skipped=skipped,
+        skipped_examples=tuple(e for r in results for e in r["examples"])[:MAX_EXAMPLES],
+        counters=counters, fingerprint=index.fingerprint)
+
+
+def _prepare_dest(fs: Any, root: str, dest: str, live: dict, chunks: Sequence[Chunk],
+                  overwrite: bool, resume: bool | None) -> dict[int, dict]:
+    """Apply the resume / overwrite rules; write the marker; return the reusable chunks' stats."""
+    marker = _get_json(fs, f"{root}/{MARKER}")
+    if marker is not None and resume is not False and not overwrite:
+        diff = marker_diff(marker, live)
+        if diff:
+            raise ConfigError(
+                f"{dest} holds an unfinished conversion with other arguments: "
+                f"{'; '.join(diff[:5])}. Rerun with the same arguments to resume it, or pass "
+                f"--no-resume to discard it")
+        done = {}
+        for c in chunks:
+            part = f"{root}/{c.part}"
+            stats = fs.exists(f"{part}/{INDEX_FILE}") and _get_json(fs, f"{part}/{STATS_FILE}")
+            if stats:
+                done[c.index] = stats
+            else:
+                _remove(fs, part)  # a chunk interrupted midway: its partial output goes
+        return done
+    index_path = f"{root}/{INDEX_FILE}"
+    if fs.exists(index_path):
+        if marker is None and not overwrite:
+            raise DatasetExistsError(f"{dest} already holds a dataset ({index_path}); pass "
+                                     f"--overwrite to replace it")
+        try:
+            old = DatasetIndex.from_bytes(fs.cat_file(index_path), index_path)
+        except StreamshardError:
+            old = None  # a damaged index: its shards cannot be listed, only parts/ goes
+        fs.rm_file(index_path)  # first: from here on dest is not a dataset
+        for shard in old.shards if old is not None else ():
+            if not shard.file.startswith(PARTS + "/") and fs.exists(f"{root}/{shard.file}"):
+                fs.rm_file(f"{root}/{shard.file}")
+    elif marker is None and fs.exists(f"{root}/{PARTS}") and not overwrite:
+        raise DatasetExistsError(f"{dest}/{PARTS} exists but no conversion is recorded in "
+                                 f"{dest}; pass --overwrite to replace it")
+    _remove(fs, f"{root}/{PARTS}")
+    _put_json(fs, f"{root}/{MARKER}", live)
+    return {}
+
+
+class _Tally:
+    """Aggregates chunk progress in the parent. Queue messages may arrive after their chunk's
+    result (the queue has a feeder thread), so a finished chunk reports exactly its remainder
+    and later messages for it are ignored: the totals always end at the true numbers."""
+
+    def __init__(self, report: Callable[[int, int], None]):
+        self.report, self.seen, self.finished = report, {}, set()
+
+    def add(self, chunk: int, samples: int, nbytes: int) -> None:
+        if chunk not in self.finished:
+            s, b = self.seen.get(chunk, (0, 0))
+            self.seen[chunk] = (s + samples, b + nbytes)
+            self.report(samples, nbytes)
+
+    def finish(self, result: dict) -> dict:
+        s, b = self.seen.pop(result["chunk"], (0, 0))
+        self.finished.add(result["chunk"])
+        self.report(result["samples"] - s, result["input_bytes"] - b)
+        return result
+
+
+def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None]):
+    """Yield each job's stats as it finishes; in this process for one worker, else in spawned
+    processes whose progress is forwarded through a queue and aggregated here."""
+    tally = _Tally(report)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            i = job.chunk.index
+            yield tally.finish(convert_chunk(job, lambda s, b: tally.add(i, s, b)))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    mp = multiprocessing.get_context("spawn")
+    q = mp.Queue()
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
+                               initializer=_init_worker, initargs=(q,))
+    pending = {pool.submit(_worker_run, job) for job in jobs}
+    error: BaseException | None = None
+    try:
+        while pending:
+            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            _drain(q, tally)
+            for fut in finished:
+                if fut.cancelled():
+                    continue
+                exc = fut.exception()
+                if exc is None:
+                    yield tally.finish(fut.result())
+                elif error is None:
+                    # Stop handing out chunks; chunks already running finish and are kept.
+                    error = exc
+                    for other in pending:
+                        other.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if error is not None:
+        raise error
+
+
+_QUEUE: Any = None
+
+
+def _init_worker(q: Any) -> None:
+    global _QUEUE
+    _QUEUE = q
+
+
+def _worker_run(job: _Job) -> dict:
+    i = job.chunk.index
+    return convert_chunk(job, lambda s, b: _QUEUE.put((i, s, b)))
+
+
+def _drain(q: Any, tally: _Tally) -> None:
+    import queue
+
+    while True:
+        try:
+            tally.add(*q.get_nowait())
+        except queue.Empty:
+            return
