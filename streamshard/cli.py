@@ -225,9 +225,30 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- demo ------------------------------------------------------------------------------------
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="end to end on the Python standard library's source files: "
+                                    "convert, inspect, verify, shuffled read, resume")
+    p.add_argument("--out", default=None, help="keep the dataset here (default: a temp dir)")
+    p.add_argument("--workers", type=int, default=2, help="conversion and DataLoader workers")
+    p.add_argument("--source", default=None, help="a directory of text files (default: stdlib)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamshard import demo
+
+    argv = ["--workers", str(args.workers)]
+    argv += ["--out", args.out] if args.out else []
+    argv += ["--source", args.source] if args.source else []
+    return demo.main(argv)
+
+
 # -- entry point -----------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
+                                             _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
