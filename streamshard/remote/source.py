@@ -1,0 +1,261 @@
+"""``CachedSource``: the :class:`ShardSource` of a dataset at any fsspec URL, through a shared
+local :class:`ShardCache`.
+
+The index is fetched once per node: the first process to start takes the index lock, compares
+the remote index's version token (ETag / last-modified, one HEAD) with the cached copy's and
+downloads it only when it changed. Shard copies live under ``<cache_dir>/<url hash>/<fingerprint>``,
+so a rewritten remote dataset gets a fresh namespace and is never mixed with stale copies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+import threading
+from typing import Any, Sequence
+
+import xxhash
+
+from streamshard.errors import ConfigError, CorruptionError
+from streamshard.remote.cache import ShardCache, _atomic_write, _flock
+from streamshard.remote.prefetch import Prefetcher
+from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
+from streamshard.sizes import parse_size
+
+INDEX_FILE = "index.json"  # mirrors streamshard.index.INDEX_FILE (imported lazily below)
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/streamshard`` or ``~/.cache/streamshard``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "streamshard")
+
+
+def url_key(url: str, storage_options: dict | None = None) -> str:
+    """The cache directory name of a dataset URL (fingerprint-free: stable across rewrites).
+    A custom endpoint is part of it: ``s3://b/ds`` on two S3-compatible servers are two datasets."""
+    opts = storage_options or {}
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    name = url.rstrip("/") + (f"|{endpoint}" if endpoint else "")
+    return xxhash.xxh64(name.encode()).hexdigest()
+
+
+class CachedSource:
+    """Shards of the dataset at ``url`` served from a local cache shared by every process on the
+    node (local ranks, DataLoader workers, other jobs using the same ``cache_dir``).
+
+    - ``cache_limit``: byte budget (int or ``"10GB"``); ``None`` = unbounded. Fewer than
+      ``min_resident_shards`` x the largest shard is a ``ConfigError`` at :meth:`read_index`.
+    - ``retry``: :class:`RetryPolicy` for transient errors; permanent ones raise ``StorageError``
+      naming the URL at once.
+    - ``prefetch_bytes``: bound of :meth:`prefetch` (default a quarter of ``cache_limit``, or
+      the larger of 8 largest shards and 256 MiB without a limit); ``prefetch_workers`` threads.
+    - ``space_timeout``: how long a reader waits for another process to unpin shards when the
+      budget is full, before a ``ConfigError``.
+
+    Thread-safe; picklable (the copy keeps the fingerprint, recreates threads, pins and the
+    filesystem lazily, also after ``fork``); ``repr`` is stable.
+    """
+
+    def __init__(self, url: str, *, cache_dir: str | None = None,
+                 cache_limit: int | str | None = None, storage_options: dict | None = None,
+                 retry: RetryPolicy = RetryPolicy(), min_resident_shards: int = 1,
+                 prefetch_bytes: int | str | None = None, prefetch_workers: int = 2,
+                 space_timeout: float = 60.0):
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(f"CachedSource needs a URL like 's3://bucket/ds', got {url!r}")
+        if not isinstance(min_resident_shards, int) or min_resident_shards < 1:
+            raise ConfigError(f"min_resident_shards must be an int >= 1, got {min_resident_shards!r}")
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        self.url = url.rstrip("/")
+        self.cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+        self.cache_limit = None if cache_limit is None else parse_size(cache_limit, name="cache_limit")
+        self.prefetch_bytes = (None if prefetch_bytes is None
+                               else parse_size(prefetch_bytes, name="prefetch_bytes"))
+        self.storage_options = dict(storage_options or {})
+        self.retry = retry
+        self.min_resident_shards = min_resident_shards
+        self.prefetch_workers = prefetch_workers
+        self.space_timeout = space_timeout
+        self.fingerprint: str | None = None
+        self._largest = 0
+        self._remote = Remote(self.url, self.storage_options)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cache: ShardCache | None = None
+        self._prefetcher: Prefetcher | None = None
+        self._counts = {"retries": 0, "index_fetches": 0, "index_hits": 0}
+
+    # ---- pickling and fork ----------------------------------------------------------------
+    _CONFIG = ("url", "cache_dir", "cache_limit", "prefetch_bytes", "storage_options", "retry",
+               "min_resident_shards", "prefetch_workers", "space_timeout", "fingerprint", "_largest")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._CONFIG}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k in self._CONFIG:
+            setattr(self, k, state[k])
+        self._remote = Remote(self.url, self.storage_options)
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return f"CachedSource({self.url!r}, cache_dir={self.cache_dir!r}, cache_limit={self.cache_limit!r})"
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():  # forked DataLoader worker: parent's threads/pins are not ours
+            if self._cache is not None:
+                self._cache.forget_after_fork()
+            self._init_runtime()
+
+    @property
+    def cache(self) -> ShardCache:
+        self._check_fork()
+        with self._lock:
+            if self._cache is None:
+                self._cache = ShardCache(self.cache_dir, limit=self.cache_limit,
+                                         space_timeout=self.space_timeout)
+            return self._cache
+
+    def _on_retry(self, exc: BaseException, delay: float) -> None:
+        with self._lock:
+            self._counts["retries"] += 1
+
+    def _retrying(self, fn, rel: str, what: str):
+        return call_with_retry(fn, url=self._remote.url_of(rel), what=what, policy=self.retry,
+                               on_retry=self._on_retry)
+
+    # ---- ShardSource ----------------------------------------------------------------------
+    def read_index(self) -> bytes:
+        """The remote index bytes, from the node's cache when the remote copy is unchanged."""
+        from streamshard.index import DatasetIndex
+
+        base = os.path.join(self.cache_dir, url_key(self.url, self.storage_options))
+        os.makedirs(base, exist_ok=True)
+        cached, meta_path = os.path.join(base, INDEX_FILE), os.path.join(base, "index.meta.json")
+        with _flock(os.path.join(base, "index.lock"), fcntl.LOCK_EX):
+            for stale in glob.glob(os.path.join(glob.escape(base), "*#tmp-*")):
+                os.remove(stale)  # left by a writer killed mid-write; writers hold this lock
+            info = self._retrying(lambda: self._remote.info(INDEX_FILE), INDEX_FILE, "stat")
+            token = version_token(info)
+            data = self._cached_index(cached, meta_path, token)
+            if data is None:
+                data = self._retrying(lambda: self._remote.cat(INDEX_FILE), INDEX_FILE, "read")
+                _atomic_write(cached, data)
+                _atomic_write(meta_path, json.dumps(
+                    {"url": self.url, "token": token, "xxh64": xxhash.xxh64(data).hexdigest()}).encode())
+                self._count("index_fetches")
+            else:
+                self._count("index_hits")
+        index = DatasetIndex.from_bytes(data, self._remote.url_of(INDEX_FILE))
+        self._largest = max((s.bytes for s in index.shards), default=0)
+        if self.fingerprint is not None and self.fingerprint != index.fingerprint:
+            raise CorruptionError(
+                f"remote dataset {self.url} changed while in use: fingerprint {self.fingerprint} "
+                f"became {index.fingerprint}; reopen the dataset to read the new version")
+        self.fingerprint = index.fingerprint
+        self.check_budget()
+        return data
+
+    @staticmethod
+    def _cached_index(cached: str, meta_path: str, token: str | None) -> bytes | None:
+        if token is None:  # the store gives no version information: always re-read
+            return None
+        try:
+            with open(meta_path, "rb") as f:
+                meta = json.loads(f.read())
+            with open(cached, "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ValueError):
+            return None
+        if meta.get("token") != token or meta.get("xxh64") != xxhash.xxh64(data).hexdigest():
+            return None
+        return data
+
+    def check_budget(self, min_resident_shards: int | None = None) -> None:
+        """``ConfigError`` when ``cache_limit`` cannot hold ``min_resident_shards`` largest
+        shards at once (the loader passes its sampler's working set)."""
+        k = self.min_resident_shards if min_resident_shards is None else min_resident_shards
+        need = k * self._largest
+        if self.cache_limit is not None and self.cache_limit < need:
+            raise ConfigError(
+                f"cache_limit {self.cache_limit} bytes is too small for {self.url}: {k} shard(s) "
+                f"must be resident at once and the largest shard is {self._largest} bytes, so "
+                f"cache_limit must be at least {need} bytes")
+
+    def _namespace(self) -> str:
+        if self.fingerprint is None:
+            self.read_index()
+        return f"{url_key(self.url, self.storage_options)}/{self.fingerprint}"
+
+    def _fetch(self, shard: Any, *, pin: bool, prefetch: bool) -> str | None:
+        def download(tmp: str) -> None:
+            self._retrying(lambda: self._remote.get(shard.file, tmp), shard.file, "download")
+
+        return self.cache.get(self._namespace(), shard.file, size=shard.bytes, xxh64=shard.xxh64,
+                              url=self._remote.url_of(shard.file), fetch=download, pin=pin,
+                              prefetch=prefetch)
+
+    def shard_path(self, shard: Any) -> str:
+        """Local path of the complete, verified copy of ``shard``; pinned until :meth:`unpin`."""
+        prefetcher = self._prefetcher
+        if prefetcher is not None:
+            prefetcher.consumed(shard.file)
+        path = self._fetch(shard, pin=True, prefetch=False)
+        assert path is not None  # only prefetch may skip
+        return path
+
+    def unpin(self, shard: Any) -> None:
+        self.cache.unpin(self._namespace(), shard.file)
+
+    def prefetch(self, shards: Sequence[Any]) -> None:
+        """Hint: download ``shards`` in this order in the background, before what earlier hints
+        left queued. Never blocks on I/O and never evicts pinned shards (a shard that does not
+        fit is skipped)."""
+        ns = self._namespace()
+        cache = self.cache  # also resets state after fork
+        # shards this process has open are resident and pinned: nothing to fetch (a loader
+        # hints every chunk, mostly with shards it is already reading)
+        shards = [s for s in shards if not cache.is_pinned(ns, s.file)]
+        with self._lock:
+            if self._prefetcher is None:
+                bound = self.prefetch_bytes or (
+                    max(self._largest, self.cache_limit // 4) if self.cache_limit
+                    else max(8 * self._largest, 256 << 20))
+                self._prefetcher = Prefetcher(
+                    lambda s: self._fetch(s, pin=False, prefetch=True) is not None,
+                    max_bytes=bound, workers=self.prefetch_workers)
+            prefetcher = self._prefetcher
+        prefetcher.submit(shards)
+
+    def stats(self) -> dict[str, float]:
+        """This process's counters: hits, misses, waits, prefetched, prefetch_skipped,
+        bytes_fetched, evictions, bytes_evicted, corrupt_downloads, temp_cleaned,
+        download_seconds, pinned, retries, index_fetches, index_hits, prefetch_*."""
+        out = self.cache.stats()
+        with self._lock:
+            out.update(self._counts)
+            if self._prefetcher is not None:
+                out.update(dict(self._prefetcher.counts))
+        return out
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def close(self) -> None:
+        """Stop prefetching and release this process's pins."""
+        self._check_fork()
+        with self._lock:
+            prefetcher, self._prefetcher = self._prefetcher, None
+            cache = self._cache
+        if prefetcher is not None:
+            prefetcher.close()
+        if cache is not None:
+            cache.close()
