@@ -21,7 +21,7 @@ import torch.utils.data
 
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
-from streamshard.reader import Dataset, open_dataset
+from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key, sample_rng
 from streamshard.world import World, detect_world
 
@@ -92,6 +92,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         epoch_size: int | None = None,
         mixture_block: int | None = None,
         lookahead: int = 16,
+        block_cache: int | str = DEFAULT_BLOCK_CACHE,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -109,6 +110,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 cache_dir=cache_dir,
                 cache_limit=cache_limit,
                 storage_options=s.storage_options if s.storage_options is not None else storage_options,
+                block_cache=block_cache,
             )
             for s in streams
         )
@@ -211,12 +213,27 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             yield step, self.fetch(step, stream_ids, sample_ids)
 
     def _plan_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(step, stream_ids, sample_ids)`` of this worker's steps, ``lookahead`` at a time.
+        """``(step, stream_ids, sample_ids)`` of this worker's steps.
 
-        One sampler call maps a whole chunk of steps: a call costs ~100 us of numpy overhead
-        whatever its size, which per 32-sample batch would exceed the cost of reading it. Each
-        chunk's shards are handed to remote sources as a prefetch hint, in reading order.
+        One sampler call maps a chunk of ``lookahead`` steps: a call costs ~100 us of numpy
+        overhead whatever its size, which per 32-sample batch would exceed the cost of reading
+        it. Remote sources get the shards of chunk ``k+1`` as a prefetch hint while chunk ``k``
+        is being read (and chunk 0's at once), in reading order.
         """
+        chunks = self._chunks(worker, num_workers)
+        remote = any(self._remote)
+        current = next(chunks, None)
+        if current is not None and remote:
+            self._hint(current)
+        while current is not None:
+            upcoming = next(chunks, None)
+            if upcoming is not None and remote:
+                self._hint(upcoming)
+            for step, stream_ids, sample_ids in current:
+                yield step, stream_ids, sample_ids
+            current = upcoming
+
+    def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         plan = self._plan.read()
         seq = self._sequence_for(plan)
         rank, world_size = self.world.rank, self.world.world_size
@@ -232,18 +249,20 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 n += num_workers
             if not steps:
                 return
+            chunk = []
             for epoch, group in itertools.groupby(steps, key=lambda s: s // self.steps_per_epoch):
                 group = list(group)
                 positions = np.concatenate([seq.device_positions(s, rank, world_size) for s in group])
                 stream_ids, sample_ids = seq.map_positions(epoch, positions)
-                if any(self._remote):
-                    self._hint(stream_ids, sample_ids)
                 for i, step in enumerate(group):
                     cut = slice(i * per_device, (i + 1) * per_device)
-                    yield step, stream_ids[cut], sample_ids[cut]
+                    chunk.append((step, stream_ids[cut], sample_ids[cut]))
+            yield chunk
 
-    def _hint(self, stream_ids: np.ndarray, sample_ids: np.ndarray) -> None:
-        """Ask remote sources to prefetch the shards of these samples, in reading order."""
+    def _hint(self, chunk: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Ask remote sources to prefetch the shards of a chunk's samples, in reading order."""
+        stream_ids = np.concatenate([c[1] for c in chunk])
+        sample_ids = np.concatenate([c[2] for c in chunk])
         for stream in np.unique(stream_ids).tolist():
             if not self._remote[stream]:
                 continue

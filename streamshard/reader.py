@@ -13,12 +13,17 @@ import threading
 from bisect import bisect_right
 from typing import Any, Iterator, Protocol, Sequence
 
+from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.schema import Schema
 from streamshard.shardfile import ReadStats, ShardFileReader
+from streamshard.sizes import parse_size
 
 DEFAULT_MAX_OPEN_SHARDS = 64
+# Decompressed blocks kept per Dataset (per process): 64 MiB holds the shuffle windows of 8 lanes
+# of 8 MiB each; compressed shuffled reads beyond that decompress one block per sample.
+DEFAULT_BLOCK_CACHE = "64MiB"
 
 
 class ShardSource(Protocol):
@@ -88,9 +93,11 @@ class Dataset:
     """
 
     def __init__(self, source: ShardSource, index: DatasetIndex | None = None, *,
-                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS):
+                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
+                 block_cache: int | str = DEFAULT_BLOCK_CACHE):
         if not isinstance(max_open_shards, int) or max_open_shards < 1:
             raise ConfigError(f"max_open_shards must be positive, got {max_open_shards!r}")
+        self.block_cache_bytes = 0 if block_cache in (0, "0") else parse_size(block_cache, name="block_cache")
         self.source = source
         if index is None:
             index = DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}")
@@ -108,15 +115,18 @@ class Dataset:
         self._offsets = self.index._offsets_list
         self._len = self.index.num_samples
         self._decode = self.index.schema.decode
+        self._blocks = BlockCache(self.block_cache_bytes) if self.block_cache_bytes else None
 
     # -- pickling: drop open files and maps ------------------------------------------------
     def __getstate__(self) -> dict:
-        return {"source": self.source, "index": self.index, "max_open_shards": self.max_open_shards}
+        return {"source": self.source, "index": self.index, "max_open_shards": self.max_open_shards,
+                "block_cache_bytes": self.block_cache_bytes}
 
     def __setstate__(self, state: dict) -> None:
         self.source = state["source"]
         self.index = state["index"]
         self.max_open_shards = state["max_open_shards"]
+        self.block_cache_bytes = state["block_cache_bytes"]
         self._init_runtime()
 
     # -- properties ------------------------------------------------------------------------
@@ -137,6 +147,8 @@ class Dataset:
         """``blocks_read``, ``block_cache_hits``, ``bytes_read`` (decompressed),
         ``stored_bytes_read``, ``shards_opened``, ``open_shards``."""
         d = self._stats.as_dict()
+        if self._blocks is not None:
+            d.update(self._blocks.stats())
         d["shards_opened"] = self._opened
         d["open_shards"] = len(self._readers)
         return d
@@ -202,6 +214,7 @@ class Dataset:
             path = self.source.shard_path(info)
             try:
                 r = ShardFileReader(path, decode=self._decode, stats=self._stats,
+                                    block_cache=self._blocks,
                                     name=f"shard {s} ({info.file})", expected_samples=info.samples)
             except BaseException:
                 self.source.unpin(info)
@@ -239,7 +252,8 @@ class Dataset:
 
 def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit: Any = None,
                  storage_options: dict | None = None, source: ShardSource | None = None,
-                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS) -> Dataset:
+                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
+                 block_cache: int | str = DEFAULT_BLOCK_CACHE) -> Dataset:
     """Open a dataset. Local path or ``file://`` -> ``LocalSource``; any other URL ->
     ``streamshard.remote.CachedSource`` (needs ``cache_dir`` or the cache's default).
     ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index."""
@@ -254,4 +268,4 @@ def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit:
 
             source = CachedSource(url, cache_dir=cache_dir, cache_limit=cache_limit,
                                   storage_options=storage_options)
-    return Dataset(source, max_open_shards=max_open_shards)
+    return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache)

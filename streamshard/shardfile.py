@@ -203,8 +203,10 @@ class ShardFileReader:
     """
 
     def __init__(self, path: str, *, decode: Callable[[Any, int, int], dict], name: str,
-                 stats: Any = None, expected_samples: int | None = None):
+                 stats: Any = None, expected_samples: int | None = None,
+                 block_cache: Any = None):
         self.name = name
+        self._shared = block_cache  # a BlockCache shared with the dataset's other shards, or None
         self._decode = decode
         self._stats = stats if stats is not None else ReadStats()
         self._file = open(path, "rb", buffering=0)
@@ -283,6 +285,13 @@ class ShardFileReader:
         if cached[0] == b:
             st.block_cache_hits += 1
             return cached[1], cached[2]
+        shared = self._shared
+        if shared is not None:
+            hit = shared.get((self.name, b))
+            if hit is not None:
+                st.block_cache_hits += 1
+                self._block = (b, hit[0], hit[1])
+                return hit
         stored = self._pread(self._stored[b], self._offsets[b])
         st.blocks_read += 1
         st.stored_bytes_read += len(stored)
@@ -308,6 +317,8 @@ class ShardFileReader:
                                   f"table says {expected}")
         st.bytes_read += len(raw)
         self._block = (b, raw, head)
+        if shared is not None:
+            shared.put((self.name, b), raw, head)
         return raw, head
 
     def _read_compressed(self, k: int) -> dict:

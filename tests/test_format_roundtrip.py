@@ -274,3 +274,26 @@ def test_torch_dataloader_workers_read_a_pickled_dataset(tmp_path):
     loader = torch.utils.data.DataLoader(MapStyle(), batch_size=8, num_workers=2)
     got = torch.cat(list(loader)).numpy()
     np.testing.assert_array_equal(got, np.stack([s["tokens"] for s in samples]).astype(np.int64))
+
+
+def test_shared_block_cache_decompresses_each_block_once(tmp_path):
+    """Random reads inside a window that fits the block cache decompress every block once."""
+    import random
+
+    from streamshard import ShardWriter, open_dataset
+
+    path = str(tmp_path / "bc")
+    with ShardWriter(path, columns={"x": "uint16[512]"}, shard_size="64KB", block_size="8KiB") as w:
+        for i in range(400):
+            w.write({"x": np.full(512, i, np.uint16)})
+    order = list(range(400))
+    random.Random(0).shuffle(order)
+    in_order = open_dataset(path, block_cache=0)
+    assert sum(1 for _ in in_order) == 400
+    total_blocks = in_order.stats["blocks_read"]  # in-order reading decodes each block once
+    cached = open_dataset(path, block_cache="4MiB")
+    assert [int(cached[i]["x"][0]) for i in order] == order
+    assert cached.stats["blocks_read"] == total_blocks
+    uncached = open_dataset(path, block_cache=0)
+    assert [int(uncached[i]["x"][0]) for i in order] == order
+    assert uncached.stats["blocks_read"] > 300  # one block decompression for nearly every sample
