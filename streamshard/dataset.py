@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
+from streamshard import fastpath
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
@@ -148,6 +149,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 ds.source.check_budget(self.working_set_shards)
                 ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
         self._plan = PlanBox(Plan(0, self.steps_per_epoch))
+        # Batches of a single fixed-size-schema stream without a transform can be read as
+        # columns straight into tensors (streamshard.fastpath); None when that does not apply.
+        self._columns = (fastpath.layout(self.datasets[0].schema)
+                         if len(self.datasets) == 1 and transform is None else None)
         self._plan_cache: tuple[Plan, SampleSequence] | None = None
 
     # -- plain DataLoader usage -------------------------------------------------------------
@@ -211,6 +216,16 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """Yield ``(step, device batch)`` for this worker's share of the current plan."""
         for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
             yield step, self.fetch(step, stream_ids, sample_ids)
+
+    def iter_collated(self, worker: int, num_workers: int) -> Iterator[tuple[int, Any, bool]]:
+        """Like :meth:`iter_steps`, but yields ``(step, batch, collated)``: fixed-size schemas
+        come already collated as columns (equal to ``streamshard.collate.collate``)."""
+        columns = self._columns
+        for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
+            if columns is not None:
+                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids.tolist()), True
+            else:
+                yield step, self.fetch(step, stream_ids, sample_ids), False
 
     def _plan_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(step, stream_ids, sample_ids)`` of this worker's steps.

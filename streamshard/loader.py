@@ -27,15 +27,19 @@ from streamshard.state import (
 
 
 class _StepTagged(torch.utils.data.IterableDataset):
-    """Yields ``(step, samples)`` so the main process learns which step each batch is."""
+    """Yields ``(step, batch, collated)`` so the main process learns which step each batch is.
+    With the default collation, fixed-size schemas come already collated (columnar fast path)."""
 
-    def __init__(self, dataset: StreamingDataset):
+    def __init__(self, dataset: StreamingDataset, columnar: bool):
         super().__init__()
         self.dataset = dataset
+        self.columnar = columnar
 
     def __iter__(self):
         worker, num_workers = _worker_slot()
-        return self.dataset.iter_steps(worker, num_workers)
+        if self.columnar:
+            return self.dataset.iter_collated(worker, num_workers)
+        return ((step, batch, False) for step, batch in self.dataset.iter_steps(worker, num_workers))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -47,9 +51,9 @@ class _StepCollate:
     def __init__(self, collate_fn: Callable[[list], Any]):
         self.collate_fn = collate_fn
 
-    def __call__(self, item: tuple[int, list]) -> tuple[int, Any]:
-        step, samples = item
-        return step, self.collate_fn(samples)
+    def __call__(self, item: tuple[int, Any, bool]) -> tuple[int, Any]:
+        step, batch, collated = item
+        return step, batch if collated else self.collate_fn(batch)
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -85,7 +89,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
                     f"{owned} is set on the StreamingDataset, not on StreamingDataLoader"
                 )
         super().__init__(
-            _StepTagged(dataset),
+            _StepTagged(dataset, columnar=collate_fn is None),
             batch_size=None,
             collate_fn=_StepCollate(collate_fn or default_collate),
             **kwargs,

@@ -14,7 +14,7 @@ from bisect import bisect_right
 from typing import Any, Iterator, Protocol, Sequence
 
 from streamshard.blockcache import BlockCache
-from streamshard.errors import ConfigError, StorageError
+from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.schema import Schema
 from streamshard.shardfile import ReadStats, ShardFileReader
@@ -192,6 +192,28 @@ class Dataset:
                              f"({r.num_samples} samples)")
         self._last_used[shard] = next(self._tick)
         return r.read(offset)
+
+    def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
+        """Copy the encoded bytes of samples ``ids`` into consecutive rows of ``out`` (a writable
+        byte buffer of ``len(ids) * schema.fixed_size`` bytes). Only for fixed-size schemas,
+        whose encoding is the columns' little-endian bytes back to back (docs/FORMAT.md)."""
+        size = self.index.schema.fixed_size
+        if size is None:
+            raise ConfigError("read_rows needs a schema whose columns all have a fixed size")
+        offs, readers, n = self._offsets, self._readers, self._len
+        pos = 0
+        for i in ids:
+            if not 0 <= i < n:
+                raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
+            s = bisect_right(offs, i) - 1
+            r = readers.get(s) or self._open(s)
+            buf, start, length = r.span(i - offs[s])
+            if length != size:
+                raise CorruptionError(f"{r.name} sample {i - offs[s]}: {length} bytes, the "
+                                      f"schema needs {size}")
+            out[pos:pos + size] = buf[start:start + size]
+            pos += size
+            self._last_used[s] = next(self._tick)
 
     def __iter__(self) -> Iterator[dict]:
         for s, info in enumerate(self.index.shards):

@@ -278,6 +278,21 @@ class ShardFileReader:
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
 
+    def span(self, k: int) -> tuple[Any, int, int]:
+        """``(buffer, start, length)`` of sample ``k``'s encoded bytes (checked like ``read``)."""
+        if self._mm is not None:
+            start = self._starts[k]
+            length = self._ends[k] - start
+            self._stats.bytes_read += length
+            return self._mm, start, length
+        first = self._first
+        b = _bisect_right(first, k) - 1
+        raw, head = self.block(b)
+        start, end = _U64x2.unpack_from(raw, 8 + 8 * (k - first[b]))
+        if end < start or head + end > len(raw):
+            raise CorruptionError(f"{self.name} block {b} sample {k}: offsets out of range")
+        return raw, head + start, end - start
+
     def block(self, b: int) -> tuple[bytes, int]:
         """Return ``(raw block bytes, payload start)`` of block ``b``, checked and decompressed."""
         cached = self._block
