@@ -65,6 +65,25 @@ def _add_convert(sub: Any) -> None:
         else:
             kwargs.update(type=opt.type, choices=opt.choices)
         group.add_argument(flag, dest=f"fmt_{opt.dest}", **kwargs)
+    pack = p.add_argument_group(
+        "tokenize and pack for LLM pretraining (either --tokenizer or --token-field; sequences of "
+        "--seq-len tokens across document boundaries; one process, see docs/CONVERTERS.md)")
+    pack.add_argument("--tokenizer", dest="pack_tokenizer", metavar="PATH",
+                      help="local Hugging Face tokenizer.json (or its directory)")
+    pack.add_argument("--token-field", dest="pack_token_field", metavar="NAME",
+                      help="field holding pre-tokenized ids")
+    pack.add_argument("--text-field", dest="pack_text_field", default="text", metavar="NAME",
+                      help="field holding the text to tokenize (default text)")
+    pack.add_argument("--eod-id", dest="pack_eod_id", type=int,
+                      help="end-of-document token id (default: the tokenizer's)")
+    pack.add_argument("--pad-id", dest="pack_pad_id", type=int,
+                      help="pad id of the last sequence (default: the eod id)")
+    pack.add_argument("--doc-boundaries", dest="pack_doc_boundaries", action="store_true",
+                      help="add doc_starts: uint32[] (document starts inside each sequence)")
+    pack.add_argument("--token-dtype", dest="pack_token_dtype", choices=("uint16", "uint32"))
+    if "--seq-len" not in seen:
+        group.add_argument("--seq-len", dest="fmt_seq_len", type=int, default=None)
+        seen["--seq-len"] = []
     p.set_defaults(func=_cmd_convert, option_dests=[f"fmt_{o.lstrip('-').replace('-', '_')}"
                                                     for o in seen])
 
@@ -76,6 +95,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise ConfigError("convert needs at least one SRC and a DEST")
     *sources, dest = args.paths
     options = {d[4:]: getattr(args, d) for d in args.option_dests if getattr(args, d) is not None}
+    if args.pack_tokenizer or args.pack_token_field:
+        return _cmd_pack(args, sources, dest, options)
     bar: list[ProgressBar] = []
 
     def on_start(chunks: int, reused: int, nbytes: int) -> None:
@@ -108,6 +129,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         for example in s.skipped_examples:
             print(f"  {example}")
     print(f"fingerprint {s.fingerprint}")
+    print(f"dataset {dest}")
+    return EXIT_OK
+
+
+def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
+    from converters.packing import pack_corpus
+
+    seq_len = options.pop("seq_len", None)
+    if not seq_len:
+        raise ConfigError("packing needs --seq-len (tokens per sequence)")
+    if args.workers != 1:
+        print("note: packing runs in one process (sequences cross document and input "
+              "boundaries); --workers is ignored", file=sys.stderr)
+    stats = pack_corpus(
+        sources, dest, format=args.format, seq_len=seq_len, options=options,
+        tokenizer=args.pack_tokenizer, text_field=args.pack_text_field,
+        token_field=args.pack_token_field, eod_id=args.pack_eod_id, pad_id=args.pack_pad_id,
+        doc_boundaries=args.pack_doc_boundaries, token_dtype_name=args.pack_token_dtype,
+        skip_errors=args.skip_errors, shard_size=args.shard_size, block_size=args.block_size,
+        compression=None if args.compression == "none" else "zstd", overwrite=args.overwrite)
+    print(f"packed {stats.documents:,} documents ({stats.tokens:,} tokens) into "
+          f"{stats.sequences:,} sequences of {seq_len} in {stats.seconds:.2f} s; "
+          f"{stats.padded_tokens:,} pad tokens in the last one; {stats.skipped:,} records skipped")
     print(f"dataset {dest}")
     return EXIT_OK
 

@@ -150,3 +150,23 @@ def test_missing_tokenizers_package_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'streamshard\[tokenizers\]'"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_streamshard_convert_tokenizer_packs(tmp_path, tokenizer_json):
+    """`streamshard convert --tokenizer` (the documented entry point) packs like pack_corpus."""
+    from streamshard.cli import main as cli
+
+    write_jsonl(tmp_path / "c.jsonl", [{"body": f"the lazy dog {i}"} for i in range(30)])
+    rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
+              "--tokenizer", tokenizer_json, "--text-field", "body", "--seq-len", "16",
+              "--fields", "body:str", "--doc-boundaries"])
+    assert rc == 0
+    ds = open_dataset(str(tmp_path / "out"))
+    assert ds.schema.to_json()["tokens"] == "uint16[16]" and "doc_starts" in ds.schema.to_json()
+    tokens = [t for i in range(len(ds)) for t in ds[i]["tokens"][: ds[i]["length"]].tolist()]
+    ref = str(tmp_path / "ref")
+    pack_corpus([str(tmp_path / "c.jsonl")], ref, format="jsonl", seq_len=16,
+                options={"fields": "body:str"}, tokenizer=tokenizer_json, text_field="body",
+                doc_boundaries=True)
+    want = open_dataset(ref)
+    assert tokens == [t for i in range(len(want)) for t in want[i]["tokens"][: want[i]["length"]].tolist()]
