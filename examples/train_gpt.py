@@ -1,0 +1,275 @@
+"""A tiny GPT-like model trained on CPU through StreamingDataLoader with every recovery hook on.
+
+    python examples/train_gpt.py --make-data /tmp/tok          # write a token dataset once
+    torchrun --nproc-per-node=2 --max-restarts=3 examples/train_gpt.py --data /tmp/tok --out /tmp/run
+
+Under ``torchrun --max-restarts`` a killed or hung worker restarts the group; every start resumes
+from the newest valid checkpoint and the journal. Faults come from ``STREAMSHARD_FAULTS`` (see
+streamshard/recovery/faultplan.py). Per rank, ``<out>/consumed-rank<r>.jsonl`` gets one line per
+training step: ``{"step", "data_step", "ids", "update", "dur", "t"}``; a step re-run after a
+restart or rollback appends a new line, so the last line of a step is the one that counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from streamshard import StreamingDataLoader, StreamingDataset, detect_world
+from streamshard.recovery import (
+    Exit, FakeProbe, GuardConfig, Journal, PersistenceConfig, PolicyConfig, Recovery, Rollback,
+    SkipUpdate, SpikeConfig, Watchdog, WatchdogConfig, available_probes, exitcodes, fault_plan_from_env,
+)
+from streamshard.recovery.checkpoint import CheckpointManager
+from streamshard.recovery.faultplan import injected_hang
+from streamshard.recovery.slowdown import StragglerConfig
+
+
+def make_data(path: str, samples: int, seq: int, vocab: int) -> None:
+    """Arithmetic token sequences ``(a + k*i) % vocab``: learnable, so the loss falls steadily."""
+    from streamshard import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(path, columns={"id": "int64", "tokens": f"uint16[{seq + 1}]"}, shard_size="16KB",
+                     block_size="4KiB") as w:
+        for i in range(samples):
+            a, k = int(rng.integers(vocab)), int(rng.integers(1, 8))
+            w.write({"id": i, "tokens": ((a + k * np.arange(seq + 1)) % vocab).astype(np.uint16)})
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int, layers: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        return self.head(self.blocks(h, mask=self.mask, is_causal=True))
+
+
+def init_distributed(env) -> None:
+    """gloo process group on a store key space private to this restart attempt.
+
+    Under ``torchrun --max-restarts`` the restarted workers reuse the agent's TCPStore; gloo's
+    full-mesh rendezvous then reads the dead workers' addresses from the previous attempt's keys
+    (seen here with torch 2.13: "connectFullMesh failed ... Connection refused"). A prefix per
+    ``TORCHELASTIC_RESTART_COUNT`` gives every attempt fresh keys.
+    """
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                         is_master=not agent_store and rank == 0, timeout=timedelta(seconds=120))
+    store = dist.PrefixStore(f"streamshard-attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--make-data", metavar="DIR", help="write a token dataset to DIR and exit")
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--data", help="token dataset directory")
+    p.add_argument("--out", help="checkpoints, journal, consumed ids, stack dumps")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=32)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--ckpt-every", type=int, default=10)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--rollback-margin", type=int, default=5)
+    p.add_argument("--skip-before", type=int, default=0)
+    p.add_argument("--spike-window", type=int, default=32)
+    p.add_argument("--spike-threshold", type=float, default=8.0)
+    p.add_argument("--wd-floor", type=float, default=60.0, help="watchdog floor per phase, seconds")
+    p.add_argument("--wd-initial", type=float, default=600.0, help="watchdog timeout before calibration")
+    p.add_argument("--straggler-every", type=int, default=5, help="gather busy times every N steps")
+    p.add_argument("--kernel-log", help="kernel log file to watch for XIDs (e.g. /var/log/kern.log)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.make_data:
+        make_data(args.make_data, args.samples, args.seq, args.vocab)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed(os.environ)
+    world = detect_world()
+    rank, W = world.rank, world.world_size
+    log = (lambda msg: print(f"[rank{rank}] {msg}", flush=True))
+    journal = Journal(out / "journal.jsonl", rank=rank)
+    plan, fired = fault_plan_from_env(os.environ), journal.fired()
+    cfg = GuardConfig(
+        loss=SpikeConfig(window=args.spike_window, threshold=args.spike_threshold, min_samples=8),
+        grad_norm=None,  # gradients are clipped; the loss carries the signal in this example
+        persistence=PersistenceConfig(3),
+        policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),
+        straggler=StragglerConfig(window=3, ratio=1.3, min_delta=0.02),
+    )
+    ckpt = CheckpointManager(out / "ckpt", world=world, keep=args.keep, valid=lambda r: guard.ledger.is_valid(r))
+    guard = Recovery(cfg, journal=journal, checkpoints=ckpt.refs, writer=rank == 0, world_size=W, log=log)
+    if (stop := guard.startup()) is not None:
+        log(f"journal holds a terminal decision: {stop.reason}")
+        return stop.code
+
+    def on_hang(phase: str, elapsed: float, timeout: float) -> None:
+        journal.append("hang", code=exitcodes.HANG, phase=phase, elapsed=elapsed, timeout=timeout,
+                       dump=str(dump_path))
+
+    dump_path = out / f"hang-rank{rank}-pid{os.getpid()}.txt"
+    wd_cfg = WatchdogConfig(floor={p: args.wd_floor for p in ("data", "step", "checkpoint_save",
+                                                                "checkpoint_load")},
+                            initial=args.wd_initial, factor=10.0, min_samples=5, poll=0.1)
+    watchdog = Watchdog(wd_cfg, str(dump_path), on_hang=on_hang).start()
+    fake = FakeProbe()
+    probes = [fake, *available_probes(args.kernel_log, log=log)]
+
+    torch.manual_seed(args.seed)
+    model = TinyGPT(args.vocab, args.seq, args.d_model, args.layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    warmup = 10
+    lam = (lambda s: min(1.0, (s + 1) / warmup) * guard.lr_scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    ds = StreamingDataset(args.data, global_batch_size=args.global_batch, seed=args.seed, world=world)
+    loader = StreamingDataLoader(ds)
+
+    def restore(step_to: int) -> int:
+        with watchdog.phase("checkpoint_load"):
+            extra = ckpt.load(step_to, model=model, optimizer=opt, scheduler=sched, loader=loader)
+        guard.load_state_dict(extra["recovery"])
+        guard.apply_to_loader(loader)
+        for g, base in zip(opt.param_groups, sched.base_lrs):  # the LR scale may have changed
+            g["lr"] = base * lam(sched.last_epoch)
+        return step_to
+
+    step = 0
+    latest = ckpt.latest()
+    if latest is not None:
+        step = restore(latest.step)
+    else:
+        guard.apply_to_loader(loader)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    journal.append("start", step=step, world_size=W, pid=os.getpid(), attempt=attempt)
+    consumed_fd = os.open(out / f"consumed-rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    params = list(model.parameters())
+    it = iter(loader)
+    busy_sum, busy_n = 0.0, 0
+
+    def fire_once(kind: str) -> bool:
+        for f in plan.at(kind, step, rank):
+            if f.key not in fired:
+                journal.append("fault", key=f.key, step=step)  # fsynced before the fault happens
+                fired.add(f.key)
+                return True
+        return False
+
+    while step < args.steps:
+        t0 = time.perf_counter()
+        with watchdog.phase("data"):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+        data_step = loader.last_step
+        ids = batch["id"].tolist()
+        if fire_once("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fire_once("xid"):
+            fake.inject_xid(int(next(f.value for f in plan.at("xid", step, rank))))
+        with watchdog.phase("step"):
+            if fire_once("hang"):
+                injected_hang(3600.0, time.sleep)
+            for f in plan.at("slow", step, rank):
+                time.sleep(f.value)
+            tokens = batch["tokens"].long()
+            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+            for f in plan.at("spike", data_step, rank=0):  # data faults follow the data, not the rank
+                loss = loss * f.value
+            if plan.at("nan", data_step, rank=0):
+                loss = loss * float("nan")
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            busy = time.perf_counter() - t0  # before the all-reduce, which equalizes ranks
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+            if W > 1:
+                dist.all_reduce(flat)
+                flat /= W
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            busy_sum, busy_n = busy_sum + busy, busy_n + 1
+            if W > 1 and (step + 1) % args.straggler_every == 0:  # a collective: inside a watched phase
+                gathered: list = [None] * W
+                dist.all_gather_object(gathered, busy_sum / busy_n)
+                guard.observe_ranks(step + 1, [float(x) for x in gathered])
+                busy_sum, busy_n = 0.0, 0
+            action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,
+                                   step_time=busy)
+            if not isinstance(action, (SkipUpdate, Rollback, Exit)):
+                opt.step()
+            if not isinstance(action, (Rollback, Exit)):
+                sched.step()
+        if isinstance(action, Exit):
+            log(f"exit {action.code} ({exitcodes.describe(action.code)}): {action.reason}")
+            watchdog.stop()
+            os._exit(action.code)
+        if isinstance(action, Rollback):
+            log(f"rollback to step {action.to_step}, skip data steps {action.skip}, "
+                f"lr x{action.lr_scale}: {action.reason}")
+            step = restore(action.to_step)
+            continue
+        dur = time.perf_counter() - t0
+        rec = {"step": step, "data_step": data_step, "ids": ids, "update": not isinstance(action, SkipUpdate),
+               "loss": float(flat[-1]) if math.isfinite(float(flat[-1])) else None, "dur": dur, "t": time.time()}
+        os.write(consumed_fd, (json.dumps(rec) + "\n").encode())
+        step += 1
+        health = guard.observe_health(step, [e for p in probes for e in p.poll()])
+        if isinstance(health, Exit):
+            log(f"exit {health.code} ({exitcodes.describe(health.code)}): {health.reason}")
+            watchdog.stop()
+            os._exit(health.code)
+        if step % args.ckpt_every == 0 and guard.healthy:
+            t_save = time.perf_counter()
+            with watchdog.phase("checkpoint_save"):
+                ckpt.save(step, model=model, optimizer=opt, scheduler=sched, loader=loader, data_step=loader.step,
+                          generation=guard.ledger.generation, extra={"recovery": guard.state_dict()})
+            if rank == 0:
+                journal.append("checkpoint", step=step, data_step=loader.step, seconds=time.perf_counter() - t_save)
+    watchdog.stop()
+    journal.append("done", step=step, counts=guard.counts)
+    os.close(consumed_fd)
+    if W > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
