@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import converters
 from converters import Piece
+from streamshard.atomic import atomic_write
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -169,12 +170,7 @@ def _put_json(fs: Any, path: str, doc: Any) -> None:
 
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     else:
         fs.pipe_file(path, data)
 

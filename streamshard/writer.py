@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import zstandard
 
+from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.schema import ColumnType, Schema
@@ -271,12 +272,7 @@ def write_index(index: DatasetIndex, fs: Any, path: str, *, local: bool) -> None
     ``put`` (atomic per object on object stores) remotely."""
     data = index.to_bytes()
     if local:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
         return
     fd, tmp = tempfile.mkstemp(prefix="streamshard-index-")
     try:

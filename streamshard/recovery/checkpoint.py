@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, CorruptionError, StateMismatchError
 from streamshard.recovery.policy import CheckpointRef
 from streamshard.world import World
@@ -73,12 +74,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, allow_nan=False).encode())
 
 
 def _numpy_state() -> list:

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import xxhash
 
+from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, CorruptionError
 
 MARKER = ".streamshard-cache"
@@ -79,13 +80,6 @@ def _flock(path: str, mode: int) -> Iterator[bool]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
-    tmp = f"{path}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -116,7 +110,7 @@ class ShardCache:
         os.makedirs(self.root, exist_ok=True)
         marker = os.path.join(self.root, MARKER)
         if not os.path.exists(marker):
-            _atomic_write(marker, json.dumps({"format": "streamshard-cache", "version": 1}).encode())
+            atomic_write(marker, json.dumps({"format": "streamshard-cache", "version": 1}).encode(), fsync=False)
         self._lock = threading.Lock()
         self._pins: dict[tuple[str, str], list[int]] = {}  # key -> [fd, count, size]
         self._counts = dict.fromkeys(
@@ -287,7 +281,7 @@ class ShardCache:
                 if self.limit is None or self._make_room(size, exclude=paths.meta):
                     os.makedirs(os.path.dirname(paths.meta), exist_ok=True)
                     os.makedirs(os.path.dirname(paths.data), exist_ok=True)
-                    _atomic_write(paths.meta, json.dumps(meta).encode())
+                    atomic_write(paths.meta, json.dumps(meta).encode(), fsync=False)
                     return True
             pinned_here = self.pinned_bytes()  # includes this entry
             if pinned_here > self.limit:

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError
-from streamshard.remote.cache import ShardCache, _atomic_write, _flock
+from streamshard.atomic import atomic_write
+from streamshard.remote.cache import ShardCache, _flock
 from streamshard.remote.prefetch import Prefetcher
 from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
 from streamshard.sizes import parse_size
@@ -147,8 +148,8 @@ class CachedSource:
             data = self._cached_index(cached, meta_path, token)
             if data is None:
                 data = self._retrying(lambda: self._remote.cat(INDEX_FILE), INDEX_FILE, "read")
-                _atomic_write(cached, data)
-                _atomic_write(meta_path, json.dumps(
+                atomic_write(cached, data, fsync=False)
+                atomic_write(meta_path, json.dumps(
                     {"url": self.url, "token": token, "xxh64": xxhash.xxh64(data).hexdigest()}).encode())
                 self._count("index_fetches")
             else:
