@@ -141,3 +141,24 @@ def test_existing_dataset_needs_overwrite(tmp_path, inputs):
                 overwrite=True)
     with open_dataset(str(dest)) as ds:
         assert len(ds) == s.samples == 41 and ds.schema.to_json() == {"tokens": "uint16[1000]"}
+
+
+def test_workers_from_a_script_on_stdin(tmp_path):
+    """`python - <<EOF` has no main file a new interpreter could import: the driver forks then,
+    and the result is the same dataset as with one worker."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from streamshard.convert import convert
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(_json.dumps({"k": i, "t": "x" * 50}) + "\n" for i in range(3000)))
+    script = (f"from streamshard.convert import convert\n"
+              f"s = convert([{str(src)!r}], {str(tmp_path / 'two')!r}, format='jsonl', workers=2, "
+              f"chunk_size='40KB')\nprint(s.fingerprint)\n")
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = convert([str(src)], str(tmp_path / "one"), format="jsonl", workers=1, chunk_size="40KB")
+    assert proc.stdout.strip().splitlines()[-1] == one.fingerprint
