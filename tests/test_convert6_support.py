@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 import converters
-from streamshard.errors import InputError
 
 
-class RecordingContext:
-    """A ``converters.ReadContext`` that raises bad records (or records them when ``skip``)."""
-
-    def __init__(self, skip: bool = False):
-        self.skip = skip
-        self.bad: list[str] = []
-        self.counters: dict[str, int] = {}
-        self.advanced = 0
-        self.locator: Callable[[], str] = lambda: "?"
-
-    def bad_record(self, error: InputError) -> None:
-        if not self.skip:
-            raise error
-        self.bad.append(str(error))
-
-    def count(self, name: str, n: int) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
-
-    def advance(self, nbytes: int) -> None:
-        self.advanced += nbytes
-
-    def set_locator(self, locator: Callable[[], str]) -> None:
-        self.locator = locator
+def RecordingContext(skip: bool = False) -> converters.CountingContext:
+    """The driver's own read context (bad records raise, or are counted and kept in
+    ``examples`` when ``skip``), with progress reports dropped."""
+    return converters.CountingContext(skip, lambda samples, nbytes: None)
 
 
 def read_all(fmt: str, files: Iterable[str], options: Mapping[str, Any] | None = None, *,

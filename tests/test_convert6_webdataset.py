@@ -112,7 +112,7 @@ def test_bad_members_are_bad_records(tmp_path, members, message):
     ctx = RecordingContext(skip=True)
     _, got, _ = read_all("webdataset", [path], ctx=ctx)
     assert [g["__key__"] for g in got] == ["a", "b"]
-    assert len(ctx.bad) == 1 and "bad.tar" in ctx.bad[0]
+    assert ctx.skipped == 1 and "bad.tar" in ctx.examples[0]
 
 
 def test_truncated_tar_is_named(tmp_path):
