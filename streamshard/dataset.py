@@ -153,7 +153,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-        self._plan_cache: tuple[Plan, SampleSequence] | None = None
+        self._ledger_cache: tuple[tuple, SampleSequence] | None = None
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -189,16 +189,17 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         return self.datasets[stream][sample_id]
 
     # -- iteration ----------------------------------------------------------------------------
-    def _sequence_for(self, plan: Plan) -> SampleSequence:
-        cached = self._plan_cache
-        if cached is not None and cached[0] == plan:
+    def sequence_with(self, skips: tuple = (), reseeds: tuple = ()) -> SampleSequence:
+        """The base sequence with a skip and reseed ledger applied (cached: the sequence depends
+        on the ledgers only, not on which steps a plan serves)."""
+        key = (tuple(skips), tuple(reseeds))
+        cached = self._ledger_cache
+        if cached is not None and cached[0] == key:
             return cached[1]
-        seq = self.sequence
-        for start, stop in plan.skips:
-            seq = seq.with_skip(start, stop)
-        for step, salt in plan.reseeds:
-            seq = seq.with_reseed(step, salt)
-        self._plan_cache = (plan, seq)
+        base = self.sequence
+        seq = SampleSequence(base.order, global_batch_size=base.global_batch_size,
+                             drop_last=base.drop_last, skips=key[0], reseeds=key[1])
+        self._ledger_cache = (key, seq)
         return seq
 
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
@@ -250,7 +251,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
     def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         plan = self._plan.read()
-        seq = self._sequence_for(plan)
+        seq = self.sequence_with(plan.skips, plan.reseeds)
         rank, world_size = self.world.rank, self.world.world_size
         per_device = self.batch_size
         n = worker

@@ -16,6 +16,7 @@ from streamshard.collate import collate as default_collate
 from streamshard.dataset import StreamingDataset, _worker_slot
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan
+from streamshard.sampler.sequence import normalize_reseeds, normalize_skips
 from streamshard.state import (
     KEY_RESEEDS,
     KEY_SEQUENCE,
@@ -54,16 +55,6 @@ class _StepCollate:
     def __call__(self, item: tuple[int, Any, bool]) -> tuple[int, Any]:
         step, batch, collated = item
         return step, batch if collated else self.collate_fn(batch)
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for start, stop in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], stop)
-        else:
-            merged.append([start, stop])
-    return [(a, b) for a, b in merged]
 
 
 class StreamingDataLoader(torch.utils.data.DataLoader):
@@ -121,7 +112,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         return self.step // self.steps_per_epoch
 
     def _sequence(self):
-        return self.streaming_dataset._sequence_for(self._current_plan(0, 0))
+        return self.streaming_dataset.sequence_with(tuple(self._skips), tuple(self._reseeds))
 
     def _current_plan(self, start: int, stop: int) -> Plan:
         return Plan(start, stop, tuple(self._skips), tuple(self._reseeds))
@@ -161,8 +152,8 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
 
         A live iterator notices and continues from the restored step."""
         validate_state(state_dict, self._live_state())
-        self._skips = _merge_ranges([tuple(r) for r in state_dict[KEY_SKIPS]])
-        self._reseeds = sorted({tuple(r) for r in state_dict[KEY_RESEEDS]})
+        self._skips = list(normalize_skips(state_dict[KEY_SKIPS]))
+        self._reseeds = list(normalize_reseeds(state_dict[KEY_RESEEDS]))
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
         self._generation += 1
@@ -173,7 +164,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
             raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
         if start_step == stop_step:
             return
-        self._skips = _merge_ranges(self._skips + [(start_step, stop_step)])
+        self._skips = list(normalize_skips(self._skips + [(start_step, stop_step)]))
         self._generation += 1
 
     def reseed_from(self, step: int, salt: int) -> None:
@@ -181,7 +172,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
             raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
         if (step, salt) not in self._reseeds:
-            self._reseeds = sorted(self._reseeds + [(step, salt)])
+            self._reseeds = list(normalize_reseeds(self._reseeds + [(step, salt)]))
             self._generation += 1
 
     @property
