@@ -275,35 +275,29 @@ class ShardFileReader:
             self._block_offsets[b] = offs
         return offs
 
-    def _read_mmap(self, k: int) -> dict:
+    def _mmap_span(self, k: int) -> tuple[Any, int, int]:
         first = self._first
         b = _bisect_right(first, k) - 1
         offs = self._block_offsets[b] or self._mmap_offsets(b)
         j = k - first[b]
         start = offs[j]
-        self._stats.bytes_read += offs[j + 1] - start
+        length = offs[j + 1] - start
+        self._stats.bytes_read += length
+        return self._mm, start, length
+
+    def _read_mmap(self, k: int) -> dict:
+        buf, start, length = self._mmap_span(k)
         try:
-            return self._decode(self._mm, start, offs[j + 1] - start)
+            return self._decode(buf, start, length)
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
 
     def span(self, k: int) -> tuple[Any, int, int]:
         """``(buffer, start, length)`` of sample ``k``'s encoded bytes (checked like ``read``)."""
         if self._mm is not None:
-            first = self._first
-            b = _bisect_right(first, k) - 1
-            offs = self._block_offsets[b] or self._mmap_offsets(b)
-            start = offs[k - first[b]]
-            length = offs[k - first[b] + 1] - start
-            self._stats.bytes_read += length
-            return self._mm, start, length
-        first = self._first
-        b = _bisect_right(first, k) - 1
-        raw, head = self.block(b)
-        start, end = _U64x2.unpack_from(raw, 8 + 8 * (k - first[b]))
-        if end < start or head + end > len(raw):
-            raise CorruptionError(f"{self.name} block {b} sample {k}: offsets out of range")
-        return raw, head + start, end - start
+            return self._mmap_span(k)
+        raw, start, length, _ = self._compressed_span(k)
+        return raw, start, length
 
     def block(self, b: int) -> tuple[bytes, int]:
         """Return ``(raw block bytes, payload start)`` of block ``b``, checked and decompressed."""
@@ -348,7 +342,8 @@ class ShardFileReader:
             shared.put((self.name, b), raw, head)
         return raw, head
 
-    def _read_compressed(self, k: int) -> dict:
+    def _compressed_span(self, k: int) -> tuple[bytes, int, int, int]:
+        """``(raw block, start, length, block number)`` of sample ``k`` in a compressed shard."""
         first = self._first
         b = _bisect_right(first, k) - 1
         if self._block[0] == b:  # inlined cache hit: the in-order iteration case
@@ -356,12 +351,15 @@ class ShardFileReader:
             self._stats.block_cache_hits += 1
         else:
             raw, head = self.block(b)
-        j = k - first[b]
-        start, end = _U64x2.unpack_from(raw, 8 + 8 * j)
+        start, end = _U64x2.unpack_from(raw, 8 + 8 * (k - first[b]))
         if end < start or head + end > len(raw):
             raise CorruptionError(f"{self.name} block {b} sample {k}: offsets out of range")
+        return raw, head + start, end - start, b
+
+    def _read_compressed(self, k: int) -> dict:
+        raw, start, length, b = self._compressed_span(k)
         try:
-            return self._decode(raw, head + start, end - start)
+            return self._decode(raw, start, length)
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} block {b} sample {k}: {exc}") from None
 
