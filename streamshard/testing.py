@@ -17,18 +17,15 @@ import torch
 def take(loader, count: int, *, max_epochs: int = 1000) -> list[Any]:
     """Consume ``count`` batches from ``loader``, crossing epoch boundaries (new ``iter()``)."""
     out: list[Any] = []
+    # Bounded by epochs, not batches: an epoch may serve nothing (wholly skipped), which is
+    # legal; max_epochs of them in a row means the loader is broken.
     for _ in range(max_epochs):
         if len(out) >= count:
             break
-        got_any = False
         for batch in loader:
-            got_any = True
             out.append(batch)
             if len(out) >= count:
                 break
-        if not got_any and len(out) < count:
-            # A whole epoch skipped is legal; many in a row means the loader is broken.
-            continue
     if len(out) < count:
         raise AssertionError(f"loader produced {len(out)} batches in {max_epochs} epochs, wanted {count}")
     return out
