@@ -67,7 +67,7 @@ def warm(path: str) -> None:
                     pass
 
 
-def epoch_rate(loader, samples_per_batch: int) -> tuple[float, int]:
+def epoch_rate(loader) -> tuple[float, int]:
     count = 0
     start = time.perf_counter()
     for batch in loader:
@@ -91,11 +91,11 @@ def memmap_loader(path: str, n: int, batch: int, workers: int, shuffle: bool):
     return torch.utils.data.DataLoader(MemmapBatches(path, n, batch, shuffle), batch_size=None, **kw)
 
 
-def best_of(make, repeats: int, batch: int) -> float:
+def best_of(make, repeats: int) -> float:
     loader = make()
     rates = []
     for _ in range(repeats):
-        rate, _ = epoch_rate(loader, batch)
+        rate, _ = epoch_rate(loader)
         rates.append(rate)
     return max(rates)
 
@@ -149,10 +149,10 @@ def main() -> None:
         print(f"{'order':<10}{'workers':>8}{'memmap/s':>12}{'uncomp/s':>12}{'ratio':>8}{'zstd/s':>12}{'ratio':>8}{'uncomp MB/s':>13}")
         for shuffle in (True, False):
             for workers in args.workers:
-                base = best_of(lambda: memmap_loader(flat, args.samples, args.batch, workers, shuffle), args.repeats, args.batch)
+                base = best_of(lambda: memmap_loader(flat, args.samples, args.batch, workers, shuffle), args.repeats)
                 row = {"shuffle": shuffle, "workers": workers, "memmap": base}
                 for name, path in paths.items():
-                    row[name] = best_of(lambda: stream_loader(path, args.batch, workers, shuffle), args.repeats, args.batch)
+                    row[name] = best_of(lambda: stream_loader(path, args.batch, workers, shuffle), args.repeats)
                 results["throughput"].append(row)
                 print(f"{'shuffled' if shuffle else 'sequential':<10}{workers:>8}{base:>12.0f}"
                       f"{row['uncompressed']:>12.0f}{row['uncompressed'] / base:>8.2f}"
