@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace, scratch: str) -> int:
     print(f"input: {mb:.1f} MB, {n_samples:,} samples of {SEQ} uint16 tokens (Zipf-like)")
 
     # imports happen here, outside the timed runs (importing `streaming` alone costs seconds)
-    for module in ("streamshard.writer", "streamshard.convert", "converters.tokens"):
+    for module in ("streamshard.writer", "streamshard.convert", "streamshard.converters.tokens"):
         importlib.import_module(module)
     for name, load in (("mosaicml-streaming", _mds_writer), ("litdata", _import_litdata)):
         try:

@@ -153,14 +153,14 @@ REGISTRY: Mapping[str, Converter] = types.MappingProxyType(_REGISTRY)
 # Built-in converter modules, imported in this order by _load_builtins(). Other formats add their
 # module here (one line) and call register() at import time.
 _BUILTIN = (
-    "converters.jsonl",
-    "converters.text",
-    "converters.tokens",
-    "converters.parquet",
-    "converters.megatron",
-    "converters.mds",
-    "converters.webdataset",
-    "converters.hf",
+    "streamshard.converters.jsonl",
+    "streamshard.converters.text",
+    "streamshard.converters.tokens",
+    "streamshard.converters.parquet",
+    "streamshard.converters.megatron",
+    "streamshard.converters.mds",
+    "streamshard.converters.webdataset",
+    "streamshard.converters.hf",
 )
 _loaded = False
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from converters import Piece, ReadContext, register
+from streamshard.converters import Piece, ReadContext, register
 from streamshard.errors import ConfigError, InputError, missing_dependency
 
 STATE_FILE = "state.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Mapping, Sequence
 
-from converters import Option, Piece, ReadContext, register, typed_fields
-from converters.text import LineReader, split_lines
+from streamshard.converters import Option, Piece, ReadContext, register, typed_fields
+from streamshard.converters.text import LineReader, split_lines
 from streamshard.errors import InputError
 
 FIELDS = Option("--fields", "jsonl/parquet: columns to keep, optionally typed: "

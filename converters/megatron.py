@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from converters import Option, Piece, ReadContext, register
+from streamshard.converters import Option, Piece, ReadContext, register
 from streamshard.errors import ConfigError, InputError
 
 MAGIC = b"MMIDIDX\x00\x00"

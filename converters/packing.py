@@ -226,7 +226,7 @@ def _field(sample: Mapping[str, Any], name: str) -> Any:
 def iter_documents(sources: Sequence[str], *, format: str, options: Mapping[str, Any] | None,
                    field_name: str, ctx: _Context) -> Iterator[tuple[Any, str]]:
     """``(field value, locator)`` of every input record, in input order."""
-    import converters
+    import streamshard.converters as converters
 
     conv = converters.get(format)
     opts = converters.option_values(conv, dict(options or {}))
@@ -331,13 +331,13 @@ _OWN_FLAGS = ("--seq-len", "--tokenizer", "--token-field", "--text-field", "--eo
 
 
 def build_parser():
-    """``python -m converters.packing SRC... DEST --format F (--tokenizer P | --token-field N)
+    """``python -m streamshard.converters.packing SRC... DEST --format F (--tokenizer P | --token-field N)
     --seq-len L [...]``; the source format's own options (``--fields``, ``--mode``...) apply."""
     import argparse
 
-    import converters
+    import streamshard.converters as converters
 
-    p = argparse.ArgumentParser(prog="python -m converters.packing",
+    p = argparse.ArgumentParser(prog="python -m streamshard.converters.packing",
                                 description="Tokenize and pack documents into fixed-length "
                                             "sequences (docs/CONVERTERS.md, 'Packing').")
     p.add_argument("paths", nargs="+", metavar="SRC... DEST")

@@ -17,8 +17,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from converters import Piece, ReadContext, parse_fields, register
-from converters.jsonl import FIELDS
+from streamshard.converters import Piece, ReadContext, parse_fields, register
+from streamshard.converters.jsonl import FIELDS
 from streamshard.errors import ConfigError, InputError, missing_dependency
 
 _BATCH_ROWS = 4096

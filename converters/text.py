@@ -12,7 +12,7 @@ import gzip
 import io
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
-from converters import Option, Piece, ReadContext, register
+from streamshard.converters import Option, Piece, ReadContext, register
 from streamshard.errors import InputError
 
 _ADVANCE_EVERY = 1 << 20  # report progress every MiB of input, not every line

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from converters import Option, Piece, ReadContext, register
+from streamshard.converters import Option, Piece, ReadContext, register
 from streamshard.errors import ConfigError, InputError
 
 DTYPES = ("uint16", "uint32", "int32")

@@ -31,7 +31,7 @@ import re
 import tarfile
 from typing import Any, Iterator, Mapping, Sequence
 
-from converters import Option, Piece, ReadContext, register
+from streamshard.converters import Option, Piece, ReadContext, register
 from streamshard.errors import ConfigError, InputError
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext

@@ -25,7 +25,7 @@ _PREVIEW_CHARS = 80
 # -- convert ---------------------------------------------------------------------------------
 
 def _add_convert(sub: Any) -> None:
-    import converters
+    import streamshard.converters as converters
 
     formats = converters.available()
     p = sub.add_parser("convert", help="convert input files into a streamshard dataset",
@@ -134,7 +134,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
-    from converters.packing import pack_corpus
+    from streamshard.converters.packing import pack_corpus
 
     seq_len = options.pop("seq_len", None)
     if not seq_len:

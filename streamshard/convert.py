@@ -22,8 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import converters
-from converters import Piece
+import streamshard.converters as converters
+from streamshard.converters import Piece
 from streamshard.atomic import atomic_write
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
@@ -371,7 +371,7 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
         mp = multiprocessing.get_context("fork")
     else:
         mp = multiprocessing.get_context("forkserver")
-        mp.set_forkserver_preload(["streamshard.convert", "converters"])
+        mp.set_forkserver_preload(["streamshard.convert", "streamshard.converters"])
     q = mp.Queue()
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
                                initializer=_init_worker, initargs=(q,))

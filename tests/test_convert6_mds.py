@@ -12,7 +12,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from converters.mds import load_index
+from streamshard.converters.mds import load_index
 from streamshard.errors import ConfigError, InputError
 from tests.test_convert6_support import assert_same_value, convert_direct, mds_writer, read_all
 

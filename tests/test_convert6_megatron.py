@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from converters.megatron import MAGIC, read_index
+from streamshard.converters.megatron import MAGIC, read_index
 from streamshard.errors import ConfigError, InputError
 from tests.test_convert6_support import assert_same_value, convert_direct, read_all
 

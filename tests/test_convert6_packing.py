@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converters.packing import PackingConfig, load_tokenizer, main, pack, pack_corpus, unpack
+from streamshard.converters.packing import PackingConfig, load_tokenizer, main, pack, pack_corpus, unpack
 from streamshard import open_dataset
 from streamshard.errors import ConfigError, InputError, MissingDependencyError
 

@@ -15,7 +15,7 @@ from streamshard.errors import DatasetExistsError
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from converters.ray_sink import PARTS, StreamshardDatasink, write_streamshard  # noqa: E402
+from streamshard.converters.ray_sink import PARTS, StreamshardDatasink, write_streamshard  # noqa: E402
 
 COLUMNS = {"text": "str", "id": "int64", "tokens": "uint16[]", "meta": "json"}
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-import converters
+import streamshard.converters as converters
 
 
 def RecordingContext(skip: bool = False) -> converters.CountingContext:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import converters
-from converters import CountingContext, Option, Piece, parse_fields
-from converters.text import LineReader, split_lines
+import streamshard.converters as converters
+from streamshard.converters import CountingContext, Option, Piece, parse_fields
+from streamshard.converters.text import LineReader, split_lines
 from streamshard.convert import convert, plan_chunks
 from streamshard.errors import ConfigError
 
