@@ -281,12 +281,17 @@ def _add_demo(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     from streamshard import demo
 
-    argv = ["--workers", str(args.workers)]
-    argv += ["--out", args.out] if args.out else []
-    argv += ["--source", args.source] if args.source else []
-    return demo.main(argv)
+    out = args.out or tempfile.mkdtemp(prefix="streamshard-demo-")
+    try:
+        return demo.run(out, cli=main, workers=args.workers, source=args.source)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 # -- entry point -----------------------------------------------------------------------------
