@@ -30,6 +30,7 @@ from streamshard.errors import (
 )
 from streamshard.index import INDEX_FILE, DatasetIndex
 from streamshard.sizes import parse_size
+from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
 MARKER = ".streamshard-convert.json"
 PARTS = "parts"
@@ -214,9 +215,10 @@ def marker_diff(saved: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
 # -- the driver ------------------------------------------------------------------------------
 
 def convert(sources: Sequence[str], dest: str, *, format: str,
-            options: Mapping[str, Any] | None = None, shard_size: int | str = "64MB",
-            block_size: int | str = "128KiB", compression: str | None = "zstd",
-            compression_level: int = 3, workers: int = 1, chunk_size: int | str = "64MB",
+            options: Mapping[str, Any] | None = None,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, block_size: int | str = DEFAULT_BLOCK_SIZE,
+            compression: str | None = "zstd", compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+            workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
             progress: Callable[[int, int], None] | None = None,

@@ -26,6 +26,10 @@ from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import parse_size
 
 SHARD_SUFFIX = ".sss"
+# The writer defaults, set here only: ShardWriter, convert(), packing and the CLI all use them.
+DEFAULT_SHARD_SIZE = 64 * 10**6  # "64MB"
+DEFAULT_BLOCK_SIZE = 64 * 2**10  # 64 KiB: see docs/FORMAT.md "Block size" for the measurement
+DEFAULT_COMPRESSION_LEVEL = 3
 # zstd accepts "fast" negative levels down to -131072 but below -100 nothing changes measurably.
 _MIN_LEVEL, _MAX_LEVEL = -100, zstandard.MAX_COMPRESSION_LEVEL
 
@@ -34,10 +38,10 @@ _MIN_LEVEL, _MAX_LEVEL = -100, zstandard.MAX_COMPRESSION_LEVEL
 class WriterConfig:
     """Validated writer settings (sizes in bytes)."""
 
-    shard_size: int = 64 * 10**6
-    block_size: int = 64 * 2**10  # 64 KiB: see docs/FORMAT.md "Block size" for the measurement
+    shard_size: int = DEFAULT_SHARD_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
     compression: str | None = "zstd"
-    compression_level: int | None = 3
+    compression_level: int | None = DEFAULT_COMPRESSION_LEVEL
     shard_prefix: str = ""
 
     def __post_init__(self) -> None:
@@ -78,8 +82,9 @@ class ShardWriter:
     """
 
     def __init__(self, dest: str, *, columns: Mapping[str, ColumnType | str],
-                 shard_size: int | str = "64MB", block_size: int | str = "64KiB",
-                 compression: str | None = "zstd", compression_level: int | None = 3,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 block_size: int | str = DEFAULT_BLOCK_SIZE, compression: str | None = "zstd",
+                 compression_level: int | None = DEFAULT_COMPRESSION_LEVEL,
                  overwrite: bool = False, storage_options: dict | None = None,
                  metadata: dict | None = None, shard_prefix: str = ""):
         if compression == "none":
