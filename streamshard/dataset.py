@@ -184,10 +184,6 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
         return self.datasets[0][index]
 
-    def get(self, stream: int, sample_id: int) -> dict:
-        """Sample ``sample_id`` of stream ``stream``, without transform."""
-        return self.datasets[stream][sample_id]
-
     # -- iteration ----------------------------------------------------------------------------
     def sequence_with(self, skips: tuple = (), reseeds: tuple = ()) -> SampleSequence:
         """The base sequence with a skip and reseed ledger applied (cached: the sequence depends

@@ -46,7 +46,6 @@ class LocalSource:
     def __init__(self, root: str):
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
-        self._reads = 0
 
     def read_index(self) -> bytes:
         path = os.path.join(self.root, INDEX_FILE)
