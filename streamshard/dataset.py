@@ -279,7 +279,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if not self._remote[stream]:
                 continue
             ds = self.datasets[stream]
-            shards = np.searchsorted(ds.index.offsets, sample_ids[stream_ids == stream], side="right") - 1
+            shards, _ = ds.index.locate(sample_ids[stream_ids == stream])
             _, first = np.unique(shards, return_index=True)
             ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
 
