@@ -17,6 +17,7 @@ import numpy as np
 from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.location import local_path
 from streamshard.schema import Schema
 from streamshard.shardfile import ReadStats, ShardFileReader
 from streamshard.sizes import parse_size
@@ -270,14 +271,12 @@ def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit:
     ``streamshard.remote.CachedSource`` (needs ``cache_dir`` or the cache's default).
     ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index."""
     if source is None:
-        url = os.fspath(path_or_url)
-        if url.startswith("file://"):
-            url = url[len("file://"):]
-        if "://" not in url:
-            source = LocalSource(url)
+        local = local_path(path_or_url)
+        if local is not None:
+            source = LocalSource(local)
         else:
             from streamshard.remote import CachedSource  # lazy: local reading needs no remote code
 
-            source = CachedSource(url, cache_dir=cache_dir, cache_limit=cache_limit,
-                                  storage_options=storage_options)
+            source = CachedSource(os.fspath(path_or_url), cache_dir=cache_dir,
+                                  cache_limit=cache_limit, storage_options=storage_options)
     return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache)

@@ -21,6 +21,7 @@ import zstandard
 from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.location import resolve
 from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import parse_size
@@ -120,12 +121,8 @@ class ShardWriter:
 
     # -- destination -----------------------------------------------------------------------
     def _open_dest(self, overwrite: bool, storage_options: dict) -> None:
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-
-        self._fs, root = fsspec.core.url_to_fs(self.dest, **storage_options)
-        self._local = isinstance(self._fs, LocalFileSystem)
-        self._root = root.rstrip("/") if root not in ("/", "") else root
+        self._loc = resolve(self.dest, storage_options)
+        self._fs, self._root, self._local = self._loc.fs, self._loc.root, self._loc.local
         index_path = self._join(INDEX_FILE)
         if self._fs.exists(index_path):
             if not overwrite:
@@ -141,9 +138,7 @@ class ShardWriter:
             self._tmpdir = tempfile.mkdtemp(prefix="streamshard-write-")
 
     def _join(self, rel: str) -> str:
-        if self._local:
-            return os.path.join(self._root, *rel.split("/"))
-        return f"{self._root}/{rel}" if self._root else rel
+        return self._loc.join(rel)
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, sample: Mapping[str, Any]) -> None:
