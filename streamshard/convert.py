@@ -112,6 +112,9 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     part_path = f"{root}/{job.chunk.part}"
     ctx = converters.CountingContext(job.skip_errors, report)
     cpu0 = time.process_time()
+    from streamshard.writer import SIZE_WARNING
+
+    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
     try:
         with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.columns,
                          storage_options=job.storage_options, **job.writer) as writer:
@@ -137,6 +140,8 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     except BaseException:
         _remove(fs, part_path)
         raise
+    finally:
+        SIZE_WARNING.reset(token)
     ctx.tick(force=True)
     return stats
 
@@ -236,6 +241,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     writer = {"shard_size": parse_size(shard_size, name="shard_size"),
               "block_size": parse_size(block_size, name="block_size"),
               "compression": compression, "compression_level": compression_level}
+    from streamshard.writer import warn_small_shards
+
+    warn_small_shards(writer["shard_size"], writer["block_size"])  # once here, not per chunk
     files = converters.discover(sources, conv.extensions, exclude=dest)
     columns = dict(conv.columns([p for p, _ in files], opts))
     from streamshard.schema import Schema
