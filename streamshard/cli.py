@@ -49,6 +49,9 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--skip-errors", action="store_true",
                    help="skip and count malformed records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--input-cache", metavar="DIR", help="where remote SRC URLs (s3://, https://, "
+                   "hf://, globs too) are staged and kept (default: a temp dir removed after "
+                   "success); see docs/CONVERT.md")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue an unfinished conversion with the same arguments (default: "
                         "on when DEST has one); --no-resume discards it")
@@ -111,6 +114,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     compression=args.compression, compression_level=args.compression_level,
                     workers=args.workers, chunk_size=args.chunk_size,
                     skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
+                    input_cache=args.input_cache,
                     progress=lambda n, b: bar[0].update(n, b) if bar else None,
                     on_start=on_start)
     finally:

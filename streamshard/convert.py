@@ -221,6 +221,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
+            input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[int, int, int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
@@ -229,6 +230,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     ``resume=None`` resumes an unfinished conversion with the same arguments; ``False`` discards
     it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
     this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned.
+    ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
+    in ``input_cache`` (kept), or in a temporary directory removed after success
+    (:mod:`streamshard.inputs`).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -244,7 +248,12 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     from streamshard.writer import warn_small_shards
 
     warn_small_shards(writer["shard_size"], writer["block_size"])  # once here, not per chunk
-    files = converters.discover(sources, conv.extensions, exclude=dest)
+    from streamshard import inputs
+
+    cache = input_cache or inputs.default_cache(sources, dest)
+    files, identities = inputs.discover_inputs(sources, conv.extensions, exclude=dest,
+                                               cache_dir=cache,
+                                               storage_options=input_storage_options)
     columns = dict(conv.columns([p for p, _ in files], opts))
     from streamshard.schema import Schema
 
@@ -254,7 +263,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     chunks = plan_chunks(pieces, chunk_bytes)
     live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
             "chunk_size": chunk_bytes, **writer,
-            "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+            "inputs": [identities.get(p) or [p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
@@ -282,6 +291,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
                            overwrite=True, metadata=meta, storage_options=storage_options)
     _remove(fs, f"{root}/{MARKER}")
+    if identities and input_cache is None:
+        inputs.remove_cache(cache)
     return ConvertSummary(
         samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
         reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),
