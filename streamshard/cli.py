@@ -168,6 +168,9 @@ def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a dataset's schema, sizes and a few samples")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--samples", type=int, default=3, help="samples to preview (default 3)")
+    from streamshard import cli_inspect
+
+    cli_inspect.add_options(p)
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -193,6 +196,12 @@ def preview(value: Any, limit: int = _PREVIEW_CHARS) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from streamshard.reader import open_dataset
 
+    from streamshard import cli_inspect
+
+    if cli_inspect.wanted(args):
+        with open_dataset(args.dest) as ds:
+            cli_inspect.run(args, ds, preview)
+        return EXIT_OK
     with open_dataset(args.dest) as ds:
         idx = ds.index
         raw = sum(s.raw_bytes for s in idx.shards)
@@ -319,8 +328,15 @@ def _add_quarantine(sub: Any) -> None:
     add_quarantine(sub)
 
 
+def _add_benchmark(sub: Any) -> None:
+    from streamshard.cli_benchmark import add_benchmark
+
+    add_benchmark(sub)
+
+
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo, _add_explain, _add_quarantine]
+                                             _add_demo, _add_explain, _add_quarantine,
+                                             _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:
