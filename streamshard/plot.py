@@ -47,6 +47,8 @@ def _bars(ax: Any, summary: dict, title: str, xlabel: str, *, size_axis: bool = 
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, frameon=True, framealpha=0.85, edgecolor="none")
+    if summary["histogram"].get("integer_bins"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if size_axis:
         ax.xaxis.set_major_formatter(_size_formatter())
 

@@ -25,15 +25,16 @@ def _summary(values: np.ndarray, unit: str, bins: int = BINS) -> dict[str, Any]:
     if values.size == 0:
         return {"unit": unit, "count": 0}
     lo, hi = float(values.min()), float(values.max())
-    if np.all(values == np.round(values)) and hi - lo + 1 <= bins:
-        # few distinct integers: one bin per integer, centred on it
+    integer_bins = bool(np.all(values == np.round(values)) and hi - lo + 1 <= bins)
+    if integer_bins:  # few distinct integers: one bin per integer, centred on it
         counts, edges = np.histogram(values, bins=np.arange(lo - 0.5, hi + 1.0))
     else:
         counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
     return {"unit": unit, "count": int(values.size), "min": lo, "max": hi,
             "mean": float(values.mean()), "p50": p50, "p90": p90, "p99": p99,
-            "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist()}}
+            "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist(),
+                          "integer_bins": integer_bins}}
 
 
 def _measure(value: Any, kind: str) -> tuple[int, int | None]:
