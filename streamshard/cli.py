@@ -371,6 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch" or args.debug:
+            raise
+        print(f"streamshard: error: {args.command} needs PyTorch: pip install 'streamshard[torch]' "
+              f"(convert, inspect, verify and merge do not)", file=sys.stderr)
+        return EXIT_FAIL
     except StreamshardError as exc:
         if args.debug:
             raise

@@ -12,8 +12,6 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -22,46 +20,16 @@ import torch.utils.data
 from streamshard import fastpath
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
-from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
+from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset
+from streamshard.streams import Stream, as_streams, build_order, open_streams, resolve_batch  # noqa: F401
+from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
 
-@dataclass(frozen=True)
-class Stream:
-    """One dataset of a weighted mixture. ``weight`` is relative; it need not sum to 1."""
-
-    source: str
-    weight: float = 1.0
-    storage_options: dict | None = field(default=None, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source:
-            raise ConfigError(f"Stream source must be a path or URL string, got {self.source!r}")
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)) or self.weight <= 0:
-            raise ConfigError(f"Stream weight must be a positive number, got {self.weight!r}")
-
-
-def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world: World) -> int:
-    if (batch_size is None) == (global_batch_size is None):
-        raise ConfigError(
-            "give exactly one of batch_size (per device) and global_batch_size, "
-            f"got batch_size={batch_size!r}, global_batch_size={global_batch_size!r}"
-        )
-    if batch_size is not None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        return batch_size * world.world_size
-    if not isinstance(global_batch_size, int) or global_batch_size <= 0:
-        raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    if global_batch_size % world.world_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch_size} must be divisible by the world size "
-            f"{world.world_size}"
-        )
-    return global_batch_size
+# Stream and the batch rule live in streams.py (no torch); re-exported here.
+_resolve_batch = resolve_batch
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -96,43 +64,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         block_cache: int | str = DEFAULT_BLOCK_CACHE,
     ):
         super().__init__()
-        streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
-        if not streams or not all(isinstance(s, Stream) for s in streams):
-            raise ConfigError(f"source must be a path/URL or a non-empty list of Stream, got {source!r}")
+        streams = as_streams(source, storage_options)
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
-        self.streams = tuple(streams)
-        self.datasets: tuple[Dataset, ...] = tuple(
-            open_dataset(
-                s.source,
-                cache_dir=cache_dir,
-                cache_limit=cache_limit,
-                storage_options=s.storage_options if s.storage_options is not None else storage_options,
-                block_cache=block_cache,
-            )
-            for s in streams
-        )
-        orders = [
-            EpochOrder(
-                [info.samples for info in ds.index.shards],
-                # One stream keeps the user's seed; mixture members get distinct derived keys so
-                # two copies of one dataset in a mixture are not read in lockstep.
-                seed=seed if len(streams) == 1 else derive_key(seed, i),
-                shuffle=shuffle,
-                lanes=lanes,
-                window=window,
-            )
-            for i, ds in enumerate(self.datasets)
-        ]
-        if len(orders) == 1 and epoch_size is None:
-            order: EpochOrder | MixtureOrder = orders[0]
-        else:
-            order = MixtureOrder(
-                orders, [s.weight for s in streams], seed=seed, block=mixture_block, epoch_size=epoch_size
-            )
+        self.streams = streams
+        self.datasets: tuple[Dataset, ...] = open_streams(
+            streams, cache_dir=cache_dir, cache_limit=cache_limit,
+            storage_options=storage_options, block_cache=block_cache)
+        order = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
+                            window=window, epoch_size=epoch_size, mixture_block=mixture_block)
         self.sequence = SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         )
