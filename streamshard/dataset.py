@@ -18,6 +18,7 @@ import numpy as np
 import torch.utils.data
 
 from streamshard import fastpath
+from streamshard.device_batch import DeviceBatch
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset
@@ -223,10 +224,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             _, first = np.unique(shards, return_index=True)
             ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
 
-    def __iter__(self) -> Iterator[list]:
+    def __iter__(self) -> Iterator[DeviceBatch]:
+        """A plain ``DataLoader``'s path: device batches as ``DeviceBatch`` (which a re-batching
+        ``DataLoader(ds)`` refuses with the fix, see device_batch.py)."""
         worker, num_workers = _worker_slot()
         for _, batch in self.iter_steps(worker, num_workers):
-            yield batch
+            yield DeviceBatch(batch)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
