@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import streamshard.converters as converters
 from streamshard.converters import Piece
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -130,7 +130,7 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
                      "examples": ctx.examples, "counters": ctx.counters,
                      "input_bytes": job.chunk.nbytes,
                      "cpu_seconds": round(time.process_time() - cpu0, 6)}
-            _put_json(fs, f"{part_path}/{STATS_FILE}", stats)
+            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
             delay = float(os.environ.get(DELAY_ENV) or 0)
             if delay:
                 time.sleep(delay)
@@ -162,18 +162,6 @@ def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
 
 
 # -- destination helpers ---------------------------------------------------------------------
-
-def _put_json(fs: Any, path: str, doc: Any) -> None:
-    """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
-    data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, data)
-    else:
-        fs.pipe_file(path, data)
-
 
 def _get_json(fs: Any, path: str) -> Any:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
@@ -323,7 +311,7 @@ def _prepare_dest(fs: Any, root: str, dest: str, live: dict, chunks: Sequence[Ch
         raise DatasetExistsError(f"{dest}/{PARTS} exists but no conversion is recorded in "
                                  f"{dest}; pass --overwrite to replace it")
     _remove(fs, f"{root}/{PARTS}")
-    _put_json(fs, f"{root}/{MARKER}", live)
+    atomic_write_json(f"{root}/{MARKER}", live, fs=fs)
     return {}
 
 

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import xxhash
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError
 
 MARKER = ".streamshard-cache"
@@ -110,7 +110,7 @@ class ShardCache:
         os.makedirs(self.root, exist_ok=True)
         marker = os.path.join(self.root, MARKER)
         if not os.path.exists(marker):
-            atomic_write(marker, json.dumps({"format": "streamshard-cache", "version": 1}).encode(), fsync=False)
+            atomic_write_json(marker, {"format": "streamshard-cache", "version": 1}, fsync=False)
         self._lock = threading.Lock()
         self._pins: dict[tuple[str, str], list[int]] = {}  # key -> [fd, count, size]
         self._counts = dict.fromkeys(
@@ -281,7 +281,7 @@ class ShardCache:
                 if self.limit is None or self._make_room(size, exclude=paths.meta):
                     os.makedirs(os.path.dirname(paths.meta), exist_ok=True)
                     os.makedirs(os.path.dirname(paths.data), exist_ok=True)
-                    atomic_write(paths.meta, json.dumps(meta).encode(), fsync=False)
+                    atomic_write_json(paths.meta, meta, fsync=False)
                     return True
             pinned_here = self.pinned_bytes()  # includes this entry
             if pinned_here > self.limit:
