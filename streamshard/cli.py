@@ -1,4 +1,5 @@
-"""The ``streamshard`` command: ``convert``, ``inspect``, ``verify``, ``merge``.
+"""The ``streamshard`` command: ``convert``, ``inspect``, ``verify``, ``merge``, ``demo``,
+``explain`` (streamshard/cli_explain.py), ``quarantine`` (streamshard/cli_quarantine.py).
 
 Each subcommand is a pair ``_add_NAME(subparsers)`` / ``_cmd_NAME(args) -> exit code``; adding one
 means writing that pair and listing it in ``_SUBCOMMANDS``. Exit codes: 0 success; 1 a runtime
@@ -299,8 +300,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # -- entry point -----------------------------------------------------------------------------
 
+def _add_explain(sub: Any) -> None:
+    from streamshard.cli_explain import add_explain
+
+    add_explain(sub)
+
+
+def _add_quarantine(sub: Any) -> None:
+    from streamshard.cli_quarantine import add_quarantine
+
+    add_quarantine(sub)
+
+
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo]
+                                             _add_demo, _add_explain, _add_quarantine]
 
 
 def build_parser() -> argparse.ArgumentParser:
