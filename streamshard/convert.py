@@ -38,9 +38,6 @@ PARTS = "parts"
 STATS_FILE = "convert-stats.json"
 MARKER_VERSION = 1
 MAX_EXAMPLES = converters.MAX_EXAMPLES
-# Test-only: seconds to sleep before each chunk's index is written, so a test can SIGKILL a
-# conversion between chunks. Never set in production.
-DELAY_ENV = "STREAMSHARD_TEST_CHUNK_DELAY"
 
 
 @dataclass(frozen=True)
@@ -131,9 +128,6 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
                      "input_bytes": job.chunk.nbytes,
                      "cpu_seconds": round(time.process_time() - cpu0, 6)}
             atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
-            delay = float(os.environ.get(DELAY_ENV) or 0)
-            if delay:
-                time.sleep(delay)
     except BaseException:
         _remove(fs, part_path)
         raise
@@ -205,13 +199,15 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
             progress: Callable[[int, int], None] | None = None,
-            on_start: Callable[[int, int, int], None] | None = None) -> ConvertSummary:
+            on_start: Callable[[int, int, int], None] | None = None,
+            on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
 
     ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
     ``resume=None`` resumes an unfinished conversion with the same arguments; ``False`` discards
     it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
-    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned.
+    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned;
+    ``on_chunk(index)`` in this process after each chunk is complete (in completion order).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -249,6 +245,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     for result in _run(jobs, workers, report):
         done[result["chunk"]] = result
         worker_cpu += result.get("cpu_seconds", 0.0)
+        if on_chunk is not None:
+            on_chunk(result["chunk"])
     if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
         worker_cpu = 0.0
 
