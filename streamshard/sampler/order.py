@@ -25,6 +25,7 @@ import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.locate import locate, shard_starts
+from streamshard.lru import LRU
 from streamshard.sampler.permutation import (
     Permutation,
     check_positions,
@@ -77,7 +78,7 @@ class EpochOrder:
                        else check_int(lanes, "lanes", minimum=1))
         self._window = (max(1, 4 * ceil(self._n / num_shards)) if window is None and num_shards
                         else 1 if window is None else check_int(window, "window", minimum=1))
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: LRU[int, tuple[np.ndarray, np.ndarray]] = LRU(_EPOCH_CACHE_SIZE)
 
     # -- read-only description ------------------------------------------------------------
     @property
@@ -123,7 +124,7 @@ class EpochOrder:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = {}  # rebuilt on demand in the receiving process
+        state["_cache"] = LRU(_EPOCH_CACHE_SIZE)  # each copy (and process) fills its own
         return state
 
     def reseeded(self, seed: int) -> "EpochOrder":
@@ -176,9 +177,7 @@ class EpochOrder:
             slot_to_shard = perm(np.arange(self.num_shards, dtype=np.int64))
             cum = np.concatenate([[0], np.cumsum(self._sizes[slot_to_shard])]).astype(np.int64)
             tables = (slot_to_shard, cum)
-            cache = dict(self._cache) if len(self._cache) < _EPOCH_CACHE_SIZE else {}
-            cache[epoch] = tables
-            self._cache = cache  # replaced whole, so concurrent readers never see a half update
+            self._cache.put(epoch, tables)
         return tables
 
     def _map(self, epoch: int, t: np.ndarray) -> np.ndarray:
