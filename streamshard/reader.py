@@ -156,6 +156,16 @@ class Dataset:
     def __len__(self) -> int:
         return self._len
 
+    def reserve_block_cache(self, nbytes: int) -> None:
+        """Grow the decompressed-block cache to at least ``nbytes`` (the block-aware shuffle
+        sizes it to the blocks its lanes keep in flight); never shrinks it."""
+        if nbytes > self.block_cache_bytes:
+            self.block_cache_bytes = int(nbytes)
+            if self._blocks is None:
+                self._blocks = BlockCache(self.block_cache_bytes)
+            else:
+                self._blocks.max_bytes = self.block_cache_bytes
+
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
                 f"fingerprint={self.index.fingerprint!r})")
