@@ -11,6 +11,7 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import torch.utils.data
 
 from streamshard import blockshuffle, fastpath
+from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
@@ -96,6 +98,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         block_cache: int | str | None = None,
         block_shuffle: bool | None = None,
         blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+        token_dtype: torch.dtype | None = torch.int64,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -106,6 +109,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        # uint16/uint32 token arrays come out in this dtype from the default collation.
+        self.token_dtype = token_dtype_of(token_dtype)
+        self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
+        # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
+        self.pin_memory = False
         self.streams = tuple(streams)
         self.datasets: tuple[Dataset, ...] = tuple(
             open_dataset(
@@ -243,7 +251,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         columns = self._columns
         for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
             if columns is not None:
-                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids.tolist()), True
+                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids,
+                                                token_dtype=self.token_dtype,
+                                                pin_memory=self.pin_memory), True
             else:
                 yield step, self.fetch(step, stream_ids, sample_ids), False
 

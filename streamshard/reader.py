@@ -203,6 +203,16 @@ class Dataset:
         self._last_used[shard] = next(self._tick)
         return r.read(offset)
 
+    def shard_reader(self, shard: int) -> ShardFileReader:
+        """The open reader of ``shard`` (opened if needed; counts as a use for the LRU)."""
+        r = self._readers.get(shard)
+        if r is None:
+            if not 0 <= shard < len(self.index.shards):
+                raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
+            r = self._open(shard)
+        self._last_used[shard] = next(self._tick)
+        return r
+
     def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
         """Copy the encoded bytes of samples ``ids`` into consecutive rows of ``out`` (a writable
         byte buffer of ``len(ids) * schema.fixed_size`` bytes). Only for fixed-size schemas,

@@ -292,6 +292,21 @@ class ShardFileReader:
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
 
+    @property
+    def table(self) -> np.ndarray:
+        """The block table (``TABLE_DTYPE`` array, checked at open; do not modify)."""
+        return self._table
+
+    @property
+    def mapped(self) -> Any:
+        """The read-only mmap of an uncompressed shard (``None`` when compressed or closed)."""
+        return self._mm
+
+    def sample_offsets(self, b: int) -> list[int]:
+        """Absolute file offsets of mmapped block ``b``'s samples and its end (``n + 1`` ints),
+        with the block checked as on any first touch (what a batch gather calls per block)."""
+        return self._block_offsets[b] or self._mmap_offsets(b)
+
     def span(self, k: int) -> tuple[Any, int, int]:
         """``(buffer, start, length)`` of sample ``k``'s encoded bytes (checked like ``read``)."""
         if self._mm is not None:

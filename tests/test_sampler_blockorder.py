@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 from collections import OrderedDict
+from math import gcd
 
 import numpy as np
 import pytest
@@ -36,7 +37,11 @@ def reference(order: EpochOrder, epoch: int, t: int) -> int:
     m = (size - p0) // c
     if kk < m * c:
         u2 = Permutation(m, derive_key(order.seed, epoch, "units", lane))(kk // c)
-        z = u2 * c + Permutation(c, derive_key(order.seed, epoch, "unit", lane, u2))(kk % c)
+        key = derive_key(order.seed, epoch, "unit", lane, u2)
+        b, a = key % c, (2 + (key >> 32) % (c - 2) if c > 2 else 1)
+        while gcd(a, c) != 1:
+            a = 2 + (a - 1) % (c - 2)
+        z = u2 * c + (a * (kk % c) + b) % c
     else:
         z = m * c + Permutation(size - m * c, derive_key(order.seed, epoch, "edge", lane))(kk - m * c)
     x = start + (z + p0) % size
@@ -147,6 +152,15 @@ def test_units_are_read_one_at_a_time_per_lane():
         for unit in starts[: len(served) // c - 2]:
             assert unit.max() - unit.min() == c - 1 and unit.min() % c == 0
             assert not np.array_equal(unit, np.sort(unit)) or c == 1
+
+
+@SETTINGS
+@given(n=st.integers(1, 5000), key=st.integers(0, 2**64 - 1))
+def test_affine_unit_permutation_is_a_bijection(n, key):
+    from streamshard.sampler.blockorder import affine_permute
+
+    out = affine_permute(np.arange(n), n, np.uint64(key))
+    assert np.array_equal(np.sort(out), np.arange(n))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 12])

@@ -22,7 +22,8 @@ first and the *edge* (its tail piece, then its head piece: ``n - m*c`` samples, 
 ``2c``) last. Lane index ``k`` maps to rotated index ``z``:
 
 - ``k < m*c``: ``u = k // c``, ``u' = Permutation(m, derive_key(seed, e, "units", l))(u)``,
-  ``z = u'*c + Permutation(c, derive_key(seed, e, "unit", l, u'))(k % c)``;
+  ``z = u'*c + affine_permute(k % c, c, derive_key(seed, e, "unit", l, u'))`` (an affine map
+  mod ``c``, below: a unit's samples share their blocks, so a cheap bijection does there);
 - otherwise ``z = m*c + Permutation(n - m*c, derive_key(seed, e, "edge", l))(k - m*c)``;
 
 then the shuffled-space position is ``ls + (z + p0) mod n``. All O(1) per position.
@@ -80,20 +81,59 @@ def slot_order(sizes: np.ndarray, groups: BlockGroups, seed: int, epoch: int) ->
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def affine_permute(x: np.ndarray, n: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Keyed bijection of ``[0, n)`` per element: ``(a * x + b) mod n``.
+
+    ``b = key mod n``; ``a`` is the first value coprime with ``n`` among
+    ``2 + ((key >> 32) mod (n - 2))``, then the next ones cyclically in ``[2, n)`` (``n - 1``
+    always is one), so the map is a bijection and never a mere rotation; ``a = 1`` for
+    ``n <= 2``. Cheap (no cycle walking) and
+    only used inside a unit, whose samples all come from the same few blocks anyway.
+    """
+    x, n, k = np.broadcast_arrays(np.asarray(x, np.int64), np.asarray(n, np.int64),
+                                  np.asarray(keys, np.uint64))
+    nn = np.maximum(n, 1).astype(np.uint64)
+    b = (k % nn).astype(np.int64)
+    span = np.maximum(n - 2, 1).astype(np.uint64)
+    a = np.where(n > 2, 2 + ((k >> np.uint64(32)) % span).astype(np.int64), 1)
+    bad = np.flatnonzero(np.gcd(a, n) != 1)
+    while bad.size:  # the gap between coprimes is small (Jacobsthal's function): a few rounds
+        a[bad] = 2 + (a[bad] - 1) % (n[bad] - 2)  # a + 1, wrapping n - 1 -> 2
+        bad = bad[np.gcd(a[bad], n[bad]) != 1]
+    # (a*x + b) mod n without int64 overflow: a, x < n and n*n may exceed 2^63 only for
+    # n > 3e9 samples in one unit, which a unit of g blocks never reaches.
+    return np.where(n > 1, (a * x + b) % np.maximum(n, 1), 0)
+
+
 def lane_offsets(k: np.ndarray, lane: np.ndarray, lane_start: np.ndarray, lane_size: np.ndarray,
                  groups: BlockGroups, seed: int, epoch: int) -> np.ndarray:
-    """Shuffled-space positions of lane indices ``k`` (arrays of equal shape, caller-checked)."""
+    """Shuffled-space positions of lane indices ``k`` (arrays of equal shape, caller-checked).
+
+    A call maps many positions of few units: the unit permutation (a Feistel network, whose
+    cost is ~80 numpy calls per cycle-walking pass) runs once per distinct ``(lane, unit)``.
+    """
+    shape = np.shape(k)
+    k, lane, lane_start, lane_size = (np.ravel(a) for a in np.broadcast_arrays(
+        k, lane, lane_start, lane_size))
     c = groups.unit
     p0 = np.minimum((-lane_start) % c, lane_size)
     m = (lane_size - p0) // c
+    z = np.empty(k.shape, dtype=np.int64)
     body = k < m * c
-    u = np.where(body, k // c, 0)
-    unit_keys = derive_keys((seed, epoch, "units"), lane)
-    u2 = permute_array(u, np.where(body, m, 1), unit_keys)
-    inner_keys = derive_keys((seed, epoch, "unit"), lane, u2)
-    j2 = permute_array(np.where(body, k - u * c, 0), np.where(body, c, 1), inner_keys)
-    edge_n = lane_size - m * c
-    edge_keys = derive_keys((seed, epoch, "edge"), lane)
-    e2 = permute_array(np.where(body, 0, k - m * c), np.where(body, 1, edge_n), edge_keys)
-    z = np.where(body, u2 * c + j2, m * c + e2)
-    return lane_start + (z + p0) % np.maximum(lane_size, 1)
+    idx = np.flatnonzero(body)
+    if idx.size:
+        kb, lb, mb = k[idx], lane[idx], m[idx]
+        u = kb // c
+        pair = lb * (int(mb.max()) + 1) + u
+        uniq, first, inverse = np.unique(pair, return_index=True, return_inverse=True)
+        ul, um, uu = lb[first], mb[first], u[first]
+        u2 = permute_array(uu, um, derive_keys((seed, epoch, "units"), ul))
+        inner = derive_keys((seed, epoch, "unit"), ul, u2)
+        z[idx] = u2[inverse] * c + affine_permute(kb - u * c, c, inner[inverse])
+    idx = np.flatnonzero(~body)
+    if idx.size:
+        ke, le, me = k[idx], lane[idx], m[idx]
+        edge_n = lane_size[idx] - me * c
+        z[idx] = me * c + permute_array(ke - me * c, edge_n,
+                                        derive_keys((seed, epoch, "edge"), le))
+    return (lane_start + (z + p0) % np.maximum(lane_size, 1)).reshape(shape)
