@@ -24,6 +24,7 @@ import torch.utils.data
 
 from streamshard.collate import TOKEN_DTYPES, token_dtype_of
 from streamshard.gather import ShardRows
+from streamshard.locate import locate
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -132,18 +133,17 @@ def _gather(dataset, ids: np.ndarray, row: int, write) -> None:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
-    shards = np.searchsorted(offsets, ids, side="right") - 1
+    shards, within = locate(offsets, ids)
     g = _gatherer(dataset, row)
     lo, hi = int(shards.min()), int(shards.max())
     groups = [lo] if lo == hi else np.unique(shards).tolist()
     for s in groups:
         mask = None if lo == hi else shards == s
         rows = g.shard_rows(s) if g.uncompressed else None
-        sel = ids if mask is None else ids[mask]
         if rows is None:
-            write(mask, None, sel)
+            write(mask, None, ids if mask is None else ids[mask])
         else:
-            write(mask, rows, rows.starts(sel - offsets[s]))
+            write(mask, rows, rows.starts(within if mask is None else within[mask]))
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,

@@ -12,6 +12,7 @@ from streamshard.sampler.order import EpochOrder
 from streamshard.sampler.permutation import Permutation, derive_key
 from streamshard.sampler.rng import sample_rng
 from streamshard.sampler.sequence import SampleSequence
+from streamshard.sampler.ledgers import Ledgers  # noqa: E402  (imports sequence)
 
-__all__ = ["BlockGroups", "EpochOrder", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
+__all__ = ["BlockGroups", "EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
            "sample_rng"]
