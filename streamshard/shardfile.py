@@ -243,6 +243,7 @@ class ShardFileReader:
         if expected_samples is not None and expected_samples != self.num_samples:
             raise CorruptionError(f"{self.name}: shard holds {self.num_samples} samples, the "
                                   f"index says {expected_samples}")
+        self._table = table  # kept for batch gathers (the ``table`` property)
         # Python lists: indexing a list is ~4x faster than indexing a numpy array on the hot path.
         self._first = table["first"].tolist()
         if self.compressed:
