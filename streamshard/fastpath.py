@@ -14,7 +14,6 @@ float64 / bool tensors as torch's ``default_collate`` makes them from Python num
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,55 +94,102 @@ def _can_pin() -> bool:
 
 
 class _Gatherer:
-    """Per-dataset cache of ``ShardRows`` (rebuilt when the dataset reopens a shard)."""
+    """Per-dataset state of the gather: each open shard's ``ShardRows`` (rebuilt when the
+    dataset reopens the shard) and their layout as arrays, so that a batch's byte positions are
+    computed for all its shards at once."""
 
     def __init__(self, dataset, row: int):
         self.dataset = dataset
         self.row = row
-        self.rows: dict[int, tuple[object, ShardRows | None]] = {}
+        s = dataset.num_shards
+        self.rows: list[tuple[object, ShardRows | None] | None] = [None] * s
         self.uncompressed = dataset.index.compression is None
+        self.k = np.ones(s, dtype=np.int64)
+        self.stride = np.zeros(s, dtype=np.int64)
+        self.base = np.zeros(s, dtype=np.int64)
+        self.last_block = np.full(s, -1, dtype=np.int64)  # -1: the last block is full
+        self.last_base = np.zeros(s, dtype=np.int64)
 
     def shard_rows(self, shard: int) -> ShardRows | None:
         reader = self.dataset.shard_reader(shard)
-        cached = self.rows.get(shard)
+        cached = self.rows[shard]
         if cached is None or cached[0] is not reader:
-            cached = (reader, ShardRows.of(reader, self.row))
-            if len(self.rows) > 4 * self.dataset.max_open_shards:
-                self.rows = {s: v for s, v in self.rows.items() if v[0] is not None and
-                             self.dataset._readers.get(s) is v[0]}
-            self.rows[shard] = cached
+            rows = ShardRows.of(reader, self.row) if self.uncompressed else None
+            self.rows[shard] = (reader, rows)
+            if rows is not None:
+                self.k[shard], self.stride[shard] = rows.k, rows.stride
+                self.base[shard] = rows.starts_unchecked(0)
+                short = rows.last_base != rows.starts_unchecked_regular(rows.last)
+                self.last_block[shard] = rows.last if short else -1
+                self.last_base[shard] = rows.last_base
+            return rows
         return cached[1]
 
-
-_GATHERERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    def starts(self, shards: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Byte offsets of samples ``within`` of ``shards`` (all prepared by ``shard_rows``)."""
+        k = self.k[shards]
+        blocks = within // k
+        starts = self.base[shards] + blocks * self.stride[shards] + (within - blocks * k) * self.row
+        short = blocks == self.last_block[shards]
+        if short.any():
+            starts[short] = (self.last_base[shards[short]]
+                             + (within[short] - blocks[short] * k[short]) * self.row)
+        return starts
 
 
 def _gatherer(dataset, row: int) -> _Gatherer:
-    g = _GATHERERS.get(dataset)
+    # Kept on the Dataset (never pickled: Dataset.__getstate__ lists what travels).
+    g = dataset.__dict__.get("_fastpath_gatherer")
     if g is None or g.row != row:
-        g = _GATHERERS[dataset] = _Gatherer(dataset, row)
+        g = dataset.__dict__["_fastpath_gatherer"] = _Gatherer(dataset, row)
     return g
 
 
-def _gather(dataset, ids: np.ndarray, row: int, write) -> None:
-    """Call ``write(mask_or_None, shard_rows, byte_starts)`` per shard of ``ids``; samples of
-    shards that cannot be gathered are written through ``write(mask, None, ids)``."""
+def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
+    ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). One fancy index per shard on uniform
+    uncompressed shards; other shards are read sample by sample."""
     offsets = dataset.index.offsets
-    n = dataset.index.num_samples
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
     shards, within = locate(offsets, ids)
-    g = _gatherer(dataset, row)
     lo, hi = int(shards.min()), int(shards.max())
-    groups = [lo] if lo == hi else np.unique(shards).tolist()
-    for s in groups:
-        mask = None if lo == hi else shards == s
-        rows = g.shard_rows(s) if g.uncompressed else None
-        if rows is None:
-            write(mask, None, ids if mask is None else ids[mask])
+    if lo < 0 or hi >= dataset.num_shards:
+        n = dataset.index.num_samples
+        bad = ids[(ids < 0) | (ids >= n)][0]
+        raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
+    g = _gatherer(dataset, row)
+    if lo == hi:
+        order, segments = None, [(lo, 0, len(ids))]
+    else:
+        order = np.argsort(shards, kind="stable")
+        shards, within, ids = shards[order], within[order], ids[order]
+        cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
+        bounds = [0, *cuts, len(ids)]
+        segments = [(int(shards[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    rows_of = [g.shard_rows(s) for s, _, _ in segments]
+    starts = positions = None
+    if len(segments) == 1 and rows_of[0] is not None:
+        starts = rows_of[0].starts(within)  # checks blocks on first touch
+    elif all(r is not None for r in rows_of):
+        for r, (_, a, b) in zip(rows_of, segments):
+            if r.unchecked:
+                r.check(within[a:b] // r.k)
+        starts = g.starts(shards, within)
+    else:  # some shard is not uniform: positions per gatherable segment
+        starts = np.zeros(len(ids), dtype=np.int64)
+        for r, (_, a, b) in zip(rows_of, segments):
+            if r is not None:
+                starts[a:b] = r.starts(within[a:b])
+    positions = starts // dtype.itemsize
+    out = np.empty((len(ids), items), dtype)
+    for r, (_, a, b) in zip(rows_of, segments):
+        view = r.view(dtype, items) if r is not None else None
+        if view is not None:
+            out[a:b] = view[positions[a:b]]
         else:
-            write(mask, rows, rows.starts(within if mask is None else within[mask]))
+            out[a:b] = _row_bytes(dataset, r, ids[a:b] if r is None else starts[a:b], row
+                                  ).view(dtype).reshape(b - a, items)
+    return out, order
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,
@@ -163,37 +209,20 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
         return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False) for c in columns}
     single = columns[0] if len(columns) == 1 and not columns[0].scalar else None
     if single is not None:
-        out_dtype = _out_dtype(single, token_dtype)
-        out = _empty((n, *single.shape), out_dtype, pin_memory)
+        out = _empty((n, *single.shape), _out_dtype(single, token_dtype), pin_memory)
         flat = out.numpy().reshape(n, -1)
-        items = flat.shape[1]
-
-        def write(mask, rows, where):
-            view = rows.view(single.dtype, items) if rows is not None else None
-            if view is not None:
-                src = view[where // single.dtype.itemsize]
-            else:
-                src = _row_bytes(dataset, rows, where, row).view(single.dtype)
-            if mask is None:
-                flat[...] = src
-            else:
-                flat[mask] = src
-
-        _gather(dataset, ids, row, write)
-        return {single.name: out}
-    rows_out = np.empty((n, row), np.uint8)
-
-    def write_rows(mask, rows, where):
-        src = _row_bytes(dataset, rows, where, row)
-        if mask is None:
-            rows_out[...] = src
+        rows, order = _gather(dataset, ids, row, single.dtype, flat.shape[1])
+        if order is None:
+            flat[...] = rows
         else:
-            rows_out[mask] = src
-
-    _gather(dataset, ids, row, write_rows)
+            flat[order] = rows
+        return {single.name: out}
+    rows, order = _gather(dataset, ids, row, np.dtype(np.uint8), row)
+    if order is not None:
+        rows = rows[np.argsort(order)]
     batch = {}
     for c in columns:
-        values = np.ascontiguousarray(rows_out[:, c.offset:c.offset + c.nbytes]).view(c.dtype)
+        values = np.ascontiguousarray(rows[:, c.offset:c.offset + c.nbytes]).view(c.dtype)
         values = values.reshape(n) if c.scalar else values.reshape((n, *c.shape))
         out = _empty(values.shape, _out_dtype(c, token_dtype), pin_memory)
         out.numpy()[...] = values

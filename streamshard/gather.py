@@ -33,7 +33,7 @@ class ShardRows:
         self.last_base = HEADER.size + self.last * self.stride + 16 + 8 * (
             reader.num_samples - self.last * k)
         self._checked = np.zeros(reader.num_blocks, dtype=bool)
-        self._unchecked = reader.num_blocks
+        self.unchecked = reader.num_blocks  # blocks not yet touched (checked on first touch)
         self._bytes = np.frombuffer(reader.mapped, dtype=np.uint8)
         self._views: dict[np.dtype, np.ndarray] = {}
 
@@ -57,8 +57,8 @@ class ShardRows:
     def starts(self, offsets: np.ndarray) -> np.ndarray:
         """Absolute byte offsets of shard samples ``offsets`` (int64 array, in range)."""
         blocks = offsets // self.k
-        if self._unchecked:
-            self._check(blocks)
+        if self.unchecked:
+            self.check(blocks)
         base = HEADER.size + 16 + 8 * self.k + blocks * self.stride
         base[blocks == self.last] = self.last_base
         return base + (offsets - blocks * self.k) * self.row
@@ -67,6 +67,10 @@ class ShardRows:
         """Payload start of block ``b``."""
         if b == self.last:
             return self.last_base
+        return self.starts_unchecked_regular(b)
+
+    def starts_unchecked_regular(self, b: int) -> int:
+        """Payload start of block ``b`` if it held ``k`` rows."""
         return HEADER.size + b * self.stride + 16 + 8 * self.k
 
     def view(self, dtype: np.dtype, items: int) -> np.ndarray | None:
@@ -88,7 +92,8 @@ class ShardRows:
         """``view`` for single bytes: row ``p`` is ``row`` bytes from byte ``p``."""
         return self.view(np.dtype(np.uint8), self.row)  # type: ignore[return-value]
 
-    def _check(self, blocks: np.ndarray) -> None:
+    def check(self, blocks: np.ndarray) -> None:
+        """Check the blocks of ``blocks`` not checked yet (what a first touch does)."""
         todo = np.unique(blocks[~self._checked[blocks]])
         for b in todo.tolist():
             offs = self.reader.sample_offsets(b)  # checks the block's xxh64 on first touch
@@ -99,4 +104,4 @@ class ShardRows:
                 raise CorruptionError(f"{self.reader.name} block {b}: sample offsets are not "
                                       f"{self.row}-byte rows back to back")
             self._checked[b] = True
-            self._unchecked -= 1
+            self.unchecked -= 1
