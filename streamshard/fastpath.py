@@ -22,6 +22,7 @@ import torch
 import torch.utils.data
 
 from streamshard.collate import TOKEN_DTYPES, token_dtype_of
+from streamshard.errors import CorruptionError
 from streamshard.gather import ShardRows
 from streamshard.locate import locate
 from streamshard.schema import Schema
@@ -182,13 +183,14 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
                 starts[a:b] = r.starts(within[a:b])
     positions = starts // dtype.itemsize
     out = np.empty((len(ids), items), dtype)
-    for r, (_, a, b) in zip(rows_of, segments):
+    for r, (seg, a, b) in zip(rows_of, segments):
         view = r.view(dtype, items) if r is not None else None
         if view is not None:
             out[a:b] = view[positions[a:b]]
         else:
-            out[a:b] = _row_bytes(dataset, r, ids[a:b] if r is None else starts[a:b], row
-                                  ).view(dtype).reshape(b - a, items)
+            src = (_span_rows(g.rows[seg][0], within[a:b], row) if r is None
+                   else r.byte_rows()[starts[a:b]])
+            out[a:b] = src.view(dtype).reshape(b - a, items)
     return out, order
 
 
@@ -230,10 +232,18 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
     return batch
 
 
-def _row_bytes(dataset, rows: ShardRows | None, where: np.ndarray, row: int) -> np.ndarray:
-    """``(len(where), row)`` bytes: gathered from the map, or copied sample by sample."""
-    if rows is not None:
-        return rows.byte_rows()[where]
-    out = np.empty((len(where), row), np.uint8)
-    dataset.read_rows(where.tolist(), memoryview(out).cast("B"))
+def _span_rows(reader, offsets: np.ndarray, row: int) -> np.ndarray:
+    """``(len(offsets), row)`` bytes of samples ``offsets`` of one shard, copied one by one out
+    of their (cached) blocks: compressed shards, or rows that are not uniform."""
+    out = np.empty((len(offsets), row), np.uint8)
+    dest = memoryview(out).cast("B")
+    pos = 0
+    span = reader.span
+    for k in offsets.tolist():
+        buf, start, length = span(k)
+        if length != row:
+            raise CorruptionError(f"{reader.name} sample {k}: {length} bytes, the schema "
+                                  f"needs {row}")
+        dest[pos:pos + row] = buf[start:start + row]
+        pos += row
     return out
