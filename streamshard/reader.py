@@ -156,6 +156,16 @@ class Dataset:
     def __len__(self) -> int:
         return self._len
 
+    def reserve_block_cache(self, nbytes: int) -> None:
+        """Grow the decompressed-block cache to at least ``nbytes`` (the block-aware shuffle
+        sizes it to the blocks its lanes keep in flight); never shrinks it."""
+        if nbytes > self.block_cache_bytes:
+            self.block_cache_bytes = int(nbytes)
+            if self._blocks is None:
+                self._blocks = BlockCache(self.block_cache_bytes)
+            else:
+                self._blocks.max_bytes = self.block_cache_bytes
+
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
                 f"fingerprint={self.index.fingerprint!r})")
@@ -181,6 +191,16 @@ class Dataset:
             raise IndexError(f"offset {offset} out of range for shard {shard} "
                              f"({r.num_samples} samples)")
         return r.read(offset)
+
+    def shard_reader(self, shard: int) -> ShardFileReader:
+        """The open reader of ``shard`` (opened if needed; counts as a use for the LRU)."""
+        r = self._readers.get(shard)
+        if r is None:
+            if not 0 <= shard < len(self.index.shards):
+                raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
+            r = self._open(shard)
+        self._last_used[shard] = next(self._tick)
+        return r
 
     def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
         """Copy the encoded bytes of samples ``ids`` into consecutive rows of ``out`` (a writable
