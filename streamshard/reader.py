@@ -182,11 +182,7 @@ class Dataset:
 
     def read(self, shard: int, offset: int) -> dict:
         """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
-        r = self._readers.get(shard)
-        if r is None:
-            if not 0 <= shard < len(self.index.shards):
-                raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
-            r = self._open(shard)
+        r = self.shard_reader(shard)
         if not 0 <= offset < r.num_samples:
             raise IndexError(f"offset {offset} out of range for shard {shard} "
                              f"({r.num_samples} samples)")
@@ -199,7 +195,6 @@ class Dataset:
             if not 0 <= shard < len(self.index.shards):
                 raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
             r = self._open(shard)
-        self._last_used[shard] = next(self._tick)
         return r
 
     def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
