@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import streamshard.converters as converters
 from streamshard.converters import Piece
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -38,9 +38,6 @@ PARTS = "parts"
 STATS_FILE = "convert-stats.json"
 MARKER_VERSION = 1
 MAX_EXAMPLES = converters.MAX_EXAMPLES
-# Test-only: seconds to sleep before each chunk's index is written, so a test can SIGKILL a
-# conversion between chunks. Never set in production.
-DELAY_ENV = "STREAMSHARD_TEST_CHUNK_DELAY"
 
 
 @dataclass(frozen=True)
@@ -133,10 +130,7 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
                      "examples": ctx.examples, "counters": ctx.counters,
                      "input_bytes": job.chunk.nbytes,
                      "cpu_seconds": round(time.process_time() - cpu0, 6)}
-            _put_json(fs, f"{part_path}/{STATS_FILE}", stats)
-            delay = float(os.environ.get(DELAY_ENV) or 0)
-            if delay:
-                time.sleep(delay)
+            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
     except BaseException:
         _remove(fs, part_path)
         raise
@@ -167,18 +161,6 @@ def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
 
 
 # -- destination helpers ---------------------------------------------------------------------
-
-def _put_json(fs: Any, path: str, doc: Any) -> None:
-    """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
-    data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, data)
-    else:
-        fs.pipe_file(path, data)
-
 
 def _get_json(fs: Any, path: str) -> Any:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
@@ -223,13 +205,15 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             storage_options: dict | None = None,
             input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
-            on_start: Callable[[int, int, int], None] | None = None) -> ConvertSummary:
+            on_start: Callable[[int, int, int], None] | None = None,
+            on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
 
     ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
     ``resume=None`` resumes an unfinished conversion with the same arguments; ``False`` discards
     it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
-    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned.
+    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned;
+    ``on_chunk(index)`` in this process after each chunk is complete (in completion order).
     ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
     in ``input_cache`` (kept), or in a temporary directory removed after success
     (:mod:`streamshard.inputs`).
@@ -278,6 +262,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     for result in _run(jobs, workers, report):
         done[result["chunk"]] = result
         worker_cpu += result.get("cpu_seconds", 0.0)
+        if on_chunk is not None:
+            on_chunk(result["chunk"])
     if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
         worker_cpu = 0.0
 
@@ -342,7 +328,7 @@ def _prepare_dest(fs: Any, root: str, dest: str, live: dict, chunks: Sequence[Ch
         raise DatasetExistsError(f"{dest}/{PARTS} exists but no conversion is recorded in "
                                  f"{dest}; pass --overwrite to replace it")
     _remove(fs, f"{root}/{PARTS}")
-    _put_json(fs, f"{root}/{MARKER}", live)
+    atomic_write_json(f"{root}/{MARKER}", live, fs=fs)
     return {}
 
 

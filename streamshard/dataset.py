@@ -11,17 +11,20 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 
 from __future__ import annotations
 
+import functools
+import functools
 import itertools
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch.utils.data
 
-from streamshard import fastpath
+from streamshard import blockshuffle, fastpath
+from streamshard.collate import collate, token_dtype_of
 from streamshard.device_batch import DeviceBatch
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
-from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset
+from streamshard.reader import Dataset
 from streamshard.streams import Stream, as_streams, build_order, open_streams, resolve_batch  # noqa: F401
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
@@ -62,7 +65,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         epoch_size: int | None = None,
         mixture_block: int | None = None,
         lookahead: int = 16,
-        block_cache: int | str = DEFAULT_BLOCK_CACHE,
+        block_cache: int | str | None = None,
+        block_shuffle: bool | None = None,
+        blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+        token_dtype: torch.dtype | None = torch.int64,
     ):
         super().__init__()
         streams = as_streams(source, storage_options)
@@ -71,12 +77,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        # uint16/uint32 token arrays come out in this dtype from the default collation.
+        self.token_dtype = token_dtype_of(token_dtype)
+        self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
+        # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
+        self.pin_memory = False
         self.streams = streams
         self.datasets: tuple[Dataset, ...] = open_streams(
             streams, cache_dir=cache_dir, cache_limit=cache_limit,
             storage_options=storage_options, block_cache=block_cache)
         order = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
-                            window=window, epoch_size=epoch_size, mixture_block=mixture_block)
+                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
+                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         )
@@ -85,6 +97,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
         self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
+        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            for ds, order in zip(self.datasets, orders):
+                if order.blocks is not None:
+                    lanes_read = order.lanes_read(self.world.rank, self.world.world_size)
+                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
+                        ds.index, order.blocks, lanes_read))
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
@@ -161,7 +179,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         columns = self._columns
         for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
             if columns is not None:
-                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids.tolist()), True
+                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids,
+                                                token_dtype=self.token_dtype,
+                                                pin_memory=self.pin_memory), True
             else:
                 yield step, self.fetch(step, stream_ids, sample_ids), False
 

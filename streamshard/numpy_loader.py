@@ -16,8 +16,10 @@ the environment, as for PyTorch), so the hosts together read each global batch e
     it.load_state_dict(checkpoint["data"])            # O(1): the next batch is the saved one
 
 Batches are read in this process (one block read per sample, no worker processes). Collation:
-columns of equal-shape arrays and scalars are stacked into one array; ``str``/``bytes``/``json``
-columns and ragged arrays stay lists. ``collate_fn(samples)`` replaces that.
+columns of equal-shape arrays and scalars are stacked into one array in their stored dtype
+(token ids stay ``uint16``/``uint32``; the PyTorch loader widens them to int64);
+``str``/``bytes``/``json`` columns and ragged arrays stay lists. ``collate_fn(samples)``
+replaces that.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError
-from streamshard.reader import DEFAULT_BLOCK_CACHE
+from streamshard.blockshuffle import DEFAULT_BLOCKS_PER_GROUP
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.state import KEY_STEP, build_state, validate_state
 from streamshard.streams import Stream, as_streams, build_order, open_streams, resolve_batch
@@ -73,7 +75,8 @@ class NumpyBatchIterator:
                  collate_fn: Callable[[list], Any] | None = None, cache_dir: str | None = None,
                  cache_limit: int | str | None = None, storage_options: dict | None = None,
                  epoch_size: int | None = None, mixture_block: int | None = None,
-                 block_cache: int | str = DEFAULT_BLOCK_CACHE):
+                 block_cache: int | str | None = None, block_shuffle: bool | None = None,
+                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP):
         streams = as_streams(source, storage_options)
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
@@ -85,7 +88,8 @@ class NumpyBatchIterator:
         self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
                                      storage_options=storage_options, block_cache=block_cache)
         order = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
-                            window=window, epoch_size=epoch_size, mixture_block=mixture_block)
+                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
+                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
                                        drop_last=drop_last)
         self.steps_per_epoch = self.sequence.steps_per_epoch

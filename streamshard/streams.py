@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from streamshard import blockshuffle
 from streamshard.errors import ConfigError
-from streamshard.reader import Dataset, open_dataset
+from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import EpochOrder, MixtureOrder, derive_key
 from streamshard.world import World
 
@@ -70,7 +71,7 @@ def open_streams(streams: Sequence[Stream], *, cache_dir: str | None, cache_limi
             cache_dir=cache_dir,
             cache_limit=cache_limit,
             storage_options=s.storage_options if s.storage_options is not None else storage_options,
-            block_cache=block_cache,
+            block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
         )
         for s in streams
     )
@@ -78,10 +79,22 @@ def open_streams(streams: Sequence[Stream], *, cache_dir: str | None, cache_limi
 
 def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed: int,
                 shuffle: bool, lanes: int | None, window: int | None, epoch_size: int | None,
-                mixture_block: int | None) -> EpochOrder | MixtureOrder:
+                mixture_block: int | None, block_shuffle: bool | None = None,
+                blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+                ) -> EpochOrder | MixtureOrder:
     """The sampler order of one dataset, or of a weighted mixture (docs/SAMPLER.md)."""
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+    if block_shuffle is not None and not isinstance(block_shuffle, bool):
+        raise ConfigError(f"block_shuffle must be a bool or None, got {block_shuffle!r}")
+    # The block-aware shuffle (docs/SAMPLER.md) is the default for compressed shards only:
+    # uncompressed shards are mmapped, a random sample costs no more than a sequential one.
+    groups = [
+        blockshuffle.block_groups(ds.index, blocks_per_group)
+        if shuffle and (block_shuffle if block_shuffle is not None
+                        else ds.index.compression is not None) else None
+        for ds in datasets
+    ]
     orders = [
         EpochOrder(
             [info.samples for info in ds.index.shards],
@@ -91,6 +104,7 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
             shuffle=shuffle,
             lanes=lanes,
             window=window,
+            blocks=groups[i],
         )
         for i, ds in enumerate(datasets)
     ]

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import zstandard
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import put_atomic
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import resolve
@@ -234,7 +234,7 @@ class ShardWriter:
                                    compression_level=cfg.compression_level,
                                    block_size=cfg.block_size, shard_size=cfg.shard_size,
                                    metadata=self.metadata)
-        write_index(index, self._fs, self._join(INDEX_FILE), local=self._local)
+        write_index(index, self._fs, self._join(INDEX_FILE))
         self._cleanup_tmpdir()
         self._closed = True
         self.summary = WriteSummary(
@@ -285,17 +285,7 @@ class ShardWriter:
         return f"ShardWriter({self.dest!r}, samples={self._count}, shards={len(self._shards)})"
 
 
-def write_index(index: DatasetIndex, fs: Any, path: str, *, local: bool) -> None:
-    """Write ``index`` to ``path`` atomically: temp file + fsync + rename locally; a single
-    ``put`` (atomic per object on object stores) remotely."""
-    data = index.to_bytes()
-    if local:
-        atomic_write(path, data)
-        return
-    fd, tmp = tempfile.mkstemp(prefix="streamshard-index-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        fs.put_file(tmp, path)
-    finally:
-        os.remove(tmp)
+def write_index(index: DatasetIndex, fs: Any, path: str) -> None:
+    """Write ``index`` to ``path`` atomically (``atomic.put_atomic``: temp file + fsync + rename
+    locally, a single put on object stores)."""
+    put_atomic(path, index.to_bytes(), fs=fs)
