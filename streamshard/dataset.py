@@ -25,7 +25,9 @@ from streamshard.device_batch import DeviceBatch
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import Dataset
-from streamshard.streams import Stream, as_streams, build_order, open_streams, resolve_batch  # noqa: F401
+from streamshard.streams import (  # noqa: F401 (Stream re-exported)
+    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+)
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
@@ -86,7 +88,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.datasets: tuple[Dataset, ...] = open_streams(
             streams, cache_dir=cache_dir, cache_limit=cache_limit,
             storage_options=storage_options, block_cache=block_cache)
-        order = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
+        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
                             window=window, epoch_size=epoch_size, mixture_block=mixture_block,
                             block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(
@@ -98,11 +100,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.lookahead = lookahead
         self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
-            for ds, order in zip(self.datasets, orders):
-                if order.blocks is not None:
-                    lanes_read = order.lanes_read(self.world.rank, self.world.world_size)
-                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
-                        ds.index, order.blocks, lanes_read))
+            reserve_block_caches(self.datasets, orders, self.world)
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         for ds, remote in zip(self.datasets, self._remote):
             if remote:

@@ -32,7 +32,9 @@ from streamshard.errors import ConfigError
 from streamshard.blockshuffle import DEFAULT_BLOCKS_PER_GROUP
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.state import KEY_STEP, build_state, validate_state
-from streamshard.streams import Stream, as_streams, build_order, open_streams, resolve_batch
+from streamshard.streams import (
+    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+)
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -87,12 +89,14 @@ class NumpyBatchIterator:
         self.streams = streams
         self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
                                      storage_options=storage_options, block_cache=block_cache)
-        order = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
+        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
                             window=window, epoch_size=epoch_size, mixture_block=mixture_block,
                             block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
                                        drop_last=drop_last)
         self.steps_per_epoch = self.sequence.steps_per_epoch
+        if block_cache is None:
+            reserve_block_caches(self.datasets, orders, self.world)
         self._step = 0
         self._last_step: int | None = None
         self._ledgers = Ledgers()

@@ -81,8 +81,9 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
                 shuffle: bool, lanes: int | None, window: int | None, epoch_size: int | None,
                 mixture_block: int | None, block_shuffle: bool | None = None,
                 blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
-                ) -> EpochOrder | MixtureOrder:
-    """The sampler order of one dataset, or of a weighted mixture (docs/SAMPLER.md)."""
+                ) -> tuple[EpochOrder | MixtureOrder, list[EpochOrder]]:
+    """``(order, per-stream orders)``: the sampler order of one dataset, or of a weighted
+    mixture (docs/SAMPLER.md), and the order of each stream in it."""
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     if block_shuffle is not None and not isinstance(block_shuffle, bool):
@@ -109,6 +110,17 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
         for i, ds in enumerate(datasets)
     ]
     if len(orders) == 1 and epoch_size is None:
-        return orders[0]
+        return orders[0], orders
     return MixtureOrder(orders, [s.weight for s in streams], seed=seed, block=mixture_block,
-                        epoch_size=epoch_size)
+                        epoch_size=epoch_size), orders
+
+
+def reserve_block_caches(datasets: Sequence[Dataset], orders: Sequence[EpochOrder],
+                         world: World) -> None:
+    """Size each block cache to what the block-aware shuffle keeps in flight on this rank (when
+    the user left ``block_cache`` to the default)."""
+    for ds, order in zip(datasets, orders):
+        if order.blocks is not None:
+            lanes_read = order.lanes_read(world.rank, world.world_size)
+            ds.reserve_block_cache(blockshuffle.cache_bytes_needed(ds.index, order.blocks,
+                                                                  lanes_read))
