@@ -13,8 +13,9 @@ Arrow types -> columns: ``string``/``large_string`` -> ``str``; ``binary``/``lar
 flattened into ``name.field`` columns (the ``bytes`` field of an ``Image`` / ``Audio``
 feature is typed ``image`` / ``audio``, for ``streamshard.media``); everything else (nested
 lists, structs, dictionaries, timestamps, decimals) -> ``json`` (dates, times and decimals as
-their ISO/str text, binary values nested in lists as base64 text). A column holding nulls becomes ``json`` (null kept); nulls in a binary column are an error. Row order and
-every column are kept.
+their ISO/str text, binary values nested in lists as base64 text). A column holding nulls
+becomes ``json`` (null kept); nulls in a binary column are an error. Row order and every column
+are kept.
 """
 
 from __future__ import annotations
