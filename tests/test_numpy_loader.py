@@ -189,3 +189,28 @@ def test_everything_but_the_torch_loader_runs_without_torch(tmp_path):
     theirs = torch_loader(str(tmp_path / "ds"), global_batch_size=8, seed=4, world=World())
     assert out["batches"] == epoch_ids(theirs)
     assert out["state"] == json.loads(json.dumps(theirs.state_dict()))
+
+
+def test_row_gather_equals_the_per_sample_path(tmp_path):
+    from streamshard import ShardWriter
+    from streamshard.numpy_loader import collate_numpy
+
+    cols = {"a": "int32", "f": "float32", "b": "bool", "t": "uint16[4]", "m": "float64[2,3]"}
+    rng = np.random.default_rng(0)
+    for comp in (None, "zstd"):
+        path = str(tmp_path / f"fixed-{comp}")
+        with ShardWriter(path, columns=cols, compression=comp, shard_size="2KB",
+                         block_size="512B") as w:
+            for i in range(100):
+                w.write({"a": -i, "f": i / 3, "b": i % 2 == 0,
+                         "t": rng.integers(0, 60000, 4).astype(np.uint16),
+                         "m": rng.random((2, 3))})
+        fast = NumpyBatchIterator(path, batch_size=16, seed=4, world=World())
+        slow = NumpyBatchIterator(path, batch_size=16, seed=4, world=World(),
+                                  collate_fn=collate_numpy)  # per-sample reads
+        assert fast._rows is not None and slow._rows is None
+        for x, y in zip(fast, slow):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
+                np.testing.assert_array_equal(x[k], y[k])
