@@ -21,6 +21,7 @@ import zstandard
 from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.indexcheck import shard_name_problem
 from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import parse_size
@@ -53,8 +54,10 @@ class WriterConfig:
                 raise ConfigError(f"compression_level must be an int in [{_MIN_LEVEL}, "
                                   f"{_MAX_LEVEL}], got {lvl!r}")
         p = self.shard_prefix
-        if not isinstance(p, str) or p.startswith("/") or "\\" in p or ".." in p.split("/"):
-            raise ConfigError(f"shard_prefix must be a relative posix prefix, got {p!r}")
+        problem = shard_name_problem(f"{p}shard-000000.sss") if isinstance(p, str) else "is not a str"
+        if problem is not None:
+            raise ConfigError(f"shard_prefix must be a relative posix prefix of safe characters "
+                              f"([A-Za-z0-9._-+=,@~] and '/'), got {p!r}: the shard name {problem}")
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class ShardWriter:
             os.remove(self._shard_tmp)
         self._written.append(final)
         self._shards.append(ShardInfo(len(self._shards), self._shard_name, shard.num_samples,
-                                      size, shard.raw_bytes, digest))
+                                      size, shard.raw_bytes, digest, shard.table_xxh64))
         self._shard = self._shard_file = None
         self._shard_tmp = ""
 
