@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import streamshard.converters as converters
 from streamshard.converters import Piece
 from streamshard.atomic import atomic_write
+from streamshard import lifeline
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -252,7 +253,30 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
     fs, root = _fs(dest, storage_options)
+    lock = _lock_dest(fs, root)
+    try:
+        return _convert_locked(fs, root, dest, live, chunks, overwrite, resume, format, opts,
+                               columns, writer, skip_errors, storage_options, progress, on_start,
+                               workers, t0, cpu0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_dest(fs: Any, root: str) -> Any:
+    """The destination's writer lock (local destinations only; docs/FORMAT.md)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from streamshard.destlock import DestLock
+
+    return DestLock(root) if isinstance(fs, LocalFileSystem) else None
+
+
+def _convert_locked(fs, root, dest, live, chunks, overwrite, resume, format, opts, columns,
+                    writer, skip_errors, storage_options, progress, on_start, workers, t0,
+                    cpu0) -> ConvertSummary:
     done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
+    chunk_bytes = live["chunk_size"]
     todo = [c for c in chunks if c.index not in done]
     if on_start:
         on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
@@ -371,10 +395,13 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
         mp = multiprocessing.get_context("fork")
     else:
         mp = multiprocessing.get_context("forkserver")
-        mp.set_forkserver_preload(["streamshard.convert", "streamshard.converters"])
+        # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (streamshard/lifeline.py)
+        os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
+        mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
+                                   "streamshard.converters"])
     q = mp.Queue()
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
-                               initializer=_init_worker, initargs=(q,))
+                               initializer=_init_worker, initargs=(q, os.getpid()))
     pending = {pool.submit(_worker_run, job) for job in jobs}
     error: BaseException | None = None
     try:
@@ -401,9 +428,10 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
 _QUEUE: Any = None
 
 
-def _init_worker(q: Any) -> None:
+def _init_worker(q: Any, owner: int) -> None:
     global _QUEUE
     _QUEUE = q
+    lifeline.arm(owner)  # a worker dies with the converting process, also on its SIGKILL
 
 
 def _worker_run(job: _Job) -> dict:

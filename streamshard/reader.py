@@ -17,7 +17,7 @@ from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.schema import Schema
-from streamshard.shardfile import ReadStats, ShardFileReader
+from streamshard.shardfile import ReadStats, ShardFileReader, open_regular
 from streamshard.sizes import parse_size
 
 DEFAULT_MAX_OPEN_SHARDS = 64
@@ -50,13 +50,12 @@ class LocalSource:
 
     def read_index(self) -> bytes:
         path = os.path.join(self.root, INDEX_FILE)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+        if not os.path.exists(path):
             hint = "" if os.path.isdir(self.root) else " (the directory does not exist)"
             raise StorageError(f"{path}: no index file{hint}. Are you passing a streamshard "
-                               f"directory?", url=path) from None
+                               f"directory?", url=path)
+        with open_regular(path, INDEX_FILE) as f:  # a FIFO or device is refused, never read
+            return f.read()
 
     def shard_path(self, shard: ShardInfo) -> str:
         path = os.path.join(self.root, *shard.file.split("/"))

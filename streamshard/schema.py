@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from streamshard.errors import CorruptionError, SchemaError
+from streamshard.indexcheck import loads_strict
 
 # struct codes double as the scalar encoders; numpy dtypes are always little-endian on disk.
 _STRUCT_CODES = {
@@ -171,7 +172,7 @@ def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
             try:
                 return json.dumps(v, separators=(",", ":"), ensure_ascii=False,
                                   allow_nan=False).encode("utf-8")
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise SchemaError(f"{_where(column, n)}: not JSON-serializable: {exc}") from None
     elif ct.kind == "scalar":
         packer = struct.Struct("<" + _STRUCT_CODES[ct.dtype])
@@ -219,14 +220,31 @@ def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
     return enc
 
 
+def _decode_str(buf: Any, pos: int, size: int) -> str:
+    try:
+        return str(buf[pos:pos + size], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptionError(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _decode_json(buf: Any, pos: int, size: int) -> Any:
+    # The writer never stores NaN/Infinity (allow_nan=False), so stored ones are damage.
+    try:
+        return loads_strict(str(buf[pos:pos + size], "utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CorruptionError(f"invalid UTF-8 at byte {exc.start}") from None
+    except ValueError as exc:
+        raise CorruptionError(f"invalid JSON: {exc}") from None
+
+
 def _decoder(ct: ColumnType, column: str) -> Callable[[Any, int, int], Any]:
     """Decoder of one column payload ``buf[pos:pos+size]`` (size already bounds-checked)."""
     if ct.kind == "bytes":
         return lambda buf, pos, size: bytes(buf[pos:pos + size])
     if ct.kind == "str":
-        return lambda buf, pos, size: str(buf[pos:pos + size], "utf-8")
+        return _decode_str
     if ct.kind == "json":
-        return lambda buf, pos, size: json.loads(str(buf[pos:pos + size], "utf-8"))
+        return _decode_json
     dtype = np.dtype(ct.dtype).newbyteorder("<")
     if ct.kind == "scalar":
         unpack = struct.Struct("<" + _STRUCT_CODES[ct.dtype]).unpack_from

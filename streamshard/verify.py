@@ -49,6 +49,8 @@ def verify_dataset(path: str, *, progress: Callable[[ShardInfo], None] | None = 
     root = root.rstrip("/") or root
     index_path = f"{root}/{INDEX_FILE}"
     try:
+        if fs.info(index_path).get("type") != "file":
+            raise FormatError(f"{index_path}: not a regular file")
         data = fs.cat_file(index_path)
     except FileNotFoundError:
         raise FormatError(f"{index_path}: no index file. Are you passing a streamshard "
@@ -77,10 +79,11 @@ def _verify_shard(fs: Any, path: str, info: ShardInfo, report: VerifyReport,
     trailer), so memory stays at one stored plus one raw block, never the whole file."""
     name = f"shard {info.index} ({info.file})"
     try:
-        if fs.isdir(path):
-            report.add(f"{name}: {path} is a directory, not a shard file")
+        st = fs.info(path)
+        if st.get("type") != "file":  # a directory, FIFO or device is never opened
+            report.add(f"{name}: {path} is not a regular file ({st.get('type')})")
             return
-        size = fs.size(path)
+        size = int(st["size"])
         f = fs.open(path, "rb")
     except FileNotFoundError:
         report.add(f"{name}: missing ({path})")

@@ -9,6 +9,7 @@ with an ``index.json`` always describes complete shards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +19,8 @@ from typing import Any, Mapping
 
 import zstandard
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write, create_exclusive, temp_name
+from streamshard.destlock import DestLock, clean_stale_temps
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.indexcheck import shard_name_problem
@@ -26,6 +28,7 @@ from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import parse_size
 
+log = logging.getLogger(__name__)
 SHARD_SUFFIX = ".sss"
 # zstd accepts "fast" negative levels down to -131072 but below -100 nothing changes measurably.
 _MIN_LEVEL, _MAX_LEVEL = -100, zstandard.MAX_COMPRESSION_LEVEL
@@ -114,7 +117,12 @@ class ShardWriter:
         self._shards: list[ShardInfo] = []
         self._written: list[str] = []  # final paths this writer created (removed on abort)
         self._closed = False
-        self._open_dest(overwrite, storage_options or {})
+        self._lock: DestLock | None = None
+        try:
+            self._open_dest(overwrite, storage_options or {})
+        except BaseException:
+            self._release()
+            raise
 
     # -- destination -----------------------------------------------------------------------
     def _open_dest(self, overwrite: bool, storage_options: dict) -> None:
@@ -124,6 +132,11 @@ class ShardWriter:
         self._fs, root = fsspec.core.url_to_fs(self.dest, **storage_options)
         self._local = isinstance(self._fs, LocalFileSystem)
         self._root = root.rstrip("/") if root not in ("/", "") else root
+        if self._local:  # one writer per destination; remote stores: see docs/FORMAT.md
+            self._lock = DestLock(self._root)
+            prefix_dir = os.path.dirname(self._join(self.config.shard_prefix + "x"))
+            for path in clean_stale_temps(self._root, prefix_dir):
+                log.info("removed %s, left by a writer that died", path)
         index_path = self._join(INDEX_FILE)
         if self._fs.exists(index_path):
             if not overwrite:
@@ -179,11 +192,12 @@ class ShardWriter:
         if self._local:
             final = self._join(name)
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            self._shard_tmp = f"{final}.tmp-{os.getpid()}"
+            self._shard_tmp = temp_name(final)
         else:
             self._shard_tmp = os.path.join(self._tmpdir, f"shard-{len(self._shards):06d}.tmp")
         self._shard_name = name
-        self._shard_file = open(self._shard_tmp, "wb")
+        # O_EXCL|O_NOFOLLOW: never write through a symlink planted at the temp name
+        self._shard_file = os.fdopen(create_exclusive(self._shard_tmp), "wb")
         self._shard = ShardFileWriter(self._shard_file, compressed=self._cctx is not None)
         return self._shard
 
@@ -221,6 +235,7 @@ class ShardWriter:
                                    metadata=self.metadata)
         write_index(index, self._fs, self._join(INDEX_FILE), local=self._local)
         self._cleanup_tmpdir()
+        self._release()
         self._closed = True
         self.summary = WriteSummary(
             samples=self._count, shards=len(self._shards),
@@ -248,6 +263,12 @@ class ShardWriter:
             except OSError:
                 pass  # best effort: without an index the leftovers are not a dataset
         self._cleanup_tmpdir()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _cleanup_tmpdir(self) -> None:
         if self._tmpdir is not None:

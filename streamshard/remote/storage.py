@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from streamshard.errors import ConfigError, StorageError, missing_dependency
+from streamshard.errors import ConfigError, StorageError, missing_dependency, redact
 
 T = TypeVar("T")
 
@@ -220,7 +220,7 @@ class Remote:
                 protocol = self.url.split("://", 1)[0]
                 package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
                            "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}.get(protocol, protocol)
-                raise missing_dependency(package, "remote", f"Reading {self.url}") from exc
+                raise missing_dependency(package, "remote", f"Reading {redact(self.url)}") from exc
             self._root = self._root.rstrip("/")
             self._pid = os.getpid()
         return self._fs
@@ -230,7 +230,8 @@ class Remote:
         return f"{self._root}/{rel}" if self._root else rel
 
     def url_of(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        """The URL of ``rel`` for messages and cache metadata (user info redacted)."""
+        return redact(f"{self.url}/{rel}")
 
     def info(self, rel: str) -> dict[str, Any]:
         path = self.path(rel)
