@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -248,8 +249,31 @@ def _decoder(ct: ColumnType, column: str) -> Callable[[Any, int, int], Any]:
     dtype = np.dtype(ct.dtype).newbyteorder("<")
     if ct.kind == "scalar":
         unpack = struct.Struct("<" + _STRUCT_CODES[ct.dtype]).unpack_from
+        if ct.dtype == "bool":
+            return partial(_decode_bool, column)
         return lambda buf, pos, size: unpack(buf, pos)[0]
     itemsize = dtype.itemsize
+    if ct.dtype == "bool":  # the encoding is 0/1 bytes; anything else is damage (checked)
+        inner = _array_decoder(ct, column, dtype, itemsize)
+        return partial(_checked_bool_array, inner, column)
+    return _array_decoder(ct, column, dtype, itemsize)
+
+
+def _decode_bool(column: str, buf: Any, pos: int, size: int) -> bool:
+    byte = buf[pos]
+    if byte > 1:
+        raise CorruptionError(f"column {column!r}: bool byte is {byte}, expected 0 or 1")
+    return byte == 1
+
+
+def _checked_bool_array(inner: Callable, column: str, buf: Any, pos: int, size: int) -> np.ndarray:
+    arr = inner(buf, pos, size)
+    if arr.size and arr.view(np.uint8).max() > 1:
+        raise CorruptionError(f"column {column!r}: bool array holds bytes other than 0 and 1")
+    return arr
+
+
+def _array_decoder(ct: ColumnType, column: str, dtype: np.dtype, itemsize: int) -> Callable:
     if ct.dims is not None and None not in ct.dims:
         shape, count = ct.dims, math.prod(ct.dims)
         if len(shape) == 1:
