@@ -94,6 +94,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         mixture_block: int | None = None,
         lookahead: int = 16,
         block_cache: int | str = DEFAULT_BLOCK_CACHE,
+        verify_blocks: bool = True,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -112,6 +113,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 cache_limit=cache_limit,
                 storage_options=s.storage_options if s.storage_options is not None else storage_options,
                 block_cache=block_cache,
+                verify_blocks=verify_blocks,
             )
             for s in streams
         )

@@ -17,7 +17,8 @@ from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.schema import Schema
-from streamshard.shardfile import ReadStats, ShardFileReader, open_regular
+from streamshard.shardcheck import open_regular
+from streamshard.shardfile import ReadStats, ShardFileReader
 from streamshard.sizes import parse_size
 
 DEFAULT_MAX_OPEN_SHARDS = 64

@@ -15,9 +15,9 @@ import zstandard
 
 from streamshard.errors import CorruptionError, FormatError, StreamshardError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.shardcheck import check_frame
 from streamshard.shardfile import (
-    HEADER, TABLE_ENTRY, TRAILER, block_offsets, check_frame, parse_header, parse_table,
-    parse_trailer,
+    HEADER, TABLE_ENTRY, TRAILER, block_offsets, parse_header, parse_table, parse_trailer,
 )
 
 
