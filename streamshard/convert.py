@@ -26,11 +26,14 @@ import streamshard.converters as converters
 from streamshard.converters import Piece
 from streamshard.atomic import atomic_write
 from streamshard import lifeline
+from streamshard.destlock import DestLock
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
 from streamshard.index import INDEX_FILE, DatasetIndex
+from streamshard.location import resolve
 from streamshard.sizes import parse_size
+from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
 MARKER = ".streamshard-convert.json"
 PARTS = "parts"
@@ -106,7 +109,8 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     from streamshard.writer import ShardWriter
 
     conv = converters.get(job.format)
-    fs, root = _fs(job.dest, job.storage_options)
+    loc = resolve(job.dest, job.storage_options)
+    fs, root = loc.fs, loc.root
     part_path = f"{root}/{job.chunk.part}"
     ctx = converters.CountingContext(job.skip_errors, report)
     cpu0 = time.process_time()
@@ -161,13 +165,6 @@ def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
 
 # -- destination helpers ---------------------------------------------------------------------
 
-def _fs(dest: str, storage_options: Mapping | None) -> tuple[Any, str]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
-    return fs, (root.rstrip("/") or root)
-
-
 def _put_json(fs: Any, path: str, doc: Any) -> None:
     """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
     data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
@@ -215,9 +212,10 @@ def marker_diff(saved: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
 # -- the driver ------------------------------------------------------------------------------
 
 def convert(sources: Sequence[str], dest: str, *, format: str,
-            options: Mapping[str, Any] | None = None, shard_size: int | str = "64MB",
-            block_size: int | str = "128KiB", compression: str | None = "zstd",
-            compression_level: int = 3, workers: int = 1, chunk_size: int | str = "64MB",
+            options: Mapping[str, Any] | None = None,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, block_size: int | str = DEFAULT_BLOCK_SIZE,
+            compression: str | None = "zstd", compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+            workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
             progress: Callable[[int, int], None] | None = None,
@@ -252,8 +250,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             "chunk_size": chunk_bytes, **writer,
             "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
-    fs, root = _fs(dest, storage_options)
-    lock = _lock_dest(fs, root)
+    loc = resolve(dest, storage_options)
+    fs, root = loc.fs, loc.root
+    lock = DestLock(root) if loc.local else None  # one writer per destination (docs/FORMAT.md)
     try:
         return _convert_locked(fs, root, dest, live, chunks, overwrite, resume, format, opts,
                                columns, writer, skip_errors, storage_options, progress, on_start,
@@ -261,15 +260,6 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     finally:
         if lock is not None:
             lock.release()
-
-
-def _lock_dest(fs: Any, root: str) -> Any:
-    """The destination's writer lock (local destinations only; docs/FORMAT.md)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from streamshard.destlock import DestLock
-
-    return DestLock(root) if isinstance(fs, LocalFileSystem) else None
 
 
 def _convert_locked(fs, root, dest, live, chunks, overwrite, resume, format, opts, columns,
