@@ -43,10 +43,11 @@ def default_cache_dir() -> str:
 
 def url_key(url: str, storage_options: dict | None = None) -> str:
     """The cache directory name of a dataset URL (fingerprint-free: stable across rewrites).
-    A custom endpoint is part of it: ``s3://b/ds`` on two S3-compatible servers are two datasets."""
+    A custom endpoint is part of it: ``s3://b/ds`` on two S3-compatible servers are two datasets.
+    User info is not (redacted first): no hash of a password lands in a directory name."""
     opts = storage_options or {}
     endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
-    name = url.rstrip("/") + (f"|{endpoint}" if endpoint else "")
+    name = redact(url.rstrip("/")) + (f"|{redact(str(endpoint))}" if endpoint else "")
     return xxhash.xxh64(name.encode()).hexdigest()
 
 
