@@ -234,6 +234,7 @@ class ShardFileReader:
         self._verify_blocks = verify_blocks
         self._file = open_regular(path, name)
         self._mm = None
+        self._checked: bytearray | None = None  # per-block first-touch flags (uncompressed)
         self._block = (-1, b"", 0)  # (block number, raw bytes, payload start)
         try:
             self._open(expected_samples)
@@ -296,6 +297,23 @@ class ShardFileReader:
         self._hashes = table["xxh64"].tolist()
         self._checked = (blockcheck.record_for(self._stat, self.num_blocks)
                          if self._verify_blocks else None)
+
+    def check_blocks(self, blocks: Any) -> None:
+        """First-touch check of ``blocks`` (an int or an int array) of an uncompressed shard: what
+        a batch gather that slices the mmap itself must call for the blocks it reads. A no-op for
+        compressed shards (checked on every read), with ``verify_blocks=False``, and for blocks
+        this process checked before (one vectorized lookup)."""
+        checked = self._checked
+        if checked is None:
+            return
+        idx = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_blocks):
+            raise IndexError(f"{self.name}: block out of range (shard has {self.num_blocks})")
+        if np.frombuffer(checked, np.uint8)[idx].all():
+            return
+        for b in np.unique(idx).tolist():
+            if not checked[b]:
+                self._check_block(b)
 
     def _check_block(self, b: int) -> None:
         """First touch of mmapped block ``b`` in this process: check its xxh64 once."""

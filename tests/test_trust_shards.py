@@ -133,6 +133,12 @@ def test_flipped_byte_in_uncompressed_shard_is_refused(pristine, tmp_path):
     d = open_dataset(str(ds))
     with pytest.raises(CorruptionError, match="block 0"):
         d._open(0).span(0)
+    # a batch gather slicing the mmap itself asks for the check of the blocks it reads
+    r = open_dataset(str(ds))._open(0)
+    with pytest.raises(CorruptionError, match="block 0"):
+        r.check_blocks(np.array([0, 0]))
+    r.check_blocks([1])  # an intact block passes, and once checked costs one lookup
+    assert r._checked[1] == 1
     # the opt-out serves the bytes as they are (for data verified offline)
     assert len(read_all(ds, verify_blocks=False)) == 40
 
