@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from streamshard.errors import StreamshardError
 from streamshard.schema import Schema
-from streamshard.shardfile import HEADER, TABLE_ENTRY, TRAILER
+from streamshard.shardfile import TABLE_ENTRY, TRAILER
 
 from tests import fuzzing as fz
 

@@ -17,10 +17,10 @@ import zstandard
 
 from streamshard import open_dataset, verify_dataset
 from streamshard.errors import CorruptionError, FormatError, StreamshardError
-from streamshard.index import DatasetIndex, fingerprint_of
+from streamshard.index import fingerprint_of
 from streamshard.shardfile import HEADER, TABLE_ENTRY, TRAILER
 
-from tests.test_format_roundtrip import token_samples, write
+from tests.test_format_roundtrip import write
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_size_differs_from_index_at_open(pristine, tmp_path, comp):
     ds = copy(pristine, tmp_path, comp)
     name = index_doc(ds)["shards"]["files"][0]
     with open(ds / name, "ab") as f:
-        f.write(b"x" * 7)  # still a valid-looking file? no: trailer moved. Size is checked first
+        f.write(b"x" * 7)  # the size check at open names it before the trailer is read
     with pytest.raises(CorruptionError, match=r"shard 0 .*size|bytes.*index says"):
         open_dataset(str(ds))[0]
 
