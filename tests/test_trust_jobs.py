@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from streamshard import ShardWriter, StreamingDataLoader, StreamingDataset, World, open_dataset
-from streamshard.convert import DELAY_ENV, convert
+from streamshard.convert import convert
 from streamshard.errors import (
     CorruptionError, DestinationLockedError, InputError, SchemaError, StateMismatchError,
 )
@@ -130,9 +130,16 @@ def test_kill9_of_parallel_convert_leaves_no_orphans_and_rerun_resumes(tmp_path)
     args = ["convert", str(src), "--format", "tokens", "--seq-len", "256", "--chunk-size", "10KB",
             "--shard-size", "8KB", "--workers", "2", "--quiet"]
     dest = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "streamshard.cli", *args, str(dest)],
-                            env=_env(**{DELAY_ENV: "0.3"}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    # The CLI's own main, paced by convert's on_chunk hook (0.3 s after each chunk) so that the
+    # SIGKILL lands while workers run; the rerun below is the plain CLI.
+    paced = ("import sys, time\n"
+             "import streamshard.convert as c\n"
+             "orig = c.convert\n"
+             "c.convert = lambda *a, **k: orig(*a, on_chunk=lambda i: time.sleep(0.3), **k)\n"
+             "from streamshard.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", paced, *args, str(dest)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     me = psutil.Process(proc.pid)
     children: list[psutil.Process] = []
     deadline = time.monotonic() + 60

@@ -324,3 +324,22 @@ def test_nan_in_index_is_refused(pristine, tmp_path):
                                                 f'"{fingerprint_of(doc)}"'))
     with pytest.raises(FormatError, match="NaN"):
         open_dataset(str(ds))
+
+
+def test_batch_gather_checks_blocks_on_first_touch(tmp_path):
+    """fastpath's vectorized gather over the mmap goes through the same first-touch check."""
+    from streamshard import fastpath
+
+    ds = tmp_path / "fixed"
+    write(ds, [{"tokens": np.full(64, i, np.uint16)} for i in range(200)],
+          columns={"tokens": "uint16[64]"}, compression=None, block_size="1KiB")
+    good = open_dataset(str(ds))
+    cols = fastpath.layout(good.schema)
+    batch = fastpath.read_batch(good, cols, list(range(0, 200, 7)))
+    assert batch["tokens"][:, 0].tolist() == list(range(0, 200, 7))
+    data = bytearray((ds / "shard-000000.sss").read_bytes())
+    data[_payload_pos(ds / "shard-000000.sss")] ^= 0x01  # a token in block 0
+    (ds / "shard-000000.sss").write_bytes(bytes(data))
+    bad = open_dataset(str(ds))
+    with pytest.raises(CorruptionError, match=r"block 0.*xxh64"):
+        fastpath.read_batch(bad, cols, [150, 3, 1])

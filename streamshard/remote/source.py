@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError, redact
-from streamshard.atomic import TMP_MARK, atomic_write
+from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
 from streamshard.remote.prefetch import Prefetcher
 from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
@@ -159,9 +159,9 @@ class CachedSource:
             if data is None:
                 data = self._retrying(lambda: self._remote.cat(INDEX_FILE), INDEX_FILE, "read")
                 atomic_write(cached, data, fsync=False)
-                atomic_write(meta_path, json.dumps(
-                    {"url": redact(self.url), "token": token,
-                     "xxh64": xxhash.xxh64(data).hexdigest()}).encode(), mode=0o600)
+                atomic_write_json(meta_path, {"url": redact(self.url), "token": token,
+                                              "xxh64": xxhash.xxh64(data).hexdigest()},
+                                  mode=0o600)
                 self._count("index_fetches")
             else:
                 self._count("index_hits")
