@@ -26,7 +26,7 @@ import streamshard.converters as converters
 from streamshard.converters import Piece
 from streamshard.atomic import atomic_write_json
 from streamshard import lifeline
-from streamshard.destlock import DestLock
+from streamshard.destlock import DestLock, RemoteDestLock
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -253,7 +253,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
-    lock = DestLock(root) if loc.local else None  # one writer per destination (docs/FORMAT.md)
+    # one writer per destination (docs/FORMAT.md "Writing and atomicity")
+    lock = DestLock(root) if loc.local else RemoteDestLock(fs, root, dest)
     try:
         done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
         todo = [c for c in chunks if c.index not in done]

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import zstandard
 
 from streamshard.atomic import create_exclusive, put_atomic, temp_name
-from streamshard.destlock import DestLock, clean_stale_temps
+from streamshard.destlock import DestLock, RemoteDestLock, clean_stale_temps
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.indexcheck import shard_name_problem
@@ -140,7 +140,7 @@ class ShardWriter:
         self._shards: list[ShardInfo] = []
         self._written: list[str] = []  # final paths this writer created (removed on abort)
         self._closed = False
-        self._lock: DestLock | None = None
+        self._lock: DestLock | RemoteDestLock | None = None
         try:
             self._open_dest(overwrite, storage_options or {})
         except BaseException:
@@ -151,7 +151,9 @@ class ShardWriter:
     def _open_dest(self, overwrite: bool, storage_options: dict) -> None:
         self._loc = resolve(self.dest, storage_options)
         self._fs, self._root, self._local = self._loc.fs, self._loc.root, self._loc.local
-        if self._local:  # one writer per destination; remote stores: see docs/FORMAT.md
+        if not self._local:  # a conditional create where the store has one (docs/FORMAT.md)
+            self._lock = RemoteDestLock(self._fs, self._root, self.dest)
+        else:  # one writer per destination
             self._lock = DestLock(self._root)
             prefix_dir = os.path.dirname(self._join(self.config.shard_prefix + "x"))
             for path in clean_stale_temps(self._root, prefix_dir):
