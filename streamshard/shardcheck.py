@@ -68,3 +68,23 @@ def open_regular(path: str, name: str) -> Any:
         raise FormatError(f"{name}: {path} is not a regular file")
     os.set_blocking(fd, True)
     return open(fd, "rb", buffering=0)
+
+
+_FATAL_REPORTED: list[bool] = []
+
+
+def report_fatal_signals() -> None:
+    """Have the process print a traceback if it dies of a fatal signal (``faulthandler``), once
+    per process and only if nobody enabled it before. Called when a shard is mmapped: a shard
+    truncated after it was opened ends the process with SIGBUS on the next access, which Python
+    cannot catch; the traceback then points at streamshard's read path instead of nothing."""
+    if _FATAL_REPORTED:
+        return
+    _FATAL_REPORTED.append(True)
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except Exception:  # noqa: BLE001 - no usable stderr (pythonw, replaced streams): skip
+            pass

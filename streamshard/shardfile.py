@@ -26,7 +26,9 @@ import zstandard
 
 from streamshard import blockcheck
 from streamshard.errors import CorruptionError, FormatError
-from streamshard.shardcheck import check_against_index, check_frame, open_regular
+from streamshard.shardcheck import (
+    check_against_index, check_frame, open_regular, report_fatal_signals,
+)
 
 MAGIC = b"SSHARD\r\n"
 END_MAGIC = b"SSHEND\r\n"
@@ -284,6 +286,7 @@ class ShardFileReader:
     def _map_uncompressed(self, table: np.ndarray) -> None:
         import mmap
 
+        report_fatal_signals()  # a shard truncated after this point can only end in SIGBUS
         self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         bad = np.flatnonzero((table["stored"] != table["raw"]) | (table["stored"] < 16))
         if bad.size:

@@ -289,6 +289,36 @@ def test_truncated_shard_is_refused_at_open(pristine, tmp_path, comp):
         [d[i] for i in range(len(d))]
 
 
+_TRUNCATE_WHILE_MAPPED = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from streamshard import open_dataset
+ds = open_dataset(sys.argv[1])
+assert int(ds[0]["tokens"][0]) == 0
+with open(os.path.join(sys.argv[1], ds.index.shards[0].file), "r+b") as f:
+    f.truncate(64)  # another process cuts the shard while it is mapped here
+for k in range(len(ds)):
+    ds[k]
+"""
+
+
+@pytest.mark.slow
+def test_shard_truncated_while_mapped_dies_with_a_traceback(tmp_path):
+    """What remains possible (docs/FORMAT.md): SIGBUS cannot be caught, but it is not silent."""
+    import signal
+    import subprocess
+    import sys
+
+    ds = tmp_path / "ds"
+    write(ds, [{"tokens": np.full(2048, i, np.uint16)} for i in range(100)],
+          columns={"tokens": "uint16[2048]"}, compression=None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_MAPPED, str(ds), root],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGBUS
+    assert "Bus error" in proc.stderr and "shardfile.py" in proc.stderr
+
+
 # ---- 11. loose index fields --------------------------------------------------------------------
 @pytest.mark.parametrize("mutate,match", [
     # a float sample count adds up just like an int
