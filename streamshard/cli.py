@@ -289,10 +289,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(argv)
 
 
+# -- launch (streamshard/recovery/launch.py; takes torchrun's own flags, parsed there) ----------
+
+def _add_launch(sub: Any) -> None:
+    sub.add_parser("launch", add_help=False, help="torchrun's elastic agent acting on recovery exit codes "
+                                                  "(75 restart, 77 drop node, 78 stop all); torchrun flags")
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo]
+                                             _add_demo, _add_launch]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's parser, not ours
+        from streamshard.recovery.launch import main as launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
     # leaves the later positionals over, and they are appended in order.

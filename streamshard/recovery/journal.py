@@ -27,7 +27,7 @@ from pathlib import Path
 from streamshard.recovery.policy import Ledger, apply_event
 
 VERSION = 1
-_RANK_FILE = re.compile(r"^rank(\d+)\.jsonl$")
+_RANK_FILE = re.compile(r"^(?:rank|agent)(\d+)\.jsonl$")
 log = logging.getLogger(__name__)
 
 
@@ -35,12 +35,13 @@ class Journal:
     """Append to this rank's file and read the merged journal of all ranks under ``path`` (a
     directory, created on the first append). Thread-safe for appends."""
 
-    def __init__(self, path: str | os.PathLike, *, rank: int = 0, clock: Callable[[], float] = time.time):
-        if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank}")
+    def __init__(self, path: str | os.PathLike, *, rank: int = 0, clock: Callable[[], float] = time.time,
+                 role: str = "rank"):
+        if rank < 0 or role not in ("rank", "agent"):
+            raise ValueError(f"need rank >= 0 and role 'rank' or 'agent', got {rank}, {role!r}")
         self.path = Path(path)
         self.rank = rank
-        self.file = self.path / f"rank{rank}.jsonl"
+        self.file = self.path / f"{role}{rank}.jsonl"  # launcher agents (per node) write agent<node>.jsonl
         self._clock = clock
         self._lock = threading.Lock()
         self._seq: int | None = None
@@ -70,7 +71,7 @@ class Journal:
             names = [p for p in self.path.iterdir() if _RANK_FILE.match(p.name)]
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(names, key=lambda p: int(_RANK_FILE.match(p.name).group(1)))
+        return sorted(names, key=lambda p: (p.name.startswith("agent"), int(_RANK_FILE.match(p.name).group(1))))
 
     def records(self) -> Iterator[dict]:
         """Every complete record of every rank, merged by ``(time, rank, seq)``."""
