@@ -1,10 +1,10 @@
 """A tiny GPT-like model trained on CPU through StreamingDataLoader with every recovery hook on.
 
     python examples/train_gpt.py --make-data /tmp/tok          # write a token dataset once
-    torchrun --nproc-per-node=2 --max-restarts=3 examples/train_gpt.py --data /tmp/tok --out /tmp/run
+    streamshard launch --standalone --nproc-per-node=2 examples/train_gpt.py --data /tmp/tok --out /tmp/run
 
-Under ``torchrun --max-restarts`` a killed or hung worker restarts the group; every start resumes
-from the newest valid checkpoint and the journal. Faults come from ``STREAMSHARD_FAULTS`` (see
+Under ``streamshard launch`` (or ``torchrun --max-restarts``) a killed or hung worker restarts the
+group; every start resumes from the newest verified checkpoint and the journal (``<out>/journal``). Faults come from ``STREAMSHARD_FAULTS`` (see
 streamshard/recovery/faultplan.py). Per rank, ``<out>/consumed-rank<r>.jsonl`` gets one line per
 training step: ``{"step", "data_step", "ids", "update", "dur", "t"}``; a step re-run after a
 restart or rollback appends a new line, so the last line of a step is the one that counts.
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,12 @@ from streamshard.recovery import (
     SkipUpdate, SpikeConfig, Watchdog, WatchdogConfig, available_probes, exitcodes, fault_plan_from_env,
 )
 from streamshard.recovery.checkpoint import CheckpointManager
+from streamshard.recovery.classify import exit_on_fault
 from streamshard.recovery.faultplan import injected_hang
+from streamshard.recovery.goodput import EffectiveTime, job_start
+from streamshard.recovery.heartbeat import Heartbeat
+from streamshard.recovery.lr import install_lr_scale
+from streamshard.recovery.pg import init_process_group
 from streamshard.recovery.slowdown import StragglerConfig
 
 
@@ -65,22 +70,6 @@ class TinyGPT(nn.Module):
         return self.head(self.blocks(h, mask=self.mask, is_causal=True))
 
 
-def init_distributed(env) -> None:
-    """gloo process group on a store key space private to this restart attempt.
-
-    Under ``torchrun --max-restarts`` the restarted workers reuse the agent's TCPStore; gloo's
-    full-mesh rendezvous then reads the dead workers' addresses from the previous attempt's keys
-    (seen here with torch 2.13: "connectFullMesh failed ... Connection refused"). A prefix per
-    ``TORCHELASTIC_RESTART_COUNT`` gives every attempt fresh keys.
-    """
-    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
-                         is_master=not agent_store and rank == 0, timeout=timedelta(seconds=120))
-    store = dist.PrefixStore(f"streamshard-attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--make-data", metavar="DIR", help="write a token dataset to DIR and exit")
@@ -101,8 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-before", type=int, default=0)
     p.add_argument("--spike-window", type=int, default=32)
     p.add_argument("--spike-threshold", type=float, default=8.0)
-    p.add_argument("--wd-floor", type=float, default=60.0, help="watchdog floor per phase, seconds")
-    p.add_argument("--wd-initial", type=float, default=600.0, help="watchdog timeout before calibration")
+    p.add_argument("--wd-floor", type=float, default=60.0,
+                   help="in-process watchdog floor per phase, seconds (only without `streamshard launch`, "
+                        "whose external heartbeat monitor replaces it)")
+    p.add_argument("--wd-initial", type=float, default=600.0, help="in-process watchdog timeout before calibration")
+    p.add_argument("--sync-ckpt", action="store_true", help="blocking checkpoint saves (default: async)")
     p.add_argument("--straggler-every", type=int, default=5, help="gather busy times every N steps")
     p.add_argument("--kernel-log", help="kernel log file to watch for XIDs (e.g. /var/log/kern.log)")
     return p.parse_args(argv)
@@ -117,11 +109,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        init_distributed(os.environ)
+        init_process_group()  # a store key space per restart attempt / rendezvous round
     world = detect_world()
+    rank = world.rank
+    journal = Journal(out / "journal", rank=rank)
+    with exit_on_fault(journal):  # CUDA/NCCL/gloo/OOM errors -> 75/77/78 for the launcher
+        return train(args, out, world, journal)
+
+
+def train(args, out: Path, world, journal: Journal) -> int:
     rank, W = world.rank, world.world_size
     log = (lambda msg: print(f"[rank{rank}] {msg}", flush=True))
-    journal = Journal(out / "journal.jsonl", rank=rank)
     plan, fired = fault_plan_from_env(os.environ), journal.fired()
     cfg = GuardConfig(
         loss=SpikeConfig(window=args.spike_window, threshold=args.spike_threshold, min_samples=8),
@@ -130,21 +128,32 @@ def main(argv=None) -> int:
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),
         straggler=StragglerConfig(window=3, ratio=1.3, min_delta=0.02),
     )
-    ckpt = CheckpointManager(out / "ckpt", world=world, keep=args.keep, valid=lambda r: guard.ledger.is_valid(r))
+    ckpt = CheckpointManager(str(out / "ckpt"), world=world, keep=args.keep, async_save=not args.sync_ckpt,
+                             valid=lambda r: guard.ledger.is_valid(r), journal=journal if rank == 0 else None)
     guard = Recovery(cfg, journal=journal, checkpoints=ckpt.refs, writer=rank == 0, world_size=W, log=log)
     if (stop := guard.startup()) is not None:
         log(f"journal holds a terminal decision: {stop.reason}")
         return stop.code
+    goodput = EffectiveTime(job_start(journal, time.time()))
 
-    def on_hang(phase: str, elapsed: float, timeout: float) -> None:
-        journal.append("hang", code=exitcodes.HANG, phase=phase, elapsed=elapsed, timeout=timeout,
-                       dump=str(dump_path))
+    hb = Heartbeat.from_env()  # under `streamshard launch`: watched from outside this process
+    watchdog = None
+    if hb.path is None:  # plain torchrun: fall back to the in-process watchdog thread
+        def on_hang(phase: str, elapsed: float, timeout: float) -> None:
+            journal.append("hang", code=exitcodes.HANG, phase=phase, elapsed=elapsed, timeout=timeout,
+                           dump=str(dump_path))
 
-    dump_path = out / f"hang-rank{rank}-pid{os.getpid()}.txt"
-    wd_cfg = WatchdogConfig(floor={p: args.wd_floor for p in ("data", "step", "checkpoint_save",
-                                                                "checkpoint_load")},
-                            initial=args.wd_initial, factor=10.0, min_samples=5, poll=0.1)
-    watchdog = Watchdog(wd_cfg, str(dump_path), on_hang=on_hang).start()
+        dump_path = out / f"hang-rank{rank}-pid{os.getpid()}.txt"
+        wd_cfg = WatchdogConfig(floor={p: args.wd_floor for p in ("data", "step", "checkpoint_save",
+                                                                    "checkpoint_load")},
+                                initial=args.wd_initial, factor=10.0, min_samples=5, poll=0.1)
+        watchdog = Watchdog(wd_cfg, str(dump_path), on_hang=on_hang).start()
+
+    @contextmanager
+    def phase(name: str):
+        with hb.phase(name), (watchdog.phase(name) if watchdog is not None else nullcontext()):
+            yield
+
     fake = FakeProbe()
     probes = [fake, *available_probes(args.kernel_log, log=log)]
 
@@ -152,26 +161,28 @@ def main(argv=None) -> int:
     model = TinyGPT(args.vocab, args.seq, args.d_model, args.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     warmup = 10
-    lam = (lambda s: min(1.0, (s + 1) / warmup) * guard.lr_scale)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    install_lr_scale(opt, lambda: guard.lr_scale)  # the recovery LR cut, honoured by any scheduler
     ds = StreamingDataset(args.data, global_batch_size=args.global_batch, seed=args.seed, world=world)
     loader = StreamingDataLoader(ds)
 
-    def restore(step_to: int) -> int:
-        with watchdog.phase("checkpoint_load"):
-            extra = ckpt.load(step_to, model=model, optimizer=opt, scheduler=sched, loader=loader)
+    def restore(max_step: int | None) -> int:
+        """Newest verified checkpoint at or before ``max_step`` (damaged ones are quarantined)."""
+        with phase("checkpoint_load"):
+            got = ckpt.load_latest(max_step=max_step, model=model, optimizer=opt, scheduler=sched, loader=loader)
+        if got is None:
+            if max_step is not None:
+                raise SystemExit(f"no valid checkpoint at or before step {max_step}")
+            guard.apply_to_loader(loader)
+            return 0
+        info, extra = got
         guard.load_state_dict(extra["recovery"])
         guard.apply_to_loader(loader)
-        for g, base in zip(opt.param_groups, sched.base_lrs):  # the LR scale may have changed
-            g["lr"] = base * lam(sched.last_epoch)
-        return step_to
+        goodput.productive_s = float(extra.get("productive_s", 0.0))
+        goodput.discard()
+        return info.step
 
-    step = 0
-    latest = ckpt.latest()
-    if latest is not None:
-        step = restore(latest.step)
-    else:
-        guard.apply_to_loader(loader)
+    step = restore(None)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     journal.append("start", step=step, world_size=W, pid=os.getpid(), attempt=attempt)
     consumed_fd = os.open(out / f"consumed-rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -187,9 +198,16 @@ def main(argv=None) -> int:
                 return True
         return False
 
+    def stop(code: int, reason: str):
+        log(f"exit {code} ({exitcodes.describe(code)}): {reason}")
+        if watchdog is not None:
+            watchdog.stop()
+        os._exit(code)
+
     while step < args.steps:
         t0 = time.perf_counter()
-        with watchdog.phase("data"):
+        hb.step = step
+        with phase("data"):
             try:
                 batch = next(it)
             except StopIteration:
@@ -199,9 +217,17 @@ def main(argv=None) -> int:
         ids = batch["id"].tolist()
         if fire_once("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if fire_once("corrupt"):  # bit rot in the newest checkpoint, then a crash: the restart must notice
+            ckpt.wait()
+            newest = Path(ckpt.list()[-1].path)
+            victim = sorted(newest.glob("*.distcp"))[0]
+            raw = bytearray(victim.read_bytes())
+            raw[len(raw) // 2] ^= 0x10
+            victim.write_bytes(bytes(raw))
+            os.kill(os.getpid(), signal.SIGKILL)
         if fire_once("xid"):
             fake.inject_xid(int(next(f.value for f in plan.at("xid", step, rank))))
-        with watchdog.phase("step"):
+        with phase("step"):
             if fire_once("hang"):
                 injected_hang(3600.0, time.sleep)
             for f in plan.at("slow", step, rank):
@@ -237,32 +263,39 @@ def main(argv=None) -> int:
             if not isinstance(action, (Rollback, Exit)):
                 sched.step()
         if isinstance(action, Exit):
-            log(f"exit {action.code} ({exitcodes.describe(action.code)}): {action.reason}")
-            watchdog.stop()
-            os._exit(action.code)
+            stop(action.code, action.reason)
         if isinstance(action, Rollback):
             log(f"rollback to step {action.to_step}, skip data steps {action.skip}, "
                 f"lr x{action.lr_scale}: {action.reason}")
             step = restore(action.to_step)
             continue
         dur = time.perf_counter() - t0
-        rec = {"step": step, "data_step": data_step, "ids": ids, "update": not isinstance(action, SkipUpdate),
+        applied = not isinstance(action, SkipUpdate)
+        goodput.step(dur, applied)
+        rec = {"step": step, "data_step": data_step, "ids": ids, "update": applied,
                "loss": float(flat[-1]) if math.isfinite(float(flat[-1])) else None, "dur": dur, "t": time.time()}
         os.write(consumed_fd, (json.dumps(rec) + "\n").encode())
         step += 1
         health = guard.observe_health(step, [e for p in probes for e in p.poll()])
         if isinstance(health, Exit):
-            log(f"exit {health.code} ({exitcodes.describe(health.code)}): {health.reason}")
-            watchdog.stop()
-            os._exit(health.code)
+            stop(health.code, health.reason)
         if step % args.ckpt_every == 0 and guard.healthy:
-            t_save = time.perf_counter()
-            with watchdog.phase("checkpoint_save"):
+            with phase("checkpoint_save"):
+                goodput.commit()  # the steps so far are in this checkpoint (async: once it finishes)
                 ckpt.save(step, model=model, optimizer=opt, scheduler=sched, loader=loader, data_step=loader.step,
-                          generation=guard.ledger.generation, extra={"recovery": guard.state_dict()})
+                          generation=guard.ledger.generation,
+                          extra={"recovery": guard.state_dict(), "productive_s": goodput.productive_s})
             if rank == 0:
-                journal.append("checkpoint", step=step, data_step=loader.step, seconds=time.perf_counter() - t_save)
-    watchdog.stop()
+                g = goodput.record()
+                journal.append("goodput", step=step, **g)
+                log(f"step {step}: effective training time {100 * g['effective']:.1f}% "
+                    f"({g['productive_s']:.1f} s productive of {g['wall_s']:.1f} s wall)")
+    with phase("checkpoint_save"):
+        ckpt.wait()
+    if watchdog is not None:
+        watchdog.stop()
+    if rank == 0:
+        journal.append("goodput", step=step, **goodput.record())
     journal.append("done", step=step, counts=guard.counts)
     os.close(consumed_fd)
     if W > 1:

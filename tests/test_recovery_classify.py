@@ -65,3 +65,18 @@ def test_oom_exit_is_terminal_in_the_journal(tmp_path):
     j = Journal(tmp_path / "j")
     run(RuntimeError("CUDA out of memory."), j)
     assert j.ledger().terminal[0] == exitcodes.DO_NOT_REQUEUE  # every later start exits 78 at once
+
+
+def test_persistent_straggler_excludes_its_node_only():
+    from streamshard.recovery.launch import persistent_straggler
+
+    recs = [{"event": "straggler", "step": 50, "ranks": [3], "persistent": [], "per_rank": [.1, .1, .1, .3],
+             "typical": .1},
+            {"event": "straggler", "step": 90, "ranks": [3], "persistent": [3], "per_rank": [.1, .1, .1, .3],
+             "typical": .1}]
+    assert "rank(s) [3] persistently slow at step 90" in persistent_straggler(recs, [2, 3])
+    assert persistent_straggler(recs, [0, 1]) is None  # another node's rank
+    assert persistent_straggler(recs[:1], [2, 3]) is None  # slow, not yet persistent
+    recs.append({"event": "straggler", "step": 120, "ranks": [], "persistent": [], "per_rank": [.1] * 4,
+                 "typical": .1})
+    assert persistent_straggler(recs, [2, 3]) is None  # recovered since

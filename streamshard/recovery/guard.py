@@ -66,7 +66,7 @@ class Recovery:
         self._run = PersistenceCounter(cfg.persistence)
         self._slow = SlowdownDetector(cfg.slowdown)
         self._stragglers = StragglerDetector(world_size, cfg.straggler)
-        self._reported_stragglers: tuple[int, ...] = ()
+        self._reported_stragglers: tuple = ((), ())
         self._was_slow = False
         self._data_of: dict[int, int] = {}
         self.ledger = journal.ledger() if journal is not None else Ledger()
@@ -169,9 +169,9 @@ class Recovery:
         """Feed per-rank busy times (all ranks gathered by the caller); journals a change in the
         set of stragglers (writer rank only) and returns the verdict."""
         result = self._stragglers.observe(busy_times)
-        if result.ranks != self._reported_stragglers:
-            self._reported_stragglers = result.ranks
-            self._decision("straggler", step=step, ranks=list(result.ranks),
+        if (result.ranks, result.persistent) != self._reported_stragglers:
+            self._reported_stragglers = (result.ranks, result.persistent)
+            self._decision("straggler", step=step, ranks=list(result.ranks), persistent=list(result.persistent),
                            per_rank=list(result.per_rank), typical=result.typical)
             if result.ranks:
                 self._log(f"streamshard.recovery: straggler rank(s) {list(result.ranks)} at step {step}: "

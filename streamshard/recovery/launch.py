@@ -69,7 +69,27 @@ def build_parser():
     g.add_argument("--hang-floor", type=float, default=HeartbeatConfig.floor,
                    help="shortest hang timeout once a phase is calibrated, seconds (default 3)")
     g.add_argument("--kernel-log", help="kernel log to scan for XIDs before each (re)start")
+    g.add_argument("--exclude-stragglers", action="store_true",
+                   help="at a restart, leave (exit 77) if the journal names this node's ranks as persistent "
+                        "stragglers (needs --journal)")
     return p
+
+
+def persistent_straggler(records, my_ranks) -> str | None:
+    """Why this node should leave: the journal's latest straggler verdict names one of ``my_ranks``
+    (the global ranks this node ran last round) as persistent; None otherwise."""
+    last = None
+    for r in records:
+        if r.get("event") == "straggler":
+            last = r
+    if last is None:
+        return None
+    mine = sorted(set(last.get("persistent", [])) & set(my_ranks))
+    if not mine:
+        return None
+    return (f"rank(s) {mine} persistently slow at step {last.get('step')}: busy "
+            f"{[last['per_rank'][r] for r in mine if r < len(last.get('per_rank', []))]} s vs typical "
+            f"{last.get('typical')} s")
 
 
 def _cgroup_oom_kills() -> int:
@@ -94,8 +114,9 @@ def _make_agent_class():
         """LocalElasticAgent + exit-code verdicts, health check, heartbeat monitor, journal."""
 
         def __init__(self, *a, journal: Journal | None, hb_dir: str, monitor: HeartbeatMonitor | None,
-                     probes: list, control, **kw):
+                     probes: list, control, exclude_slow: bool = False, **kw):
             super().__init__(*a, **kw)
+            self._exclude_slow = exclude_slow
             self._journal, self._hb_dir, self._hb, self._probes = journal, hb_dir, monitor, probes
             self._control = control
             self._hangs: dict[int, Hang] = {}
@@ -117,6 +138,11 @@ def _make_agent_class():
 
         def _initialize_workers(self, worker_group) -> None:
             self._check_health()
+            if self._exclude_slow and self._journal is not None and worker_group.workers:
+                why = persistent_straggler(Journal(self._journal.path).records(),
+                                           [w.global_rank for w in worker_group.workers])
+                if why is not None:
+                    raise Terminal(exitcodes.REPLACE_NODE, f"straggler exclusion at restart: {why}")
             super()._initialize_workers(worker_group)
 
         def _check_health(self) -> None:
@@ -254,7 +280,8 @@ def launch(config, entrypoint, args: list, opts) -> int:
     control = _control_store(config)
     agent = _make_agent_class()(spec=spec, logs_specs=config.logs_specs, start_method=config.start_method,
                                 log_line_prefix_template=config.log_line_prefix_template,
-                                journal=journal, hb_dir=hb_dir, monitor=monitor, probes=probes, control=control)
+                                journal=journal, hb_dir=hb_dir, monitor=monitor, probes=probes, control=control,
+                                exclude_slow=opts.exclude_stragglers)
     if journal is not None:
         journal.append("launch", nnodes=[config.min_nodes, config.max_nodes], nproc=config.nproc_per_node,
                        max_restarts=config.max_restarts, pid=os.getpid())
