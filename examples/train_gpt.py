@@ -33,6 +33,7 @@ from streamshard.recovery import (
     Exit, FakeProbe, GuardConfig, Journal, PersistenceConfig, PolicyConfig, Recovery, Rollback,
     SkipUpdate, SpikeConfig, Watchdog, WatchdogConfig, available_probes, exitcodes, fault_plan_from_env,
 )
+from streamshard.recovery import inprocess
 from streamshard.recovery.checkpoint import CheckpointManager
 from streamshard.recovery.classify import exit_on_fault
 from streamshard.recovery.faultplan import injected_hang
@@ -108,16 +109,21 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    rounds = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        init_process_group()  # a store key space per restart attempt / rendezvous round
+        if inprocess.enabled():  # under `streamshard launch --in-process`: survive a peer's death
+            rounds = inprocess.Rounds()
+            rounds.join()
+        else:
+            init_process_group()  # a store key space per restart attempt / rendezvous round
     world = detect_world()
     rank = world.rank
     journal = Journal(out / "journal", rank=rank)
     with exit_on_fault(journal):  # CUDA/NCCL/gloo/OOM errors -> 75/77/78 for the launcher
-        return train(args, out, world, journal)
+        return train(args, out, world, journal, rounds)
 
 
-def train(args, out: Path, world, journal: Journal) -> int:
+def train(args, out: Path, world, journal: Journal, rounds) -> int:
     rank, W = world.rank, world.world_size
     log = (lambda msg: print(f"[rank{rank}] {msg}", flush=True))
     plan, fired = fault_plan_from_env(os.environ), journal.fired()
@@ -128,9 +134,12 @@ def train(args, out: Path, world, journal: Journal) -> int:
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),
         straggler=StragglerConfig(window=3, ratio=1.3, min_delta=0.02),
     )
-    ckpt = CheckpointManager(str(out / "ckpt"), world=world, keep=args.keep, async_save=not args.sync_ckpt,
-                             valid=lambda r: guard.ledger.is_valid(r), journal=journal if rank == 0 else None)
-    guard = Recovery(cfg, journal=journal, checkpoints=ckpt.refs, writer=rank == 0, world_size=W, log=log)
+    def make_ckpt() -> CheckpointManager:  # per process-group round: it owns a gloo subgroup
+        return CheckpointManager(str(out / "ckpt"), world=world, keep=args.keep, async_save=not args.sync_ckpt,
+                                 valid=lambda r: guard.ledger.is_valid(r), journal=journal if rank == 0 else None)
+
+    ckpt = make_ckpt()
+    guard = Recovery(cfg, journal=journal, checkpoints=lambda: ckpt.refs(), writer=rank == 0, world_size=W, log=log)
     if (stop := guard.startup()) is not None:
         log(f"journal holds a terminal decision: {stop.reason}")
         return stop.code
@@ -151,7 +160,8 @@ def train(args, out: Path, world, journal: Journal) -> int:
 
     @contextmanager
     def phase(name: str):
-        with hb.phase(name), (watchdog.phase(name) if watchdog is not None else nullcontext()):
+        timed = watchdog is not None and name in ("data", "step", "checkpoint_save", "checkpoint_load")
+        with hb.phase(name), (watchdog.phase(name) if timed else nullcontext()):
             yield
 
     fake = FakeProbe()
@@ -182,114 +192,130 @@ def train(args, out: Path, world, journal: Journal) -> int:
         goodput.discard()
         return info.step
 
-    step = restore(None)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    journal.append("start", step=step, world_size=W, pid=os.getpid(), attempt=attempt)
+    step = 0
     consumed_fd = os.open(out / f"consumed-rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    params = list(model.parameters())
-    it = iter(loader)
-    busy_sum, busy_n = 0.0, 0
+    while True:  # one pass per process-group round (more than one only with in-process restart)
+        try:
+            step = restore(None)
+            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            journal.append("start", step=step, world_size=W, pid=os.getpid(), attempt=attempt,
+                           round=rounds.round if rounds is not None else None)
+            params = list(model.parameters())
+            it = iter(loader)
+            busy_sum, busy_n = 0.0, 0
 
-    def fire_once(kind: str) -> bool:
-        for f in plan.at(kind, step, rank):
-            if f.key not in fired:
-                journal.append("fault", key=f.key, step=step)  # fsynced before the fault happens
-                fired.add(f.key)
-                return True
-        return False
+            def fire_once(kind: str) -> bool:
+                for f in plan.at(kind, step, rank):
+                    if f.key not in fired:
+                        journal.append("fault", key=f.key, step=step)  # fsynced before the fault happens
+                        fired.add(f.key)
+                        return True
+                return False
 
-    def stop(code: int, reason: str):
-        log(f"exit {code} ({exitcodes.describe(code)}): {reason}")
-        if watchdog is not None:
-            watchdog.stop()
-        os._exit(code)
+            def stop(code: int, reason: str):
+                log(f"exit {code} ({exitcodes.describe(code)}): {reason}")
+                if watchdog is not None:
+                    watchdog.stop()
+                os._exit(code)
 
-    while step < args.steps:
-        t0 = time.perf_counter()
-        hb.step = step
-        with phase("data"):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-        data_step = loader.last_step
-        ids = batch["id"].tolist()
-        if fire_once("kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fire_once("corrupt"):  # bit rot in the newest checkpoint, then a crash: the restart must notice
-            ckpt.wait()
-            newest = Path(ckpt.list()[-1].path)
-            victim = sorted(newest.glob("*.distcp"))[0]
-            raw = bytearray(victim.read_bytes())
-            raw[len(raw) // 2] ^= 0x10
-            victim.write_bytes(bytes(raw))
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fire_once("xid"):
-            fake.inject_xid(int(next(f.value for f in plan.at("xid", step, rank))))
-        with phase("step"):
-            if fire_once("hang"):
-                injected_hang(3600.0, time.sleep)
-            for f in plan.at("slow", step, rank):
-                time.sleep(f.value)
-            tokens = batch["tokens"].long()
-            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
-            for f in plan.at("spike", data_step, rank=0):  # data faults follow the data, not the rank
-                loss = loss * f.value
-            if plan.at("nan", data_step, rank=0):
-                loss = loss * float("nan")
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            busy = time.perf_counter() - t0  # before the all-reduce, which equalizes ranks
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-            if W > 1:
-                dist.all_reduce(flat)
-                flat /= W
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-            busy_sum, busy_n = busy_sum + busy, busy_n + 1
-            if W > 1 and (step + 1) % args.straggler_every == 0:  # a collective: inside a watched phase
-                gathered: list = [None] * W
-                dist.all_gather_object(gathered, busy_sum / busy_n)
-                guard.observe_ranks(step + 1, [float(x) for x in gathered])
-                busy_sum, busy_n = 0.0, 0
-            action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,
-                                   step_time=busy)
-            if not isinstance(action, (SkipUpdate, Rollback, Exit)):
-                opt.step()
-            if not isinstance(action, (Rollback, Exit)):
-                sched.step()
-        if isinstance(action, Exit):
-            stop(action.code, action.reason)
-        if isinstance(action, Rollback):
-            log(f"rollback to step {action.to_step}, skip data steps {action.skip}, "
-                f"lr x{action.lr_scale}: {action.reason}")
-            step = restore(action.to_step)
-            continue
-        dur = time.perf_counter() - t0
-        applied = not isinstance(action, SkipUpdate)
-        goodput.step(dur, applied)
-        rec = {"step": step, "data_step": data_step, "ids": ids, "update": applied,
-               "loss": float(flat[-1]) if math.isfinite(float(flat[-1])) else None, "dur": dur, "t": time.time()}
-        os.write(consumed_fd, (json.dumps(rec) + "\n").encode())
-        step += 1
-        health = guard.observe_health(step, [e for p in probes for e in p.poll()])
-        if isinstance(health, Exit):
-            stop(health.code, health.reason)
-        if step % args.ckpt_every == 0 and guard.healthy:
-            with phase("checkpoint_save"):
-                goodput.commit()  # the steps so far are in this checkpoint (async: once it finishes)
-                ckpt.save(step, model=model, optimizer=opt, scheduler=sched, loader=loader, data_step=loader.step,
-                          generation=guard.ledger.generation,
-                          extra={"recovery": guard.state_dict(), "productive_s": goodput.productive_s})
-            if rank == 0:
-                g = goodput.record()
-                journal.append("goodput", step=step, **g)
-                log(f"step {step}: effective training time {100 * g['effective']:.1f}% "
-                    f"({g['productive_s']:.1f} s productive of {g['wall_s']:.1f} s wall)")
+            while step < args.steps:
+                t0 = time.perf_counter()
+                hb.step = step
+                with phase("data"):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        it = iter(loader)
+                        batch = next(it)
+                data_step = loader.last_step
+                ids = batch["id"].tolist()
+                if fire_once("kill"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fire_once("corrupt"):  # bit rot in the newest checkpoint, then a crash: the restart must notice
+                    ckpt.wait()
+                    newest = Path(ckpt.list()[-1].path)
+                    victim = sorted(newest.glob("*.distcp"))[0]
+                    raw = bytearray(victim.read_bytes())
+                    raw[len(raw) // 2] ^= 0x10
+                    victim.write_bytes(bytes(raw))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fire_once("xid"):
+                    fake.inject_xid(int(next(f.value for f in plan.at("xid", step, rank))))
+                with phase("step"):
+                    if fire_once("hang"):
+                        injected_hang(3600.0, time.sleep)
+                    for f in plan.at("slow", step, rank):
+                        time.sleep(f.value)
+                    tokens = batch["tokens"].long()
+                    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+                    for f in plan.at("spike", data_step, rank=0):  # data faults follow the data, not the rank
+                        loss = loss * f.value
+                    if plan.at("nan", data_step, rank=0):
+                        loss = loss * float("nan")
+                    opt.zero_grad(set_to_none=False)
+                    loss.backward()
+                    busy = time.perf_counter() - t0  # before the all-reduce, which equalizes ranks
+                    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+                    if W > 1:
+                        dist.all_reduce(flat)
+                        flat /= W
+                    offset = 0
+                    for p in params:
+                        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                        offset += p.numel()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                    busy_sum, busy_n = busy_sum + busy, busy_n + 1
+                    if W > 1 and (step + 1) % args.straggler_every == 0:  # a collective: inside a watched phase
+                        gathered: list = [None] * W
+                        dist.all_gather_object(gathered, busy_sum / busy_n)
+                        guard.observe_ranks(step + 1, [float(x) for x in gathered])
+                        busy_sum, busy_n = 0.0, 0
+                    action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,
+                                           step_time=busy)
+                    if not isinstance(action, (SkipUpdate, Rollback, Exit)):
+                        opt.step()
+                    if not isinstance(action, (Rollback, Exit)):
+                        sched.step()
+                if isinstance(action, Exit):
+                    stop(action.code, action.reason)
+                if isinstance(action, Rollback):
+                    log(f"rollback to step {action.to_step}, skip data steps {action.skip}, "
+                        f"lr x{action.lr_scale}: {action.reason}")
+                    step = restore(action.to_step)
+                    continue
+                dur = time.perf_counter() - t0
+                applied = not isinstance(action, SkipUpdate)
+                goodput.step(dur, applied)
+                rec = {"step": step, "data_step": data_step, "ids": ids, "update": applied,
+                       "loss": float(flat[-1]) if math.isfinite(float(flat[-1])) else None, "dur": dur, "t": time.time()}
+                os.write(consumed_fd, (json.dumps(rec) + "\n").encode())
+                step += 1
+                health = guard.observe_health(step, [e for p in probes for e in p.poll()])
+                if isinstance(health, Exit):
+                    stop(health.code, health.reason)
+                if step % args.ckpt_every == 0 and guard.healthy:
+                    with phase("checkpoint_save"):
+                        goodput.commit()  # the steps so far are in this checkpoint (async: once it finishes)
+                        ckpt.save(step, model=model, optimizer=opt, scheduler=sched, loader=loader, data_step=loader.step,
+                                  generation=guard.ledger.generation,
+                                  extra={"recovery": guard.state_dict(), "productive_s": goodput.productive_s})
+                    if rank == 0:
+                        g = goodput.record()
+                        journal.append("goodput", step=step, **g)
+                        log(f"step {step}: effective training time {100 * g['effective']:.1f}% "
+                            f"({g['productive_s']:.1f} s productive of {g['wall_s']:.1f} s wall)")
+            break
+        except Exception as e:
+            if rounds is None or not inprocess.recoverable(e):
+                raise
+            log(f"peer failure in round {rounds.round} at step {step} ({type(e).__name__}): "
+                f"re-forming the group in this process")
+            journal.append("inprocess_restart", round=rounds.round, step=step, error=f"{type(e).__name__}: {e}"[:300])
+            ckpt.abandon()
+            with phase("reform"):
+                rounds.reform()  # waits for the respawned rank to join the next round
+                ckpt = make_ckpt()
+            goodput.discard()
     with phase("checkpoint_save"):
         ckpt.wait()
     if watchdog is not None:

@@ -33,6 +33,9 @@ TIMEOUTS = [
     (rec("step"), {"step": 4.0}, 20.0),                 # a 4 s step: 5x its longest
     (rec("checkpoint_save"), {"step": 0.05}, 30.0),     # first save: uncalibrated floor
     (rec("checkpoint_save"), {"step": 2.0}, 40.0),      # ... or 20x the longest known phase
+    (rec("other"), {"other": 1e-4, "step": 2.0}, 10.0), # between phases: like the longest phase
+    (rec("collective"), {"collective": 0.01}, 6.0),     # waiting for peers: 2x, the stuck one goes first
+    (rec("exit"), {"other": 1e-4, "step": 0.05}, 30.0), # interpreter shutdown: uncalibrated
 ]
 
 
@@ -67,6 +70,7 @@ def test_calibrates_from_the_first_steps_then_fires(tmp_path):
             clock.t += 0.05
         mon.check()
     assert mon.history["0"] == {"step": pytest.approx(0.05), "other": 0.0}
+    assert mon.timeout("0") == 3.0  # in "other" now: bounded like the step
     with hb.phase("step"):
         clock.t += 2.9
         assert mon.check() == []
@@ -76,6 +80,15 @@ def test_calibrates_from_the_first_steps_then_fires(tmp_path):
     assert kills == [signal.SIGUSR1, signal.SIGKILL]
     assert "no heartbeat for 3.10 s" in (tmp_path / "dump.txt").read_text()
     assert mon.check() == []  # fired once, the worker is no longer watched
+
+
+def test_nested_phase_returns_to_the_outer_one(tmp_path):
+    hb = Heartbeat(str(tmp_path / "x.hb"))
+    with hb.phase("step"):
+        with hb.phase("collective"):
+            assert read_record(hb.path)["phase"] == "collective"
+        assert read_record(hb.path)["phase"] == "step"
+    assert read_record(hb.path)["phase"] == "other"
 
 
 def test_torn_or_foreign_records_are_ignored(tmp_path):

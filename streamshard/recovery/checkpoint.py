@@ -37,6 +37,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import fsspec
 import torch
@@ -112,7 +113,7 @@ class CheckpointManager:
         self._clock = clock
         # Checkpoint collectives (DCP's plan exchange, barriers, hash gathering) run on their own
         # gloo group: an async save's background thread then never interleaves with training's.
-        self._pg = dist.new_group(backend="gloo") if _distributed() else None
+        self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=120)) if _distributed() else None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
         self._verified: set[str] = set()
@@ -293,6 +294,11 @@ class CheckpointManager:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+    def abandon(self) -> None:
+        """Forget a background save without joining it (its process group died under it: an
+        in-process restart); the unfinished directory has no manifest and is never loaded."""
+        self._pending, self._error = None, None
 
     def _prune(self) -> None:
         infos = self.list()

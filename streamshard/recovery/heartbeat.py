@@ -15,8 +15,11 @@ Timeout of the current phase, calibrated from the worker's own measurements:
   the slow tail of a healthy run (GC, a checkpoint elsewhere), and 5x that is beyond any of it.
 - a phase not yet calibrated (the first checkpoint save, the first steps after a restart) once
   another phase is: ``max(uncalibrated_floor = 30 s, 20 x the longest duration of any phase)``.
+- ``collective`` (a rank waiting for its peers): ``collective_grace`` (2) x the above, so a peer
+  stuck in its own step is caught and killed first and the waiting ranks see it die instead.
+- time between phases (``other``): like the longest calibrated phase, ``max(floor, factor * it)``.
 - before the first record of a worker (imports, rendezvous, first checkpoint load):
-  ``startup = 300 s``. Calibration is kept per local rank across restarts of the worker.
+  ``startup = 300 s``; after the training loop (``exit``, written at interpreter exit): uncalibrated. Calibration is kept per local rank across restarts of the worker.
 
 On a hang the monitor sends ``SIGUSR1``, on which the worker's ``faulthandler`` (registered by
 :meth:`Heartbeat.from_env`) writes every thread's Python stack from a C signal handler, GIL or not;
@@ -28,6 +31,7 @@ recorder is enabled by the launcher through torch's environment variables
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import os
@@ -57,6 +61,7 @@ class HeartbeatConfig:
     startup: float = 300.0
     poll: float = 0.1
     dump_grace: float = 1.0
+    collective_grace: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("factor", "uncalibrated_factor"):
@@ -97,7 +102,9 @@ class Heartbeat:
             return cls(None)
         local = int(env.get("LOCAL_RANK", "0"))
         install_stack_dump(os.path.join(d, f"stacks-local{local}-pid{os.getpid()}.txt"))
-        return cls(os.path.join(d, f"local{local}.hb"))
+        hb = cls(os.path.join(d, f"local{local}.hb"))
+        atexit.register(hb.enter, "exit")  # interpreter shutdown (GC, thread joins) is not a step
+        return hb
 
     def _write(self) -> None:
         if self._fd is None:
@@ -121,11 +128,13 @@ class Heartbeat:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; nested phases return to the enclosing one on exit."""
+        outer = self._phase if self._phase not in ("start", "other") else "other"
         self.enter(name)
         try:
             yield
         finally:
-            self.enter("other")
+            self.enter(outer)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -164,8 +173,13 @@ def timeout_for(cfg: HeartbeatConfig, rec: dict | None, history: dict[str, float
     if rec is None or (rec["phase"] == "start" and not history):
         return cfg.startup
     phase = rec["phase"]
+    if phase == "other" and history:  # code between phases: bounded like the longest phase
+        return max(cfg.floor, cfg.factor * max(history.values()))
     if phase in history:
-        return max(cfg.floor, cfg.factor * history[phase])
+        t = max(cfg.floor, cfg.factor * history[phase])
+        # a rank waiting in a collective for a stuck peer is a symptom: give the stuck one time to be
+        # caught first, so only the root cause is killed (and, in-process, the others survive)
+        return t * cfg.collective_grace if phase == "collective" else t
     if history:
         return max(cfg.uncalibrated_floor, cfg.uncalibrated_factor * max(history.values()))
     return cfg.startup

@@ -69,6 +69,9 @@ def build_parser():
     g.add_argument("--hang-floor", type=float, default=HeartbeatConfig.floor,
                    help="shortest hang timeout once a phase is calibrated, seconds (default 3)")
     g.add_argument("--kernel-log", help="kernel log to scan for XIDs before each (re)start")
+    g.add_argument("--in-process", action="store_true",
+                   help="in-process restart: a per-rank keeper respawns a dead rank, the others re-form the "
+                        "group without restarting (the script uses streamshard.recovery.inprocess)")
     g.add_argument("--exclude-stragglers", action="store_true",
                    help="at a restart, leave (exit 77) if the journal names this node's ranks as persistent "
                         "stragglers (needs --journal)")
@@ -269,7 +272,12 @@ def launch(config, entrypoint, args: list, opts) -> int:
                  ("TORCH_FR_DUMP_TEMP_FILE", os.path.join(hb_dir, "nccl_trace_rank_"))):
         os.environ.setdefault(k, v)  # NCCL's flight recorder, dumped by NCCL's own watchdog on a timeout
     journal = Journal(opts.journal, rank=os.getpid(), role="agent") if opts.journal else None
-    monitor = None if opts.no_heartbeat else HeartbeatMonitor(HeartbeatConfig(floor=opts.hang_floor)).start()
+    if opts.journal:
+        os.environ["STREAMSHARD_JOURNAL"] = opts.journal
+    os.environ["STREAMSHARD_HANG_FLOOR"] = str(opts.hang_floor)
+    in_process = getattr(opts, "in_process", False)  # then each rank's keeper watches its heartbeat
+    monitor = None if (opts.no_heartbeat or in_process) else HeartbeatMonitor(
+        HeartbeatConfig(floor=opts.hang_floor)).start()
     from streamshard.recovery.health import available_probes
 
     probes = available_probes(opts.kernel_log, log=log.info)
@@ -323,4 +331,8 @@ def main(argv=None) -> int:
     if args.master_port is None:
         args.master_port = 29500
     config, cmd, cmd_args = config_from_args(args)
+    if args.in_process:
+        if not isinstance(cmd, str) or args.no_python or args.run_path or cmd_args[:1] != ["-u"]:
+            build_parser().error("--in-process needs a Python training script (no --no-python / --run-path)")
+        cmd_args = ["-u", "-m", "streamshard.recovery.keeper", *cmd_args[1:]]
     return launch(config, cmd, cmd_args, args)
