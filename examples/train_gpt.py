@@ -13,6 +13,7 @@ restart or rollback appends a new line, so the last line of a step is the one th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from streamshard.recovery.goodput import EffectiveTime, job_start
 from streamshard.recovery.heartbeat import Heartbeat
 from streamshard.recovery.lr import install_lr_scale
 from streamshard.recovery.pg import init_process_group
+from streamshard.recovery.rngstate import rng_state, set_rng_state
 from streamshard.recovery.slowdown import StragglerConfig
 
 
@@ -175,6 +177,9 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
     install_lr_scale(opt, lambda: guard.lr_scale)  # the recovery LR cut, honoured by any scheduler
     ds = StreamingDataset(args.data, global_batch_size=args.global_batch, seed=args.seed, world=world)
     loader = StreamingDataLoader(ds)
+    # the state at step 0, for a survivor of an in-process restart when no checkpoint exists yet
+    initial = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), loader.state_dict(),
+                             rng_state(), guard.state_dict()))
 
     def restore(max_step: int | None) -> int:
         """Newest verified checkpoint at or before ``max_step`` (damaged ones are quarantined)."""
@@ -183,7 +188,12 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
         if got is None:
             if max_step is not None:
                 raise SystemExit(f"no valid checkpoint at or before step {max_step}")
+            for obj, state in zip((model, opt, sched, loader), initial[:4]):
+                obj.load_state_dict(copy.deepcopy(state))
+            set_rng_state(initial[4])
+            guard.load_state_dict(initial[5])  # detector windows; the ledger is merged, never lost
             guard.apply_to_loader(loader)
+            goodput.discard()
             return 0
         info, extra = got
         guard.load_state_dict(extra["recovery"])
@@ -257,7 +267,8 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
                     busy = time.perf_counter() - t0  # before the all-reduce, which equalizes ranks
                     flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
                     if W > 1:
-                        dist.all_reduce(flat)
+                        with phase("collective"):  # waiting for peers: see heartbeat.collective_grace
+                            dist.all_reduce(flat)
                         flat /= W
                     offset = 0
                     for p in params:
@@ -267,7 +278,8 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
                     busy_sum, busy_n = busy_sum + busy, busy_n + 1
                     if W > 1 and (step + 1) % args.straggler_every == 0:  # a collective: inside a watched phase
                         gathered: list = [None] * W
-                        dist.all_gather_object(gathered, busy_sum / busy_n)
+                        with phase("collective"):
+                            dist.all_gather_object(gathered, busy_sum / busy_n)
                         guard.observe_ranks(step + 1, [float(x) for x in gathered])
                         busy_sum, busy_n = 0.0, 0
                     action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,

@@ -64,11 +64,13 @@ def test_calibrates_from_the_first_steps_then_fires(tmp_path):
     mon = HeartbeatMonitor(CFG, clock=clock, kill=lambda pid, sig: kills.append(sig), sleep=lambda s: None)
     mon.watch("0", os.getpid(), hb.path, str(tmp_path / "dump.txt"))
     assert mon.check() == [] and mon.timeout("0") == 300.0
-    for i in range(4):  # four 50 ms steps
+    for i in range(6):  # a 2 s first step (warm-up, not measured), then five 50 ms steps
         hb.step = i
         with hb.phase("step"):
-            clock.t += 0.05
+            clock.t += 2.0 if i == 0 else 0.05
         mon.check()
+        if i == 3:
+            assert mon.history["0"] == {}  # 2 warm-up + 2 measured < min_samples: still start-up rules
     assert mon.history["0"] == {"step": pytest.approx(0.05), "other": 0.0}
     assert mon.timeout("0") == 3.0  # in "other" now: bounded like the step
     with hb.phase("step"):
@@ -76,7 +78,7 @@ def test_calibrates_from_the_first_steps_then_fires(tmp_path):
         assert mon.check() == []
         clock.t += 0.2  # 3.1 s in a phase whose timeout is 3 s
         (hang,) = mon.check()
-    assert (hang.phase, hang.step, hang.timeout) == ("step", 3, 3.0)
+    assert (hang.phase, hang.step, hang.timeout) == ("step", 5, 3.0)
     assert kills == [signal.SIGUSR1, signal.SIGKILL]
     assert "no heartbeat for 3.10 s" in (tmp_path / "dump.txt").read_text()
     assert mon.check() == []  # fired once, the worker is no longer watched
@@ -110,7 +112,7 @@ CHILD = textwrap.dedent("""
     import ctypes, os, signal, sys, time
     from streamshard.recovery.heartbeat import Heartbeat
     hb = Heartbeat.from_env()
-    for i in range(5):
+    for i in range(6):
         hb.step = i
         with hb.phase("data"):
             time.sleep(0.01)
@@ -150,7 +152,7 @@ def test_real_hung_process_is_dumped_and_killed(tmp_path, how):
             proc.wait()
     assert rc == -signal.SIGKILL
     (hang,) = hangs
-    assert (hang.phase, hang.step, hang.timeout) == ("step", 4, 0.5)  # calibrated, not start-up
+    assert (hang.phase, hang.step, hang.timeout) == ("step", 5, 0.5)  # calibrated, not start-up
     dump = open(hang.dump).read()
     if how == "gil":  # faulthandler ran in the C signal handler although the GIL was held
         assert "stuck_in_c_with_the_gil" in dump and "Current thread" in dump

@@ -9,7 +9,7 @@ C call that holds the GIL, a SIGSTOP, or a deadlocked collective cannot keep it 
 
 Timeout of the current phase, calibrated from the worker's own measurements:
 
-- phase seen completing at least ``min_samples`` (3) times:
+- phase seen completing at least ``min_samples`` (3) times after its first 2 (warm-up, not measured):
   ``max(floor, factor * longest recent duration)``, ``floor = 3 s``, ``factor = 5``: a 50 ms step
   is declared hung after 3 s; a 4 s step after 20 s. The longest recent duration already contains
   the slow tail of a healthy run (GC, a checkpoint elsewhere), and 5x that is beyond any of it.
@@ -49,6 +49,7 @@ ENV_DIR = "STREAMSHARD_HEARTBEAT_DIR"
 RECORD_SIZE = 1024  # fixed: one pwrite replaces the whole record
 DUMP_SIGNAL = signal.SIGUSR1
 _RECENT = 50
+_WARMUP = 2
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class Heartbeat:
         prev, took = self._phase, now - self._since
         if prev != "start":
             self._n[prev] = self._n.get(prev, 0) + 1
-            self._recent.setdefault(prev, deque(maxlen=_RECENT)).append(took)
+            if self._n[prev] > _WARMUP:  # the first runs of a phase compile, fill caches, wait for peers
+                self._recent.setdefault(prev, deque(maxlen=_RECENT)).append(took)
         self._phase, self._since = name, now
         self._write()
 
@@ -244,7 +246,7 @@ class HeartbeatMonitor:
                 w.last = rec
                 hist = self.history.setdefault(key, {})
                 for phase, n in rec["n"].items():
-                    if n >= self.cfg.min_samples and phase in rec["max"]:
+                    if n >= self.cfg.min_samples + _WARMUP and phase in rec["max"]:
                         hist[phase] = float(rec["max"][phase])
             if w.started is None:
                 w.started = now
