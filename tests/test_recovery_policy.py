@@ -281,3 +281,28 @@ def test_guard_watches_grad_norm_separately():
     assert isinstance(a, SkipUpdate) and a.reason.startswith("grad_norm spike")
     assert not g.healthy  # a run of anomalies is open: no checkpoint now
     assert g.observe(21, data_step=21, loss=2.0, grad_norm=1.01) is PROCEED and g.healthy
+
+
+def test_a_rung_before_rollback_can_decide_or_pass():
+    from streamshard.recovery.policy import Anomaly, climb, rollback_rung
+
+    seen = []
+
+    def verdict_rung(ledger, cfg, anomaly: Anomaly):  # e.g. forensics: re-run the batch, quarantine it
+        seen.append(anomaly)
+        if anomaly.first[0] == 55:
+            return Exit(exitcodes.DO_NOT_REQUEUE, "forensics says: bad data"), ledger, {"event": "verdict", "x": 1}
+        return None
+
+    a = Anomaly((55, 55), (57, 57), "loss spike", tuple(CKPTS))
+    action, _, event = climb([verdict_rung], Ledger(), POLICY, a)
+    assert isinstance(action, Exit) and event["event"] == "verdict"
+    b = Anomaly((60, 60), (62, 62), "loss spike", tuple(CKPTS))
+    assert climb([verdict_rung], Ledger(), POLICY, b) == rollback_rung(Ledger(), POLICY, b)  # passed on
+    # the guard consults its rungs on a persistent anomaly
+    g = Recovery(guard_cfg(), checkpoints=lambda: CKPTS, rungs=[verdict_rung])
+    for i in range(20):
+        g.observe(i + 40, data_step=i + 40, loss=2.0 + 0.01 * (i % 3))
+    for s in (60, 61, 62):
+        action = g.observe(s, data_step=s, loss=50.0)
+    assert isinstance(action, Rollback) and seen[-1].first == (60, 60)

@@ -30,7 +30,8 @@ from streamshard.recovery.detectors import (
 from streamshard.recovery.health import HealthEvent
 from streamshard.recovery.journal import Journal
 from streamshard.recovery.policy import (
-    PROCEED, Action, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, SkipUpdate, decide_persistent,
+    DEFAULT_RUNGS, PROCEED, Action, Anomaly, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, Rung, SkipUpdate,
+    climb,
 )
 from streamshard.recovery.slowdown import (
     SlowdownConfig, SlowdownDetector, StragglerConfig, StragglerDetector, Stragglers,
@@ -55,8 +56,9 @@ class Recovery:
 
     def __init__(self, cfg: GuardConfig = GuardConfig(), *, journal: Journal | None = None,
                  checkpoints: Callable[[], Iterable[CheckpointRef]] = tuple, writer: bool = True,
-                 world_size: int = 1, log: Callable[[str], None] = print):
+                 world_size: int = 1, log: Callable[[str], None] = print, rungs: Sequence[Rung] = DEFAULT_RUNGS):
         self.cfg = cfg
+        self._rungs = tuple(rungs)  # consulted in order on a persistent anomaly; rollback is always last
         self._journal = journal
         self._writer = writer
         self._checkpoints = checkpoints
@@ -146,9 +148,8 @@ class Recovery:
             return SkipUpdate(step, reason)
         first = self._run.first
         refs = list(self._checkpoints())
-        action, self.ledger, event = decide_persistent(
-            self.ledger, self.cfg.policy, first=(first, self._data_of.get(first, data_step)),
-            last=(step, data_step), checkpoints=refs, reason=reason)
+        anomaly = Anomaly((first, self._data_of.get(first, data_step)), (step, data_step), reason, tuple(refs))
+        action, self.ledger, event = climb(self._rungs, self.ledger, self.cfg.policy, anomaly)
         self._decision(event.pop("event"), step=step, **event)
         self._run.reset()
         if isinstance(action, Rollback):
