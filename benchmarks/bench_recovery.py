@@ -64,7 +64,7 @@ def fault_plan(steps: int, nproc: int, per_block: int = 1000, corrupt: bool = Tr
 def run(out: Path, args, faults: str, steps: int) -> tuple[float, float]:
     """Run the example under `streamshard launch`; returns (wall seconds, unix time of the launch)."""
     cmd = [sys.executable, "-m", "streamshard.cli", "launch", "--standalone", f"--nproc-per-node={args.nproc}",
-           f"--journal={out / 'journal'}", str(EXAMPLE), "--data", args.data, "--out", str(out),
+           f"--journal={out / 'journal'}", *(["--in-process"] if args.in_process else []), str(EXAMPLE), "--data", args.data, "--out", str(out),
            "--steps", str(steps), "--global-batch", str(args.global_batch), "--seq", str(args.seq),
            "--d-model", str(args.d_model), "--layers", str(args.layers), "--ckpt-every", str(args.ckpt_every),
            "--rollback-margin", "5", "--skip-before", "0"]
@@ -132,7 +132,8 @@ def measure(name: str, work: Path, args, faults: str, steps: int) -> dict:
         "effective_fraction": round(counted / wall, 4), "startup_s": round(startup, 2),
         "live_effective_last": goodput[-1]["effective"] if goodput else None,
         "steps_executed": executed,
-        "restarts": sum(e["event"] == "start_workers" for e in events) - 1,
+        "group_restarts": sum(e["event"] == "start_workers" for e in events) - 1,
+        "process_respawns": sum(e["event"] == "respawn" for e in events),
         "rollbacks": sum(e["event"] == "rollback" for e in events),
         "hangs_caught": len({e["step"] for e in events if e["event"] == "hang"}),
         "quarantined": sum(e["event"] == "checkpoint_quarantined" for e in events),
@@ -156,6 +157,7 @@ def main() -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=25)
+    p.add_argument("--in-process", action="store_true", help="streamshard launch --in-process")
     p.add_argument("--data", help="token dataset (default: written to a temp dir)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
