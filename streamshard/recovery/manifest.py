@@ -66,15 +66,10 @@ def write_manifest(fs, directory: str, step: int, entries: dict) -> None:
 
 
 def put_bytes(fs, path: str, data: bytes) -> None:
-    """Whole-object write: temp + rename on a local file system (atomic), one PUT on object stores."""
-    from fsspec.implementations.local import LocalFileSystem
+    """Whole-object write: temp + rename on a local file system, one PUT on object stores."""
+    from streamshard.atomic import put_atomic
 
-    if isinstance(fs, LocalFileSystem):
-        from streamshard.atomic import atomic_write
-
-        atomic_write(path, data)
-    else:
-        fs.pipe_file(path, data)
+    put_atomic(path, data, fs=fs)
 
 
 def read_manifest(fs, directory: str) -> dict:

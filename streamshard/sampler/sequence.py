@@ -16,42 +16,17 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.lru import LRU
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
+from streamshard.sampler.quarantine import fill as fill_quarantine
+from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips
+from streamshard.sampler.quarantine import normalize_quarantine
 
 Order = Union[EpochOrder, MixtureOrder]
 # Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
 _ORDER_CACHE_SIZE = 8
-
-
-def normalize_skips(ranges: Iterable) -> tuple[tuple[int, int], ...]:
-    """Sorted, merged half-open step ranges; overlapping and adjacent ranges are united."""
-    pairs = []
-    for item in ranges:
-        start, stop = item
-        start = check_int(start, "skip start", minimum=0)
-        stop = check_int(stop, "skip stop", minimum=0)
-        if stop < start:
-            raise ConfigError(f"skip range must have start <= stop, got [{start}, {stop})")
-        if stop > start:  # an empty range skips nothing
-            pairs.append((start, stop))
-    merged: list[tuple[int, int]] = []
-    for start, stop in sorted(pairs):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
-        else:
-            merged.append((start, stop))
-    return tuple(merged)
-
-
-def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
-    """Distinct (step, salt) pairs sorted by step, then salt."""
-    pairs = set()
-    for item in entries:
-        step, salt = item
-        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
-    return tuple(sorted(pairs))
 
 
 class SampleSequence:
@@ -64,7 +39,7 @@ class SampleSequence:
     """
 
     def __init__(self, order: Order, *, global_batch_size: int, drop_last: bool = True,
-                 skips: Iterable = (), reseeds: Iterable = ()):
+                 skips: Iterable = (), reseeds: Iterable = (), quarantine: Iterable = ()):
         if not isinstance(order, (EpochOrder, MixtureOrder)):
             raise ConfigError(f"order must be an EpochOrder or MixtureOrder, got {order!r:.80}")
         if not isinstance(drop_last, (bool, np.bool_)):
@@ -81,7 +56,8 @@ class SampleSequence:
         self._skips = normalize_skips(skips)
         self._skip_starts = [start for start, _ in self._skips]
         self._reseeds = normalize_reseeds(reseeds)
-        self._orders: dict[int, EpochOrder] = {}
+        self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
+        self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
 
     # -- description ----------------------------------------------------------------------
     order = property(lambda self: self._order)
@@ -89,6 +65,13 @@ class SampleSequence:
     drop_last = property(lambda self: self._drop_last)
     skips = property(lambda self: self._skips, doc="Normalized skip ledger ((start, stop), ...).")
     reseeds = property(lambda self: self._reseeds, doc="Sorted reseed ledger ((step, salt), ...).")
+    quarantine = property(lambda self: self._quarantine,
+                          doc="Quarantine ledger ((stream, sample_id, from_step), ...).")
+
+    @property
+    def ledgers(self):
+        """All ledgers as one :class:`~streamshard.sampler.ledgers.Ledgers` value."""
+        return Ledgers(self._skips, self._reseeds, self._quarantine)
 
     @property
     def epoch_size(self) -> int:
@@ -113,21 +96,33 @@ class SampleSequence:
         fields.update(self._order.state_fields())
         fields["skips"] = [list(pair) for pair in self._skips]
         fields["reseeds"] = [list(pair) for pair in self._reseeds]
+        fields["quarantine"] = [list(entry) for entry in self._quarantine]
         return fields
 
     def __repr__(self) -> str:
         return (f"SampleSequence({self._order!r}, global_batch_size={self._g}, "
-                f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds})")
+                f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds}, "
+                f"quarantine={self._quarantine})")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_orders"] = {}
+        state["_orders"] = LRU(_ORDER_CACHE_SIZE)
         return state
 
     # -- ledgers --------------------------------------------------------------------------
-    def _replace(self, skips, reseeds) -> "SampleSequence":
+    def _replace(self, skips, reseeds, quarantine=None) -> "SampleSequence":
         return SampleSequence(self._order, global_batch_size=self._g, drop_last=self._drop_last,
-                              skips=skips, reseeds=reseeds)
+                              skips=skips, reseeds=reseeds,
+                              quarantine=self._quarantine if quarantine is None else quarantine)
+
+    def with_ledgers(self, ledgers) -> "SampleSequence":
+        """The same order and batch size with ``ledgers`` (a ``Ledgers``) instead of these."""
+        return self._replace(ledgers.skips, ledgers.reseeds, ledgers.quarantine)
+
+    def with_quarantine(self, stream: int, sample_id: int, from_step: int) -> "SampleSequence":
+        """A sequence that never serves ``sample_id`` of ``stream`` from step ``from_step`` on."""
+        return self._replace(self._skips, self._reseeds,
+                             self._quarantine + ((stream, sample_id, from_step),))
 
     def with_skip(self, start: int, stop: int) -> "SampleSequence":
         """A sequence that never serves steps ``[start, stop)`` (united with earlier skips)."""
@@ -193,7 +188,18 @@ class SampleSequence:
         return self.batch(step, 0, 1)
 
     def map_positions(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
-        """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``."""
+        """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``,
+        quarantined samples replaced by their fill (:mod:`streamshard.sampler.quarantine`)."""
+        return self.map_positions_marked(epoch, positions)[:2]
+
+    def map_positions_marked(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``map_positions`` plus a bool array marking quarantine fills."""
+        pos = np.asarray(positions, dtype=np.int64)
+        streams, samples = self._map_raw(epoch, pos)
+        return fill_quarantine(self._quarantine, epoch, pos, streams, samples, steps=self._steps,
+                               g=self._g, e=self._e, drop_last=self._drop_last, raw=self._map_raw)
+
+    def _map_raw(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
         epoch = check_int(epoch, "epoch", minimum=0)
         pos = np.asarray(positions, dtype=np.int64)
         if pos.size and (pos.min() < 0 or pos.max() >= self._e):
@@ -220,9 +226,7 @@ class SampleSequence:
         order = self._orders.get(seed)
         if order is None:
             order = self._order.reseeded(seed)
-            cache = dict(self._orders) if len(self._orders) < _ORDER_CACHE_SIZE else {}
-            cache[seed] = order
-            self._orders = cache
+            self._orders.put(seed, order)
         return order
 
     def _reseed_map(self, pos: np.ndarray, r: int, salt: int) -> np.ndarray:
@@ -255,8 +259,7 @@ class SampleSequence:
         total = 0
         for order in orders:
             if order.shuffle:
-                need = order.lanes_read(rank, world_size) * (
-                    order.shards_touched_by_run(order.window) + 1)
+                need = order.lanes_read(rank, world_size) * (order.shards_per_lane_at_once() + 1)
             else:
                 need = order.shards_touched_by_run(self._g) + 1
             total += min(need, order.num_shards)
