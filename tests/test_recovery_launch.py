@@ -117,3 +117,32 @@ def test_exit_77_node_leaves_and_a_spare_takes_its_place(tmp_path):
     assert sum(s.startswith(f"start-{leaver}-") for s in starts) == 1
     assert len({s.split("-")[1] for s in starts}) == 3
     assert json.loads((tmp_path / "done-rank0").read_text()) == 2 and (tmp_path / "done-rank1").is_file()
+
+
+def test_exit_78_on_one_node_stops_every_node(tmp_path):
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    agents = {}
+    try:
+        for name in ("a", "b"):
+            (tmp_path / "hb" / name).mkdir(parents=True)
+            cmd = launch_cmd(tmp_path, "--nnodes=2:2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=job78", "--rdzv-conf=is_host=0",
+                             steps=400)
+            cmd[cmd.index(f"--heartbeat-dir={tmp_path / 'hb'}")] = f"--heartbeat-dir={tmp_path / 'hb' / name}"
+            agents[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            env=env(NODE_NAME=name, WORKER_FAULT="exit78@10", WORKER_FAULT_WHERE="rank1"))
+        results = {n: (p.wait(timeout=100), p.stdout.read()) for n, p in agents.items()}
+    finally:
+        for p in agents.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        del store
+    assert sorted(rc for rc, _ in results.values()) == [78, 78], {n: log[-2000:] for n, (_, log) in results.items()}
+    stops = events(tmp_path, "stop")
+    assert len(stops) == 2 and all(s["code"] == 78 for s in stops)
+    assert len(events(tmp_path, "start_workers")) == 2  # one start per node, no restart anywhere
+    assert not list(tmp_path.glob("done-rank*"))  # stopped long before step 400
