@@ -278,6 +278,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
 
 
+# -- launch (streamshard/recovery/launch.py; takes torchrun's own flags, parsed there) ----------
+
+def _add_launch(sub: Any) -> None:
+    sub.add_parser("launch", add_help=False, help="torchrun's elastic agent acting on recovery exit codes "
+                                                  "(75 restart, 77 drop node, 78 stop all); torchrun flags")
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 def _add_paths(p: argparse.ArgumentParser, name: str, help: str, dest_help: str) -> None:
@@ -300,7 +307,7 @@ def _add_quarantine(sub: Any) -> None:
 
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo, _add_explain, _add_quarantine]
+                                             _add_demo, _add_explain, _add_quarantine, _add_launch]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +342,11 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's parser, not ours
+        from streamshard.recovery.launch import main as launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
     # leaves the later positionals over, and they are appended in order.
