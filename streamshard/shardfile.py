@@ -213,7 +213,7 @@ class ShardFileReader:
                  stats: Any = None, expected_samples: int | None = None,
                  block_cache: Any = None):
         self.name = name
-        self._shared = block_cache  # a BlockCache shared with the dataset's other shards, or None
+        self._shared = block_cache  # an LRU of blocks shared with the dataset's other shards, or None
         self._decode = decode
         self._stats = stats if stats is not None else ReadStats()
         self._file = open(path, "rb", buffering=0)
@@ -357,7 +357,7 @@ class ShardFileReader:
         st.bytes_read += len(raw)
         self._block = (b, raw, head)
         if shared is not None:
-            shared.put((self.name, b), raw, head)
+            shared.put((self.name, b), (raw, head))
         return raw, head
 
     def _compressed_span(self, k: int) -> tuple[bytes, int, int, int]:

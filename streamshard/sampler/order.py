@@ -29,6 +29,7 @@ import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.locate import locate, shard_starts
+from streamshard.lru import LRU
 from streamshard.sampler import blockorder
 from streamshard.sampler.blockorder import BlockGroups
 from streamshard.sampler.permutation import (
@@ -87,7 +88,7 @@ class EpochOrder:
         if blocks is not None and not isinstance(blocks, BlockGroups):
             raise ConfigError(f"blocks must be a BlockGroups or None, got {blocks!r:.80}")
         self._blocks = blocks
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: LRU[int, tuple[np.ndarray, np.ndarray]] = LRU(_EPOCH_CACHE_SIZE)
 
     # -- read-only description ------------------------------------------------------------
     @property
@@ -142,7 +143,7 @@ class EpochOrder:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = {}  # rebuilt on demand in the receiving process
+        state["_cache"] = LRU(_EPOCH_CACHE_SIZE)  # each copy (and process) fills its own
         return state
 
     def reseeded(self, seed: int) -> "EpochOrder":
@@ -205,9 +206,7 @@ class EpochOrder:
                 slot_to_shard = perm(np.arange(self.num_shards, dtype=np.int64))
             cum = np.concatenate([[0], np.cumsum(self._sizes[slot_to_shard])]).astype(np.int64)
             tables = (slot_to_shard, cum)
-            cache = dict(self._cache) if len(self._cache) < _EPOCH_CACHE_SIZE else {}
-            cache[epoch] = tables
-            self._cache = cache  # replaced whole, so concurrent readers never see a half update
+            self._cache.put(epoch, tables)
         return tables
 
     def _map(self, epoch: int, t: np.ndarray) -> np.ndarray:
