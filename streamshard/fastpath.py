@@ -126,8 +126,16 @@ class _Gatherer:
             return rows
         return cached[1]
 
-    def starts(self, shards: np.ndarray, within: np.ndarray) -> np.ndarray:
-        """Byte offsets of samples ``within`` of ``shards`` (all prepared by ``shard_rows``)."""
+    def starts(self, shards: np.ndarray, within: np.ndarray, segments: list) -> np.ndarray:
+        """Byte offsets of samples ``within`` of ``shards`` (sorted; each segment's shard
+        prepared by ``shard_rows``)."""
+        first = [s for s, _, _ in segments]
+        k0, stride0, base0 = self.k[first[0]], self.stride[first[0]], self.base[first[0]]
+        if all(self.k[s] == k0 and self.stride[s] == stride0 and self.base[s] == base0
+               and self.last_block[s] < 0 for s in first):
+            # The writer's case: one layout for every shard touched, no short last block.
+            blocks = within // k0
+            return base0 + blocks * stride0 + (within - blocks * k0) * self.row
         k = self.k[shards]
         blocks = within // k
         starts = self.base[shards] + blocks * self.stride[shards] + (within - blocks * k) * self.row
@@ -163,7 +171,7 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         order, segments = None, [(lo, 0, len(ids))]
     else:
         order = np.argsort(shards, kind="stable")
-        shards, within, ids = shards[order], within[order], ids[order]
+        shards, within = shards[order], within[order]
         cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
         bounds = [0, *cuts, len(ids)]
         segments = [(int(shards[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -175,7 +183,7 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         for r, (_, a, b) in zip(rows_of, segments):
             if r.unchecked:
                 r.check(within[a:b] // r.k)
-        starts = g.starts(shards, within)
+        starts = g.starts(shards, within, segments)
     else:  # some shard is not uniform: positions per gatherable segment
         starts = np.zeros(len(ids), dtype=np.int64)
         for r, (_, a, b) in zip(rows_of, segments):

@@ -165,10 +165,10 @@ class Dataset:
         sizes it to the blocks its lanes keep in flight); never shrinks it."""
         if nbytes > self.block_cache_bytes:
             self.block_cache_bytes = int(nbytes)
-            if self._blocks is None:
-                self._blocks = BlockCache(self.block_cache_bytes)
+            if self._blocks is None:  # readers opened before keep reading uncached
+                self._blocks = LRU(self.block_cache_bytes, size=_block_bytes)
             else:
-                self._blocks.max_bytes = self.block_cache_bytes
+                self._blocks.capacity = self.block_cache_bytes
 
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
