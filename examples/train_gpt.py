@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -35,19 +36,26 @@ from streamshard.recovery import (
 )
 from streamshard.recovery.checkpoint import CheckpointManager
 from streamshard.recovery.faultplan import injected_hang
+from streamshard.recovery.forensics import ForensicsConfig
+from streamshard.recovery.forensics import act as forensics_act
+from streamshard.recovery.forensics import investigate_step
 from streamshard.recovery.slowdown import StragglerConfig
 
 
-def make_data(path: str, samples: int, seq: int, vocab: int) -> None:
-    """Arithmetic token sequences ``(a + k*i) % vocab``: learnable, so the loss falls steadily."""
+def make_data(path: str, samples: int, seq: int, vocab: int, poison: frozenset = frozenset()) -> None:
+    """Arithmetic token sequences ``(a + k*i) % (vocab - 1)``: learnable, so the loss falls steadily.
+    Token ``vocab - 1`` never occurs, so training drives its probability towards 0; a sample in
+    ``poison`` is a document of that one token repeated: every target costs a huge loss."""
     from streamshard import ShardWriter
 
     rng = np.random.default_rng(0)
     with ShardWriter(path, columns={"id": "int64", "tokens": f"uint16[{seq + 1}]"}, shard_size="16KB",
                      block_size="4KiB") as w:
         for i in range(samples):
-            a, k = int(rng.integers(vocab)), int(rng.integers(1, 8))
-            w.write({"id": i, "tokens": ((a + k * np.arange(seq + 1)) % vocab).astype(np.uint16)})
+            a, k = int(rng.integers(vocab - 1)), int(rng.integers(1, 8))
+            clean = (a + k * np.arange(seq + 1)) % (vocab - 1)
+            tokens = np.full(seq + 1, vocab - 1) if i in poison else clean
+            w.write({"id": i, "tokens": tokens.astype(np.uint16)})
 
 
 class TinyGPT(nn.Module):
@@ -85,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--make-data", metavar="DIR", help="write a token dataset to DIR and exit")
     p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--poison", default="", help="with --make-data: comma-separated sample ids to poison")
+    p.add_argument("--forensics", action="store_true", help="re-run a spiking step: quarantine bad "
+                   "samples (data) or exit 77 (hardware); see streamshard/recovery/forensics.py")
     p.add_argument("--data", help="token dataset directory")
     p.add_argument("--out", help="checkpoints, journal, consumed ids, stack dumps")
     p.add_argument("--steps", type=int, default=100)
@@ -111,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.make_data:
-        make_data(args.make_data, args.samples, args.seq, args.vocab)
+        make_data(args.make_data, args.samples, args.seq, args.vocab,
+                  frozenset(int(x) for x in args.poison.split(",") if x))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +141,7 @@ def main(argv=None) -> int:
         persistence=PersistenceConfig(3),
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),
         straggler=StragglerConfig(window=3, ratio=1.3, min_delta=0.02),
+        forensics=ForensicsConfig(enabled=args.forensics),
     )
     ckpt = CheckpointManager(out / "ckpt", world=world, keep=args.keep, valid=lambda r: guard.ledger.is_valid(r))
     guard = Recovery(cfg, journal=journal, checkpoints=ckpt.refs, writer=rank == 0, world_size=W, log=log)
@@ -179,6 +192,24 @@ def main(argv=None) -> int:
     it = iter(loader)
     busy_sum, busy_n = 0.0, 0
 
+    def per_sample_loss(tokens: torch.Tensor) -> torch.Tensor:
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1),
+                               reduction="none").view(tokens.shape[0], -1).mean(1)
+
+    def rerun(keys) -> list[float]:
+        """Forensics: re-read these samples by id (O(1) seek) and re-run them, forward only."""
+        tokens = torch.stack([torch.from_numpy(ds.get(s, i)["tokens"].astype(np.int64)) for s, i in keys])
+        with torch.no_grad():
+            return per_sample_loss(tokens).tolist()
+
+    def gather(value) -> list:
+        if W == 1:
+            return [value]
+        out: list = [None] * W
+        dist.all_gather_object(out, value)
+        return out
+
     def fire_once(kind: str) -> bool:
         for f in plan.at(kind, step, rank):
             if f.key not in fired:
@@ -207,7 +238,10 @@ def main(argv=None) -> int:
             for f in plan.at("slow", step, rank):
                 time.sleep(f.value)
             tokens = batch["tokens"].long()
-            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+            loss = per_sample_loss(tokens).mean()
+            for f in plan.at("corrupt", step, rank):  # a flaky device (fires once): not the data
+                if fire_once("corrupt"):
+                    loss = loss * f.value
             for f in plan.at("spike", data_step, rank=0):  # data faults follow the data, not the rank
                 loss = loss * f.value
             if plan.at("nan", data_step, rank=0):
@@ -232,10 +266,25 @@ def main(argv=None) -> int:
                 busy_sum, busy_n = 0.0, 0
             action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,
                                    step_time=busy)
+            verdict = None
+            if cfg.forensics.enabled and isinstance(action, SkipUpdate):  # weights: still pre-update
+                decision = investigate_step(
+                    guard=guard, loader=loader, data_step=data_step, local_loss=float(loss),
+                    local_count=len(ids), rank=rank, world_size=W, host=socket.gethostname(),
+                    rerun=rerun, gather=gather, cfg=cfg.forensics, clock=time.perf_counter)
+                verdict = forensics_act(decision, guard=guard, loader=loader, step=step, data_step=data_step,
+                                        cfg=cfg.forensics)
+                log(f"forensics at step {step} (data step {data_step}): {decision.verdict}, rank "
+                    f"{decision.suspect}, culprits {list(decision.culprits)}: {decision.evidence.get('reason')}")
             if not isinstance(action, (SkipUpdate, Rollback, Exit)):
                 opt.step()
-            if not isinstance(action, (Rollback, Exit)):
+            if not isinstance(action, (Rollback, Exit)) and verdict != "retrain":
                 sched.step()
+        if verdict == "retrain":  # culprits quarantined, loader rewound: train this step again
+            continue
+        if verdict == "exit":
+            watchdog.stop()
+            os._exit(exitcodes.REPLACE_NODE)
         if isinstance(action, Exit):
             log(f"exit {action.code} ({exitcodes.describe(action.code)}): {action.reason}")
             watchdog.stop()

@@ -132,3 +132,45 @@ def test_hardware_verdicts_are_listed_for_the_launcher(tmp_path):
     Recovery(GuardConfig(), journal=journal).record(verdict_event(d, step=9, data_step=9, host="gpu-7"))
     assert excluded_devices(journal.records()) == [("gpu-7", 1)]
     assert Recovery(GuardConfig(), journal=Journal(journal.path)).ledger.quarantine == ()
+
+
+def test_a_batch_of_merely_hard_samples_costs_no_innocent_sample():
+    hard = [5.0, 5.5, 5.2, 5.8]  # all below 3 x baseline (~6.06): reproduces, but no outlier
+    d = investigate(flag=flag(), local_losses=[2.0, 5.375], local_counts=[4, 4], keys=KEYS, same=hard,
+                    other=hard)
+    assert d.verdict == UNDECIDED and d.culprits == () and "3.0 x baseline" in d.evidence["reason"]
+    with pytest.raises(ConfigError, match="min_culprit_ratio"):
+        ForensicsConfig(min_culprit_ratio=0.5)
+
+
+def test_investigate_step_and_act_quarantine_rewind_and_retrain(tmp_path, id_dataset_factory):
+    from streamshard.recovery.forensics import act, investigate_step
+    from streamshard.recovery.policy import SkipUpdate
+    from streamshard.recovery import PolicyConfig
+
+    loader = StreamingDataLoader(StreamingDataset(id_dataset_factory(203), global_batch_size=6,
+                                                  world=World(0, 1)))
+    guard = Recovery(GuardConfig(loss=CFG, grad_norm=None, policy=PolicyConfig()),
+                     journal=Journal(tmp_path / "j.jsonl"))
+    it = iter(loader)
+    for step in range(12):
+        next(it)
+        assert not isinstance(guard.observe(step, data_step=loader.last_step, loss=2.0 + 0.01 * (step % 3)),
+                              SkipUpdate)
+    batch = next(it)
+    data_step = loader.last_step
+    victim = batch["id"].tolist()[4]
+    assert isinstance(guard.observe(12, data_step=data_step, loss=9.0), SkipUpdate)
+
+    def rerun(keys):  # the model: sample `victim` is a bad document
+        return [40.0 if i == victim else 2.0 for _, i in keys]
+
+    d = investigate_step(guard=guard, loader=loader, data_step=data_step, local_loss=9.0, local_count=6,
+                         rank=0, world_size=1, host="h", rerun=rerun, gather=lambda v: [v])
+    assert d.verdict == DATA and d.culprits == ((0, victim),) and d.evidence["rerun_ranks"] == [0]
+    assert act(d, guard=guard, loader=loader, step=12, data_step=data_step) == "retrain"
+    again = next(it)["id"].tolist()  # the same step, served again with the fill
+    assert loader.last_step == data_step and victim not in again
+    assert [x for k, x in enumerate(again) if k != 4] == [x for k, x in enumerate(batch["id"].tolist()) if k != 4]
+    assert guard.healthy and guard.ledger.quarantine == ((0, victim, data_step),)
+    assert [r["event"] for r in guard._journal.records()][-2:] == ["forensics", "quarantine"]
