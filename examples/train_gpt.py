@@ -269,7 +269,7 @@ def main(argv=None) -> int:
             verdict = None
             if cfg.forensics.enabled and isinstance(action, SkipUpdate):  # weights: still pre-update
                 decision = investigate_step(
-                    guard=guard, loader=loader, data_step=data_step, local_loss=float(loss),
+                    guard=guard, loader=loader, data_step=data_step, local_loss=float(loss.detach()),
                     local_count=len(ids), rank=rank, world_size=W, host=socket.gethostname(),
                     rerun=rerun, gather=gather, cfg=cfg.forensics, clock=time.perf_counter)
                 verdict = forensics_act(decision, guard=guard, loader=loader, step=step, data_step=data_step,

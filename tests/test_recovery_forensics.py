@@ -174,3 +174,16 @@ def test_investigate_step_and_act_quarantine_rewind_and_retrain(tmp_path, id_dat
     assert [x for k, x in enumerate(again) if k != 4] == [x for k, x in enumerate(batch["id"].tolist()) if k != 4]
     assert guard.healthy and guard.ledger.quarantine == ((0, victim, data_step),)
     assert [r["event"] for r in guard._journal.records()][-2:] == ["forensics", "quarantine"]
+
+
+@pytest.mark.parametrize("suspect, hosts, want", [
+    (0, ["a"], None),  # one rank: no witness
+    (1, ["a", "a", "a"], 2),  # one host: the next rank
+    (1, ["a", "a", "b", "b"], 2),  # the next rank already sits on another host
+    (0, ["a", "a", "b", "b"], 2),  # skip the suspect's node mate
+    (3, ["a", "a", "b", "b"], 0),  # wrap around
+])
+def test_witness_prefers_another_host(suspect, hosts, want):
+    from streamshard.recovery.forensics import pick_witness
+
+    assert pick_witness(suspect, hosts) == want

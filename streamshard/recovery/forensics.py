@@ -7,7 +7,7 @@ When the loss of one step spikes (the ladder's first rung), and forensics is on:
 2. **Re-run** the suspect's device batch, forward only, with the same weights (the update of the
    spiking step has not been applied, so the live weights are the last good state) and the same
    samples (re-read by id, an O(1) seek): on the suspect rank and, when ``world_size > 1``, on
-   another rank (``(suspect + 1) % world_size``, preferably on another node). Both re-runs run at
+   another rank (:func:`pick_witness`: the next rank on another host, else the next rank). Both re-runs run at
    the same time: the cost is one forward pass of one device batch, plus a few small gathers.
 3. **Verdict.** A re-run *reproduces* the spike when the global loss rebuilt with it (the other
    ranks' original local losses plus the re-run) is still flagged by the loss detector. Reproduced on
@@ -187,11 +187,20 @@ def bisect_culprits(items: Sequence, is_bad: Callable[[Sequence], bool], *, max_
     return search(items) if items and test(items) else []
 
 
+def pick_witness(suspect: int, hosts: Sequence[str]) -> int | None:
+    """The rank that re-runs the suspect's batch: the next rank on another host if there is one,
+    else the next rank; None when the job has one rank."""
+    n = len(hosts)
+    if n < 2:
+        return None
+    after = [(suspect + k) % n for k in range(1, n)]
+    return next((r for r in after if hosts[r] != hosts[suspect]), after[0])
+
+
 def quarantine_event(decision: Decision, *, step: int, data_step: int) -> dict:
     """The journal record of a data verdict; ``policy.apply_event`` folds it into the ledger."""
     return {"event": "quarantine", "step": step, "data_step": data_step,
-            "entries": [[s, i, data_step] for s, i in decision.culprits],
-            "evidence": decision.evidence}
+            "entries": [[s, i, data_step] for s, i in decision.culprits]}
 
 
 def verdict_event(decision: Decision, *, step: int, data_step: int, host: str) -> dict:
@@ -229,7 +238,8 @@ def investigate_step(*, guard, loader, data_step: int, local_loss: float, local_
     locals_ = gather((float(local_loss), int(local_count), str(host)))
     losses, counts = [float(x[0]) for x in locals_], [int(x[1]) for x in locals_]
     suspect = suspect_rank(losses)
-    other = (suspect + 1) % world_size if world_size > 1 else None
+    hosts = [str(x[2]) for x in locals_]
+    other = pick_witness(suspect, hosts)
     refs = loader.samples_at(data_step, keys=False)
     keys = [(r.stream, r.sample_id) for r in refs if r.rank == suspect] if world_size > 1 else \
         [(r.stream, r.sample_id) for r in refs]
@@ -242,7 +252,7 @@ def investigate_step(*, guard, loader, data_step: int, local_loss: float, local_
     if clock is not None:
         decision.evidence["seconds"] = clock() - t0
     decision.evidence["rerun_ranks"] = [suspect] + ([other] if other is not None else [])
-    decision.evidence["suspect_host"] = str(locals_[suspect][2])
+    decision.evidence["suspect_host"] = hosts[suspect]
     return decision
 
 
