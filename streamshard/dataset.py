@@ -184,10 +184,6 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
         return self.datasets[0][index]
 
-    def get(self, stream: int, sample_id: int) -> dict:
-        """Sample ``sample_id`` of stream ``stream``, without transform."""
-        return self.datasets[stream][sample_id]
-
     # -- iteration ----------------------------------------------------------------------------
     def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
         """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
@@ -280,7 +276,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if not self._remote[stream]:
                 continue
             ds = self.datasets[stream]
-            shards = np.searchsorted(ds.index.offsets, sample_ids[stream_ids == stream], side="right") - 1
+            shards, _ = ds.index.locate(sample_ids[stream_ids == stream])
             _, first = np.unique(shards, return_index=True)
             ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
 

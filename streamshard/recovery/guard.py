@@ -92,9 +92,6 @@ class Recovery:
         """False while a run of anomalies is in progress: do not checkpoint then."""
         return self._run.count == 0
 
-    def valid_checkpoints(self, refs: Iterable[CheckpointRef]) -> list[CheckpointRef]:
-        return self.ledger.valid(refs)
-
     def apply_to_loader(self, loader) -> None:
         """Re-apply every skip and reseed (loader.skip / reseed_from are idempotent); call after
         ``loader.load_state_dict`` on start and after a rollback."""
