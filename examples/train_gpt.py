@@ -199,7 +199,8 @@ def main(argv=None) -> int:
 
     def rerun(keys) -> list[float]:
         """Forensics: re-read these samples by id (O(1) seek) and re-run them, forward only."""
-        tokens = torch.stack([torch.from_numpy(ds.get(s, i)["tokens"].astype(np.int64)) for s, i in keys])
+        rows = [ds.datasets[s][i]["tokens"].astype(np.int64) for s, i in keys]
+        tokens = torch.from_numpy(np.stack(rows))
         with torch.no_grad():
             return per_sample_loss(tokens).tolist()
 

@@ -11,16 +11,15 @@ line (``streamshard: error: ...``); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Callable, Sequence
 
 from streamshard.errors import ConfigError, StreamshardError
+from streamshard.preview import preview
 from streamshard.progress import ProgressBar, format_duration
 from streamshard.sizes import format_size
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-_PREVIEW_CHARS = 80
 
 
 # -- convert ---------------------------------------------------------------------------------
@@ -167,25 +166,6 @@ def _add_inspect(sub: Any) -> None:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--samples", type=int, default=3, help="samples to preview (default 3)")
     p.set_defaults(func=_cmd_inspect)
-
-
-def preview(value: Any, limit: int = _PREVIEW_CHARS) -> str:
-    """A one-line, truncated rendering of a decoded column value."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        head = np.array2string(value.ravel()[:8], separator=",", threshold=8)
-        more = ",..." if value.size > 8 else ""
-        return f"{value.dtype}{list(value.shape)} {head[:-1]}{more}]"
-    if isinstance(value, bytes):
-        text = f"{len(value)} bytes {value[:24].hex()}" + ("..." if len(value) > 24 else "")
-    elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    else:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text):,} chars)"
-    return text
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

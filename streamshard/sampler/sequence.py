@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips  # noqa: F401
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
@@ -25,35 +26,6 @@ from streamshard.sampler.quarantine import normalize_quarantine
 Order = Union[EpochOrder, MixtureOrder]
 # Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
 _ORDER_CACHE_SIZE = 8
-
-
-def normalize_skips(ranges: Iterable) -> tuple[tuple[int, int], ...]:
-    """Sorted, merged half-open step ranges; overlapping and adjacent ranges are united."""
-    pairs = []
-    for item in ranges:
-        start, stop = item
-        start = check_int(start, "skip start", minimum=0)
-        stop = check_int(stop, "skip stop", minimum=0)
-        if stop < start:
-            raise ConfigError(f"skip range must have start <= stop, got [{start}, {stop})")
-        if stop > start:  # an empty range skips nothing
-            pairs.append((start, stop))
-    merged: list[tuple[int, int]] = []
-    for start, stop in sorted(pairs):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
-        else:
-            merged.append((start, stop))
-    return tuple(merged)
-
-
-def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
-    """Distinct (step, salt) pairs sorted by step, then salt."""
-    pairs = set()
-    for item in entries:
-        step, salt = item
-        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
-    return tuple(sorted(pairs))
 
 
 class SampleSequence:
@@ -98,7 +70,6 @@ class SampleSequence:
     @property
     def ledgers(self):
         """All ledgers as one :class:`~streamshard.sampler.ledgers.Ledgers` value."""
-        from streamshard.sampler.ledgers import Ledgers  # ledgers.py imports this module
         return Ledgers(self._skips, self._reseeds, self._quarantine)
 
     @property
