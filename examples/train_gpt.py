@@ -202,7 +202,12 @@ def main(argv=None) -> int:
         rows = [ds.datasets[s][i]["tokens"].astype(np.int64) for s, i in keys]
         tokens = torch.from_numpy(np.stack(rows))
         with torch.no_grad():
-            return per_sample_loss(tokens).tolist()
+            losses = per_sample_loss(tokens)
+        for f in plan.at("spike", data_step, rank=0):  # injected data faults follow the data
+            losses = losses * f.value
+        if plan.at("nan", data_step, rank=0):
+            losses = losses * float("nan")
+        return losses.tolist()
 
     def gather(value) -> list:
         if W == 1:
