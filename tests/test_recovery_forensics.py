@@ -77,9 +77,22 @@ def test_a_whole_bad_batch_is_not_forensics_business():
     assert d.verdict == UNDECIDED and d.culprits == ()
 
 
-def test_flagger_needs_a_warm_detector():
-    with pytest.raises(ConfigError, match="warmed-up"):
-        Flagger([1.0, 2.0], CFG)
+def test_a_cold_detector_only_blames_non_finite_samples():
+    cold = Flagger([4.1, 4.0], CFG)  # fewer than min_samples=8 values: flags NaN/Inf only
+    assert cold(float("nan")) and not cold(400.0)
+    nan = [4.0, float("nan"), 4.1, 4.2]
+    d = investigate(flag=cold, local_losses=[float("nan")], local_counts=[4], keys=KEYS, same=nan, other=None)
+    assert d.verdict == DATA and d.culprits == ((0, 101),) and d.evidence["baseline"] is None
+    json.dumps(d.evidence, allow_nan=False)  # journal-safe
+    huge = [4.0, 900.0, 4.1, 4.2]  # no baseline yet: a finite outlier is not judged
+    d = investigate(flag=cold, local_losses=[228.0], local_counts=[4], keys=KEYS, same=huge, other=None)
+    assert d.verdict == UNDECIDED and "does not flag" in d.evidence["reason"]
+
+
+def test_a_step_flagged_for_its_grad_norm_only_is_not_judged():
+    calm = [2.0, 2.01, 2.02, 2.0]  # the loss is normal: another detector fired
+    d = investigate(flag=flag(), local_losses=[2.01, 2.0], local_counts=[4, 4], keys=KEYS, same=calm, other=calm)
+    assert d.verdict == UNDECIDED and d.exit_code is None
 
 
 @settings(max_examples=60, deadline=None)

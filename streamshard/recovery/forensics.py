@@ -82,22 +82,24 @@ def suspect_rank(local_losses: Sequence[float]) -> int:
 
 
 class Flagger:
-    """Would the loss detector flag this global loss? Reads the detector's window, never feeds it."""
+    """Would the loss detector flag this global loss? Reads the detector's window, never feeds it.
+    Like the detector, a window shorter than ``min_samples`` flags only NaN/Inf (then only
+    non-finite samples can be culprits: the baseline is NaN)."""
 
     def __init__(self, window: Iterable[float], cfg: SpikeConfig):
         self.window = [float(x) for x in window]
         self.cfg = cfg
-        if len(self.window) < cfg.min_samples:
-            raise ConfigError(f"forensics needs a warmed-up loss detector ({cfg.min_samples} values), "
-                              f"got {len(self.window)}")
+        self.warm = len(self.window) >= cfg.min_samples
 
     def __call__(self, loss: float) -> bool:
-        return not math.isfinite(loss) or robust_z(loss, self.window, self.cfg) > self.cfg.threshold
+        if not math.isfinite(loss):
+            return True
+        return self.warm and robust_z(loss, self.window, self.cfg) > self.cfg.threshold
 
     @property
     def baseline(self) -> float:
         vals = sorted(self.window)
-        return vals[len(vals) // 2]
+        return vals[len(vals) // 2] if self.warm else math.nan
 
 
 def global_loss(rest_sum: float, rest_count: int, samples: Sequence[float]) -> float:
@@ -119,8 +121,11 @@ def investigate(*, flag: Flagger, local_losses: Sequence[float], local_counts: S
     rest_sum = sum(l * c for r, (l, c) in enumerate(zip(local_losses, local_counts)) if r != suspect)
     rest_count = sum(c for r, c in enumerate(local_counts) if r != suspect)
     spike = global_loss(rest_sum, rest_count, [local_losses[suspect]] * local_counts[suspect])
-    evidence = {"spike_loss": _num(spike), "baseline": flag.baseline, "suspect": suspect,
+    evidence = {"spike_loss": _num(spike), "baseline": _num(flag.baseline), "suspect": suspect,
                 "local_losses": [_num(x) for x in local_losses]}
+    if not flag(spike):  # e.g. the grad-norm detector fired: forensics judges loss spikes only
+        return Decision(UNDECIDED, suspect, (), {**evidence, "reason": "the loss detector does not flag "
+                                                 "this step's loss: nothing to re-run"})
     runs = {"same": same, "other": other}
     repro = {}
     for name, losses in runs.items():
