@@ -133,6 +133,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
     if not isinstance(state, Mapping) or KEY_SEQUENCE not in state:
         raise StateMismatchError("not a streamshard loader state: no 'sequence' key")
     fields = state[KEY_SEQUENCE]
+    if not isinstance(fields, Mapping):
+        raise StateMismatchError(f"loader state's 'sequence' must be an object, got {fields!r:.80}")
     saved_fps = list(state.get(KEY_FINGERPRINTS, []))
     live_fps = [ds.fingerprint for ds in datasets]
     if saved_fps != live_fps:
