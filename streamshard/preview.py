@@ -1,4 +1,4 @@
-"""One-line previews of decoded column values, for the CLI's ``inspect`` and ``explain``."""
+"""One-line renderings of decoded column values, for ``inspect`` and ``explain``."""
 
 from __future__ import annotations
 

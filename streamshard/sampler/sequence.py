@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.lru import LRU
 from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips  # noqa: F401
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
@@ -57,7 +58,7 @@ class SampleSequence:
         self._reseeds = normalize_reseeds(reseeds)
         self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
         self._quarantine_table = table_of(self._quarantine)
-        self._orders: dict[int, EpochOrder] = {}
+        self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
 
     # -- description ----------------------------------------------------------------------
     order = property(lambda self: self._order)
@@ -106,7 +107,7 @@ class SampleSequence:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_orders"] = {}
+        state["_orders"] = LRU(_ORDER_CACHE_SIZE)
         return state
 
     # -- ledgers --------------------------------------------------------------------------
@@ -227,9 +228,7 @@ class SampleSequence:
         order = self._orders.get(seed)
         if order is None:
             order = self._order.reseeded(seed)
-            cache = dict(self._orders) if len(self._orders) < _ORDER_CACHE_SIZE else {}
-            cache[seed] = order
-            self._orders = cache
+            self._orders.put(seed, order)
         return order
 
     def _reseed_map(self, pos: np.ndarray, r: int, salt: int) -> np.ndarray:
@@ -262,8 +261,7 @@ class SampleSequence:
         total = 0
         for order in orders:
             if order.shuffle:
-                need = order.lanes_read(rank, world_size) * (
-                    order.shards_touched_by_run(order.window) + 1)
+                need = order.lanes_read(rank, world_size) * (order.shards_per_lane_at_once() + 1)
             else:
                 need = order.shards_touched_by_run(self._g) + 1
             total += min(need, order.num_shards)
