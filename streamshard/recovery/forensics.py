@@ -7,8 +7,9 @@ When the loss of one step spikes (the ladder's first rung), and forensics is on:
 2. **Re-run** the suspect's device batch, forward only, with the same weights (the update of the
    spiking step has not been applied, so the live weights are the last good state) and the same
    samples (re-read by id, an O(1) seek): on the suspect rank and, when ``world_size > 1``, on
-   another rank (:func:`pick_witness`: the next rank on another host, else the next rank). Both re-runs run at
-   the same time: the cost is one forward pass of one device batch, plus a few small gathers.
+   another rank (:func:`pick_witness`: the next rank on another host, else the next rank). Both
+   re-runs run at the same time: the cost is one forward pass of one device batch, plus two small
+   gathers.
 3. **Verdict.** A re-run *reproduces* the spike when the global loss rebuilt with it (the other
    ranks' original local losses plus the re-run) is still flagged by the loss detector. Reproduced on
    the other rank (or, alone, on the same rank): **data**. Not reproduced elsewhere: **hardware**
@@ -23,8 +24,9 @@ When the loss of one step spikes (the ladder's first rung), and forensics is on:
    data step and train it again: no innocent sample is lost and no rollback is needed. If removing
    ``max_culprits`` samples does not cure the batch, forensics gives up and the ladder goes on.
 
-Everything here is pure (numbers in, decision values out); the distributed plumbing (gathers,
-re-reading samples, the model's forward pass) is the caller's: see examples/train_gpt.py.
+``investigate`` and the helpers are pure (numbers in, decision values out); ``investigate_step``
+and ``act`` run one investigation with the collective (``gather``) and the model (``rerun``)
+injected as narrow callables, so this module imports no torch: see examples/train_gpt.py.
 Off by default (``ForensicsConfig.enabled``): the re-run holds a device batch's activations once more.
 """
 
