@@ -8,6 +8,8 @@ from the newest valid checkpoint and the journal. Faults come from ``STREAMSHARD
 streamshard/recovery/faultplan.py). Per rank, ``<out>/consumed-rank<r>.jsonl`` gets one line per
 training step: ``{"step", "data_step", "ids", "update", "dur", "t"}``; a step re-run after a
 restart or rollback appends a new line, so the last line of a step is the one that counts.
+With ``--forensics`` a loss spike is re-run (streamshard/recovery/forensics.py): bad samples are
+quarantined and the step is trained again (only that attempt is logged), a flaky rank exits 77.
 """
 
 from __future__ import annotations
