@@ -227,12 +227,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
-        out = []
-        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
-            item = self.datasets[stream][sample]
-            if self.transform is not None:
-                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
-            out.append(item)
+        if len(self.datasets) == 1:  # read in block order (fastpath.read_samples)
+            out = fastpath.read_samples(self.datasets[0], sample_ids)
+        else:
+            out = [None] * len(sample_ids)
+            for stream in np.unique(stream_ids).tolist():
+                where = np.flatnonzero(stream_ids == stream)
+                for i, item in zip(where.tolist(),
+                                   fastpath.read_samples(self.datasets[stream], sample_ids[where])):
+                    out[i] = item
+        if self.transform is not None:
+            out = [self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+                   for item, stream, sample in zip(out, stream_ids.tolist(), sample_ids.tolist())]
         return out
 
     def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:
