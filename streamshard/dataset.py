@@ -12,7 +12,6 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 from __future__ import annotations
 
 import functools
-import functools
 import itertools
 from typing import Any, Callable, Iterator, Sequence
 
@@ -71,6 +70,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         block_shuffle: bool | None = None,
         blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
+        verify_blocks: bool = True,
     ):
         super().__init__()
         streams = as_streams(source, storage_options)
@@ -87,10 +87,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.streams = streams
         self.datasets: tuple[Dataset, ...] = open_streams(
             streams, cache_dir=cache_dir, cache_limit=cache_limit,
-            storage_options=storage_options, block_cache=block_cache)
-        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
-                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
-                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
+            storage_options=storage_options, block_cache=block_cache,
+            verify_blocks=verify_blocks)
+        order, orders = build_order(
+            self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
+            epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
+            blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         )
@@ -158,12 +160,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
-        out = []
-        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
-            item = self.datasets[stream][sample]
-            if self.transform is not None:
-                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
-            out.append(item)
+        if len(self.datasets) == 1:  # read in block order (fastpath.read_samples)
+            out = fastpath.read_samples(self.datasets[0], sample_ids)
+        else:
+            out = [None] * len(sample_ids)
+            for stream in np.unique(stream_ids).tolist():
+                where = np.flatnonzero(stream_ids == stream)
+                for i, item in zip(where.tolist(),
+                                   fastpath.read_samples(self.datasets[stream], sample_ids[where])):
+                    out[i] = item
+        if self.transform is not None:
+            out = [self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+                   for item, stream, sample in zip(out, stream_ids.tolist(), sample_ids.tolist())]
         return out
 
     def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import xxhash
 
 from streamshard.atomic import atomic_write
-from streamshard.errors import ConfigError, InputError, StorageError
+from streamshard.errors import ConfigError, InputError, StorageError, redact
 from streamshard.location import local_path, resolve
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def stage(source: str, files: Sequence[RemoteFile], cache_dir: str,
             for future in futures:
                 future.cancel()
             raise
-    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files), source,
-             fetched, root)
+    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files),
+             redact(source), fetched, root)
     return root
 
 
@@ -222,7 +222,8 @@ def discover_inputs(sources: Sequence[str], extensions: tuple[str, ...] | None, 
             found = []
             for rf in inputs:
                 path = os.path.abspath(os.path.join(root, *rf.name.split("/")))
-                identities[path] = [rf.url, rf.size, rf.version]
+                # redacted: the identity lands in the conversion marker (a file in dest)
+                identities[path] = [redact(rf.url), rf.size, rf.version]
                 found.append((path, rf.name))
         for path, name in found:
             if path not in seen:

@@ -145,7 +145,8 @@ class NumpyBatchIterator:
                  cache_limit: int | str | None = None, storage_options: dict | None = None,
                  epoch_size: int | None = None, mixture_block: int | None = None,
                  block_cache: int | str | None = None, block_shuffle: bool | None = None,
-                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP, lookahead: int = 16):
+                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP, lookahead: int = 16,
+                 verify_blocks: bool = True):
         streams = as_streams(source, storage_options)
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
@@ -155,7 +156,8 @@ class NumpyBatchIterator:
         self.collate_fn = collate_fn or collate_numpy
         self.streams = streams
         self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
-                                     storage_options=storage_options, block_cache=block_cache)
+                                     storage_options=storage_options, block_cache=block_cache,
+                                     verify_blocks=verify_blocks)
         order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
                             window=window, epoch_size=epoch_size, mixture_block=mixture_block,
                             block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)

@@ -63,7 +63,8 @@ def as_streams(source: str | Sequence[Stream], storage_options: dict | None) -> 
 
 
 def open_streams(streams: Sequence[Stream], *, cache_dir: str | None, cache_limit: Any,
-                 storage_options: dict | None, block_cache: Any) -> tuple[Dataset, ...]:
+                 storage_options: dict | None, block_cache: Any,
+                 verify_blocks: bool = True) -> tuple[Dataset, ...]:
     """Open every stream's dataset (index only; shards are read lazily)."""
     return tuple(
         open_dataset(
@@ -72,6 +73,7 @@ def open_streams(streams: Sequence[Stream], *, cache_dir: str | None, cache_limi
             cache_limit=cache_limit,
             storage_options=s.storage_options if s.storage_options is not None else storage_options,
             block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
+            verify_blocks=verify_blocks,
         )
         for s in streams
     )
