@@ -8,6 +8,8 @@ group; every start resumes from the newest verified checkpoint and the journal (
 streamshard/recovery/faultplan.py). Per rank, ``<out>/consumed-rank<r>.jsonl`` gets one line per
 training step: ``{"step", "data_step", "ids", "update", "dur", "t"}``; a step re-run after a
 restart or rollback appends a new line, so the last line of a step is the one that counts.
+With ``--forensics`` a loss spike is re-run (streamshard/recovery/forensics.py): bad samples are
+quarantined and the step is trained again (only that attempt is logged), a flaky rank exits 77.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -43,19 +46,26 @@ from streamshard.recovery.heartbeat import Heartbeat
 from streamshard.recovery.lr import install_lr_scale
 from streamshard.recovery.pg import init_process_group
 from streamshard.recovery.rngstate import rng_state, set_rng_state
+from streamshard.recovery.forensics import ForensicsConfig
+from streamshard.recovery.forensics import act as forensics_act
+from streamshard.recovery.forensics import investigate_step
 from streamshard.recovery.slowdown import StragglerConfig
 
 
-def make_data(path: str, samples: int, seq: int, vocab: int) -> None:
-    """Arithmetic token sequences ``(a + k*i) % vocab``: learnable, so the loss falls steadily."""
+def make_data(path: str, samples: int, seq: int, vocab: int, poison: frozenset = frozenset()) -> None:
+    """Arithmetic token sequences ``(a + k*i) % (vocab - 1)``: learnable, so the loss falls steadily.
+    Token ``vocab - 1`` never occurs, so training drives its probability towards 0; a sample in
+    ``poison`` is a document of that one token repeated: every target costs a huge loss."""
     from streamshard import ShardWriter
 
     rng = np.random.default_rng(0)
     with ShardWriter(path, columns={"id": "int64", "tokens": f"uint16[{seq + 1}]"}, shard_size="16KB",
                      block_size="4KiB") as w:
         for i in range(samples):
-            a, k = int(rng.integers(vocab)), int(rng.integers(1, 8))
-            w.write({"id": i, "tokens": ((a + k * np.arange(seq + 1)) % vocab).astype(np.uint16)})
+            a, k = int(rng.integers(vocab - 1)), int(rng.integers(1, 8))
+            clean = (a + k * np.arange(seq + 1)) % (vocab - 1)
+            tokens = np.full(seq + 1, vocab - 1) if i in poison else clean
+            w.write({"id": i, "tokens": tokens.astype(np.uint16)})
 
 
 class TinyGPT(nn.Module):
@@ -77,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--make-data", metavar="DIR", help="write a token dataset to DIR and exit")
     p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--poison", default="", help="with --make-data: comma-separated sample ids to poison")
+    p.add_argument("--forensics", action="store_true", help="re-run a spiking step: quarantine bad "
+                   "samples (data) or exit 77 (hardware); see streamshard/recovery/forensics.py")
     p.add_argument("--data", help="token dataset directory")
     p.add_argument("--out", help="checkpoints, journal, consumed ids, stack dumps")
     p.add_argument("--steps", type=int, default=100)
@@ -106,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.make_data:
-        make_data(args.make_data, args.samples, args.seq, args.vocab)
+        make_data(args.make_data, args.samples, args.seq, args.vocab,
+                  frozenset(int(x) for x in args.poison.split(",") if x))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +149,7 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
         persistence=PersistenceConfig(3),
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),
         straggler=StragglerConfig(window=3, ratio=1.3, min_delta=0.02),
+        forensics=ForensicsConfig(enabled=args.forensics),
     )
     def make_ckpt() -> CheckpointManager:  # per process-group round: it owns a gloo subgroup
         return CheckpointManager(str(out / "ckpt"), world=world, keep=args.keep, async_save=not args.sync_ckpt,
@@ -214,6 +229,31 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
             it = iter(loader)
             busy_sum, busy_n = 0.0, 0
 
+            def per_sample_loss(tokens: torch.Tensor) -> torch.Tensor:
+                logits = model(tokens[:, :-1])
+                return F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1),
+                                       reduction="none").view(tokens.shape[0], -1).mean(1)
+
+            def rerun(keys) -> list[float]:
+                """Forensics: re-read these samples by id (O(1) seek) and re-run them, forward only."""
+                rows = [ds.datasets[s][i]["tokens"].astype(np.int64) for s, i in keys]
+                tokens = torch.from_numpy(np.stack(rows))
+                with torch.no_grad():
+                    losses = per_sample_loss(tokens)
+                for f in plan.at("spike", data_step, rank=0):  # injected data faults follow the data
+                    losses = losses * f.value
+                if plan.at("nan", data_step, rank=0):
+                    losses = losses * float("nan")
+                return losses.tolist()
+
+            def gather(value) -> list:
+                if W == 1:
+                    return [value]
+                out: list = [None] * W
+                with phase("collective"):
+                    dist.all_gather_object(out, value)
+                return out
+
             def fire_once(kind: str) -> bool:
                 for f in plan.at(kind, step, rank):
                     if f.key not in fired:
@@ -257,7 +297,10 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
                     for f in plan.at("slow", step, rank):
                         time.sleep(f.value)
                     tokens = batch["tokens"].long()
-                    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+                    loss = per_sample_loss(tokens).mean()
+                    for f in plan.at("flaky", step, rank):  # a flaky device (fires once): not the data
+                        if fire_once("flaky"):
+                            loss = loss * f.value
                     for f in plan.at("spike", data_step, rank=0):  # data faults follow the data, not the rank
                         loss = loss * f.value
                     if plan.at("nan", data_step, rank=0):
@@ -284,10 +327,25 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
                         busy_sum, busy_n = 0.0, 0
                     action = guard.observe(step, data_step=data_step, loss=float(flat[-1]), grad_norm=grad_norm,
                                            step_time=busy)
+                    verdict = None
+                    if cfg.forensics.enabled and isinstance(action, SkipUpdate):  # weights: still pre-update
+                        decision = investigate_step(
+                            guard=guard, loader=loader, data_step=data_step, local_loss=float(loss.detach()),
+                            local_count=len(ids), rank=rank, world_size=W, host=socket.gethostname(),
+                            rerun=rerun, gather=gather, cfg=cfg.forensics, clock=time.perf_counter)
+                        verdict = forensics_act(decision, guard=guard, loader=loader, step=step,
+                                                data_step=data_step, cfg=cfg.forensics)
+                        log(f"forensics at step {step} (data step {data_step}): {decision.verdict}, rank "
+                            f"{decision.suspect}, culprits {list(decision.culprits)}: "
+                            f"{decision.evidence.get('reason')}")
                     if not isinstance(action, (SkipUpdate, Rollback, Exit)):
                         opt.step()
-                    if not isinstance(action, (Rollback, Exit)):
+                    if not isinstance(action, (Rollback, Exit)) and verdict != "retrain":
                         sched.step()
+                if verdict == "retrain":  # culprits quarantined, loader rewound: train this step again
+                    continue
+                if verdict == "exit":
+                    stop(exitcodes.REPLACE_NODE, "forensics: the spike did not reproduce on another rank")
                 if isinstance(action, Exit):
                     stop(action.code, action.reason)
                 if isinstance(action, Rollback):

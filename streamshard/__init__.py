@@ -9,6 +9,7 @@ from streamshard.errors import (  # noqa: F401
     ConfigError,
     CorruptionError,
     DatasetExistsError,
+    DestinationLockedError,
     FormatError,
     InputError,
     MissingDependencyError,
@@ -46,7 +47,8 @@ def __getattr__(name: str):
 
 __all__ = sorted(
     [
-        "ConfigError", "CorruptionError", "DatasetExistsError", "FormatError", "InputError",
+        "ConfigError", "CorruptionError", "DatasetExistsError", "DestinationLockedError",
+        "FormatError", "InputError",
         "MissingDependencyError", "SchemaError", "StateMismatchError", "StorageError",
         "StreamshardError", "World", "detect_world", *_LAZY,
     ]

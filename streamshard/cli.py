@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from streamshard.errors import ConfigError, StreamshardError
+from streamshard.errors import ConfigError, StreamshardError, redact
 from streamshard.preview import preview
 from streamshard.progress import ProgressBar, format_duration
 from streamshard.sizes import format_size
@@ -326,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one redacted line: ``<what>: <file>`` for OS errors, else its class and text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    elif isinstance(exc, RecursionError):
+        text = "input nested too deeply to process"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return redact(" ".join(text.split()))[:500]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -352,6 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"streamshard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
+    except (OSError, RecursionError, MemoryError, OverflowError) as exc:
+        # Not a streamshard error but the user's environment or input (a path that is a
+        # directory, no permission, a number too large, input nested too deeply): one line.
+        if args.debug:
+            raise
+        print(f"streamshard: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         block_shuffle: bool | None = None,
         blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
+        verify_blocks: bool = True,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -122,6 +123,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 cache_limit=cache_limit,
                 storage_options=s.storage_options if s.storage_options is not None else storage_options,
                 block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
+                verify_blocks=verify_blocks,
             )
             for s in streams
         )
@@ -225,12 +227,18 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
-        out = []
-        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
-            item = self.datasets[stream][sample]
-            if self.transform is not None:
-                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
-            out.append(item)
+        if len(self.datasets) == 1:  # read in block order (fastpath.read_samples)
+            out = fastpath.read_samples(self.datasets[0], sample_ids)
+        else:
+            out = [None] * len(sample_ids)
+            for stream in np.unique(stream_ids).tolist():
+                where = np.flatnonzero(stream_ids == stream)
+                for i, item in zip(where.tolist(),
+                                   fastpath.read_samples(self.datasets[stream], sample_ids[where])):
+                    out[i] = item
+        if self.transform is not None:
+            out = [self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+                   for item, stream, sample in zip(out, stream_ids.tolist(), sample_ids.tolist())]
         return out
 
     def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import xxhash
 
 from streamshard.atomic import atomic_write
-from streamshard.errors import ConfigError, InputError, StorageError
+from streamshard.errors import ConfigError, InputError, StorageError, redact
 from streamshard.location import local_path, resolve
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def stage(source: str, files: Sequence[RemoteFile], cache_dir: str,
         manifest[rf.name] = [rf.size, rf.version]
         atomic_write(manifest_path, json.dumps(manifest, sort_keys=True).encode("utf-8"))
         fetched += rf.size
-    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files), source,
-             fetched, root)
+    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files),
+             redact(source), fetched, root)
     return root
 
 
@@ -196,7 +196,8 @@ def discover_inputs(sources: Sequence[str], extensions: tuple[str, ...] | None, 
                 found = [(os.path.join(root, *rf.name.split("/")), rf.name) for rf in remote]
             for path, name in found:
                 rf = by_name[name]
-                identities[os.path.abspath(path)] = [rf.url, rf.size, rf.version]
+                # redacted: the identity lands in the conversion marker (a file in dest)
+                identities[os.path.abspath(path)] = [redact(rf.url), rf.size, rf.version]
         for path, name in found:
             if path not in seen:
                 seen.add(path)

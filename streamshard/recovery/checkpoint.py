@@ -39,14 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from streamshard.errors import ConfigError, CorruptionError, StateMismatchError
+from streamshard.location import resolve
 from streamshard.recovery import manifest as mf
 from streamshard.recovery.policy import CheckpointRef
 from streamshard.recovery.rngstate import rng_state, set_rng_state
@@ -102,9 +101,8 @@ class CheckpointManager:
             raise ConfigError(f"keep must be >= 1, got {keep}")
         self.url = str(root)
         self._opts = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self._opts)
-        self.root = self.root.rstrip("/")
-        self._local = isinstance(self.fs, LocalFileSystem)
+        where = resolve(self.url, self._opts)
+        self.fs, self.root, self._local = where.fs, where.root, where.local
         self.world = world
         self.keep = keep
         self.async_save = async_save
