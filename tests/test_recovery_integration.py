@@ -271,8 +271,9 @@ def test_restart_after_rollback_replays_the_ledger(tmp_path, data):
     does) restores the skip from the journal and resumes from the post-rollback checkpoint 30."""
     out = tmp_path / "rb-kill"
     faults = "spike@30-32,kill@35"
-    ok(run_single(out, data, faults=faults, args=spike_args(45)), -9)  # killed by its own SIGKILL
-    ok(run_single(out, data, faults=faults, args=spike_args(45)))
+    args = [*spike_args(45), "--sync-ckpt"]  # checkpoint 30 is complete when step 35 runs
+    ok(run_single(out, data, faults=faults, args=args), -9)  # killed by its own SIGKILL
+    ok(run_single(out, data, faults=faults, args=args))
     events = journal(out)
     assert [e["step"] for e in events if e["event"] == "start"] == [0, 30]
     assert len([e for e in events if e["event"] == "rollback"]) == 1  # not decided again

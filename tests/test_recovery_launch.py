@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +39,37 @@ def standalone(tmp_path, fault: str, where: str, *flags: str, **kw) -> subproces
     cmd = launch_cmd(tmp_path, "--standalone", "--nproc-per-node=2", *flags)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env=env(WORKER_FAULT=fault, WORKER_FAULT_WHERE=where, **kw))
+
+
+def wait_all(agents: dict, timeout: float) -> dict:
+    """name -> (exit code or None if it had to be killed, output), every agent stopped."""
+    deadline = time.monotonic() + timeout
+    for p in agents.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    out = {}
+    for n, p in agents.items():
+        rc = p.poll()
+        if rc is None:
+            p.send_signal(signal.SIGTERM)  # the agent stops its workers
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        p.log.seek(0)
+        out[n] = (rc, p.log.read())
+        p.log.close()
+    return out
+
+
+def start_agent(cmd: list[str], log_path: Path, **env_kw) -> subprocess.Popen:
+    log = open(log_path, "w+")  # a file: a worker outliving a killed agent cannot block a pipe read
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env(**env_kw))
+    p.log = log
+    return p
 
 
 def events(out: Path, kind: str) -> list[dict]:
@@ -100,16 +133,12 @@ def test_exit_77_node_leaves_and_a_spare_takes_its_place(tmp_path):
                              steps=60)
             cmd[cmd.index(f"--heartbeat-dir={out / 'hb'}")] = f"--heartbeat-dir={out / 'hb' / name}"
             (out / "hb" / name).mkdir()
-            agents[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                            env=env(NODE_NAME=name, WORKER_FAULT="exit77@10", WORKER_FAULT_WHERE="rank0"))
-        results = {n: (p.wait(timeout=100), p.stdout.read()) for n, p in agents.items()}
+            agents[name] = start_agent(cmd, tmp_path / f"agent-{name}.log", NODE_NAME=name, WORKER_FAULT="exit77@10",
+                                       WORKER_FAULT_WHERE="rank0")
+        results = wait_all(agents, 100)
     finally:
-        for p in agents.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         del store
-    codes = sorted(rc for rc, _ in results.values())
+    codes = sorted(rc if rc is not None else -1 for rc, _ in results.values())
     assert codes == [0, 0, 77], {n: (rc, log[-2000:]) for n, (rc, log) in results.items()}
     leaver = next(n for n, (rc, _) in results.items() if rc == 77)
     starts = sorted(p.name for p in tmp_path.glob("start-*"))
@@ -132,16 +161,12 @@ def test_exit_78_on_one_node_stops_every_node(tmp_path):
                              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=job78", "--rdzv-conf=is_host=0",
                              steps=400)
             cmd[cmd.index(f"--heartbeat-dir={tmp_path / 'hb'}")] = f"--heartbeat-dir={tmp_path / 'hb' / name}"
-            agents[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                            env=env(NODE_NAME=name, WORKER_FAULT="exit78@10", WORKER_FAULT_WHERE="rank1"))
-        results = {n: (p.wait(timeout=100), p.stdout.read()) for n, p in agents.items()}
+            agents[name] = start_agent(cmd, tmp_path / f"agent-{name}.log", NODE_NAME=name, WORKER_FAULT="exit78@10",
+                                       WORKER_FAULT_WHERE="rank1")
+        results = wait_all(agents, 100)
     finally:
-        for p in agents.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         del store
-    assert sorted(rc for rc, _ in results.values()) == [78, 78], {n: log[-2000:] for n, (_, log) in results.items()}
+    assert sorted(rc if rc is not None else -1 for rc, _ in results.values()) == [78, 78], {n: log[-2000:] for n, (_, log) in results.items()}
     stops = events(tmp_path, "stop")
     assert len(stops) == 2 and all(s["code"] == 78 for s in stops)
     assert len(events(tmp_path, "start_workers")) == 2  # one start per node, no restart anywhere

@@ -193,6 +193,16 @@ def _make_agent_class():
                 log.warning("control store unreachable (%s)", e)
             return False
 
+        def _stop_within(self, seconds: float) -> bool:
+            if self._control is None:
+                return False
+            for _ in range(int(seconds / 0.2)):  # bounded
+                self._next_stop_check = 0.0
+                if self._stop_requested():
+                    return True
+                time.sleep(0.2)
+            return False
+
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if self._stop_requested():
@@ -211,6 +221,8 @@ def _make_agent_class():
                 raise Terminal(exitcodes.DO_NOT_REQUEUE, f"worker exit codes {codes}")
             if exitcodes.REPLACE_NODE in codes.values():
                 raise Terminal(exitcodes.REPLACE_NODE, f"worker exit codes {codes}: leave, do not come back")
+            if self._stop_within(2.0):  # a peer's 78 often reaches our workers first as a broken collective
+                raise Terminal(exitcodes.DO_NOT_REQUEUE, "another node stopped the job (exit 78)")
             if -signal.SIGKILL in codes.values() and _cgroup_oom_kills() > self._oom0:
                 raise Terminal(exitcodes.DO_NOT_REQUEUE, "the kernel OOM killer killed a worker (cgroup oom_kill "
                                                          "grew): restarting repeats it")
@@ -261,6 +273,11 @@ def launch(config, entrypoint, args: list, opts) -> int:
         config.run_id = str(uuid.uuid4().int)
     for k, v in RDZV_DEFAULTS.items():
         config.rdzv_configs.setdefault(k, v)
+    if config.max_nodes > 1:
+        # torch 2.13 caches the shared worker store's address on non-rank-0 nodes across rounds; when
+        # rank 0's node leaves (77) and a spare takes rank 0, the others would dial the departed
+        # node's store. Opting out makes every round publish its master address afresh.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     params = rdzv.RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
                                        run_id=config.run_id, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
                                        local_addr=config.local_addr, **config.rdzv_configs)
