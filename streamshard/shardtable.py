@@ -9,6 +9,7 @@ for names and hashes) and builds a ``ShardInfo`` only when one is indexed or ite
 
 from __future__ import annotations
 
+import operator
 from typing import Iterator, NamedTuple, Sequence, overload
 
 import numpy as np
@@ -92,6 +93,7 @@ class ShardTable(Sequence[ShardInfo]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return tuple(self[j] for j in range(*i.indices(len(self))))
+        i = operator.index(i)  # ints and numpy ints, like a tuple; TypeError for a float
         n = len(self.files)
         j = i + n if -n <= i < 0 else i  # IndexError below names the index asked for
         if not 0 <= j < n:

@@ -98,6 +98,9 @@ def test_shard_table_builds_records_on_demand():
     assert isinstance(table, ShardTable) and len(table) == 5
     assert table[1] == ShardInfo(1, "p/shard-000001.sss", 101, 5001, 6001, f"{1:016x}", f"{8:016x}")
     assert table[-1].index == 4 and table[1:3] == (table[1], table[2])
+    assert table[np.int64(2)] == table[2] and type(table[np.int64(2)].index) is int
+    with pytest.raises(TypeError):
+        table[1.0]
     assert list(table) == [table[i] for i in range(5)] == list(table[:])
     assert type(table[0].samples) is int  # records hold Python ints, like the JSON
     assert table.samples.dtype == np.int64 and table.samples.tolist() == [100, 101, 102, 103, 104]
