@@ -29,7 +29,7 @@ DEFAULT_MAX_OPEN_SHARDS = 64
 # Decompressed blocks kept per Dataset (per process): 64 MiB holds the shuffle windows of 8 lanes
 # of 8 MiB each; compressed shuffled reads beyond that decompress one block per sample.
 DEFAULT_BLOCK_CACHE = "64MiB"
-_NO_READER: tuple[int, Any] = (-1, None)
+_NO_READER: tuple[Any, Any] = (None, None)  # matches no shard number
 
 
 class ShardSource(Protocol):
@@ -216,6 +216,9 @@ class Dataset:
 
     def shard_reader(self, shard: int) -> ShardFileReader:
         """The open reader of ``shard`` (opened if needed; counts as a use for the LRU)."""
+        last = self._last
+        if last[0] == shard:
+            return last[1]
         if not 0 <= shard < len(self.index.shards):
             raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
         return self._reader(shard)

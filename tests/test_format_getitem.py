@@ -36,6 +36,12 @@ def test_getitem_matches_locate_for_every_kind_of_index(ds_dir):
         ds[1.0]
     with pytest.raises(TypeError):
         ds[True]
+    for bad in (-1, ds.num_shards):  # the shortcut's "no reader" marker matches no shard
+        with pytest.raises(IndexError, match=f"shard {bad} out of range"):
+            ds.shard_reader(bad)
+    ds.close()
+    with pytest.raises(IndexError, match="shard -1 out of range"):
+        ds.read(-1, 0)
 
 
 def test_last_reader_is_forgotten_on_eviction_and_close(ds_dir):
