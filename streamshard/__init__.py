@@ -3,7 +3,13 @@ and O(1) mid-epoch resume for PyTorch. See README.md and docs/API.md."""
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# Library code reports through the ``streamshard`` logger hierarchy (logging.getLogger(__name__)
+# in each module) and never prints; an application, the CLI or the demo configures handlers.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from streamshard.errors import (  # noqa: F401
     ConfigError,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import logging
 import os
 import secrets
 import threading
@@ -36,6 +37,7 @@ import xxhash
 from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError
 
+_logger = logging.getLogger(__name__)
 MARKER = ".streamshard-cache"
 _META_MAGIC = "streamshard-cache-entry"
 _META_VERSION = 1
@@ -270,6 +272,8 @@ class ShardCache:
                 return
             _remove(tmp)
             self._count("corrupt_downloads")
+            _logger.warning("download of %s gave %s bytes with xxh64 %s, expected %s bytes with "
+                            "xxh64 %s; downloading it again", url, actual_size, actual, size, expected)
         raise CorruptionError(
             f"remote object {url} is corrupted: the index expects {size} bytes with xxh64 "
             f"{expected}, two downloads gave {actual_size} bytes with xxh64 {actual}")
