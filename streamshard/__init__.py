@@ -50,10 +50,17 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = sorted(
-    [
-        "ConfigError", "CorruptionError", "DatasetExistsError", "FormatError", "InputError",
-        "MissingDependencyError", "SchemaError", "StateMismatchError", "StorageError",
-        "StreamshardError", "World", "detect_world", *_LAZY,
-    ]
-)
+# The public names, and only these (docs/API.md lists exactly this list; a test checks it).
+__all__ = [
+    "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "FormatError",
+    "InputError", "MissingDependencyError", "SchemaError", "ShardWriter", "StateMismatchError",
+    "StorageError", "Stream", "StreamingDataLoader", "StreamingDataset", "StreamshardError",
+    "World", "WriteSummary", "detect_world", "merge_datasets", "open_dataset", "sample_rng",
+    "verify_dataset",
+]
+assert sorted(__all__) == __all__
+
+
+def __dir__() -> list[str]:
+    """``dir(streamshard)`` shows the lazily imported names too."""
+    return sorted(set(globals()) | set(_LAZY))

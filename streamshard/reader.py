@@ -171,7 +171,7 @@ class Dataset:
         return r.read(k)
 
     def read(self, shard: int, offset: int) -> dict:
-        """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
+        """Sample ``offset`` of shard ``shard`` (``ds[i]`` is ``read(*ds.locate(i))``)."""
         r = self._readers.get(shard)
         if r is None:
             if not 0 <= shard < len(self.index.shards):

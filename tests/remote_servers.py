@@ -335,7 +335,8 @@ class CountingProxy:
 # ---- child-process bodies (module level so that the "spawn" start method can import them) ---
 def race_for_shard(url: str, cache_dir: str, shard, barrier, results) -> None:
     """Open a CachedSource, wait for the other racers, fetch ``shard``; report hash and stats."""
-    from streamshard.remote import CachedSource, file_xxh64
+    from streamshard.remote import CachedSource
+    from streamshard.remote.cache import file_xxh64
 
     src = CachedSource(url, cache_dir=cache_dir)
     src.read_index()

@@ -19,7 +19,9 @@ import pytest
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError, StorageError
-from streamshard.remote import Prefetcher, RetryPolicy, ShardCache, call_with_retry, is_transient
+from streamshard.remote import RetryPolicy, ShardCache
+from streamshard.remote.prefetch import Prefetcher
+from streamshard.remote.storage import call_with_retry, is_transient
 
 NS = "u0/fp0"
 

@@ -16,7 +16,8 @@ import pytest
 
 from streamshard.errors import StorageError
 from streamshard.reader import open_dataset
-from streamshard.remote import CachedSource, RetryPolicy, file_xxh64
+from streamshard.remote import CachedSource, RetryPolicy
+from streamshard.remote.cache import file_xxh64
 from streamshard.testing import write_id_dataset
 from tests.remote_servers import HTTPServer, download_forever, race_for_shard
 

@@ -11,7 +11,8 @@ import pytest
 
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.reader import open_dataset
-from streamshard.remote import CachedSource, RetryPolicy, url_key
+from streamshard.remote import CachedSource, RetryPolicy
+from streamshard.remote.source import url_key
 from streamshard.testing import write_id_dataset
 from tests.remote_servers import AuthS3Server, CountingProxy, S3Server, s3_options
 
@@ -137,9 +138,9 @@ def test_server_down_mid_epoch_then_restarted_completes_exactly(local_ds, tmp_pa
 
 def test_missing_objects_fail_at_once_naming_the_url(s3, local_ds, tmp_path):
     url = upload(s3, local_ds)
-    t0 = time.monotonic()
+    missing = source(s3, url + "-missing", tmp_path / "c1")
     with pytest.raises(StorageError) as err:
-        open_dataset(url + "-missing", source=source(s3, url + "-missing", tmp_path / "c1"))
+        open_dataset(url + "-missing", source=missing)
     assert not err.value.transient and err.value.url == url + "-missing/index.json"
     assert url + "-missing/index.json" in str(err.value)
     # a shard deleted behind the index's back
@@ -150,7 +151,8 @@ def test_missing_objects_fail_at_once_naming_the_url(s3, local_ds, tmp_path):
     with pytest.raises(StorageError) as err:
         ds.read(1, 0)
     assert not err.value.transient and f"{url}/{victim.file}" in str(err.value)
-    assert src.stats()["retries"] == 0 and time.monotonic() - t0 < 10
+    # "at once": no retry (counted, not timed: a loaded machine makes any time bound flaky)
+    assert src.stats()["retries"] == 0 and missing.stats()["retries"] == 0
     ds.close()
 
 

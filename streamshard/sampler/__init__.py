@@ -15,3 +15,4 @@ from streamshard.sampler.sequence import SampleSequence
 
 __all__ = ["EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
            "sample_rng"]
+assert sorted(__all__) == __all__
