@@ -14,6 +14,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every ``slow`` mark says why (``@pytest.mark.slow(reason=...)``): a test over 5 s on the
+    development machine is marked, and the mark is its justification."""
+    bare = [item.nodeid for item in items
+            for mark in item.iter_markers("slow") if not mark.kwargs.get("reason")]
+    if bare:
+        raise pytest.UsageError("slow marks without reason=...: " + ", ".join(bare[:5]))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

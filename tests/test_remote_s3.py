@@ -16,7 +16,7 @@ from streamshard.remote.source import url_key
 from streamshard.testing import write_id_dataset
 from tests.remote_servers import AuthS3Server, CountingProxy, S3Server, s3_options
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="moto S3 in server mode, a server restart, DataLoader workers")
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, deadline=5)
 
 
