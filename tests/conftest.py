@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -21,13 +20,6 @@ def pytest_collection_modifyitems(config, items):
             for mark in item.iter_markers("slow") if not mark.kwargs.get("reason")]
     if bare:
         raise pytest.UsageError("slow marks without reason=...: " + ", ".join(bare[:5]))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

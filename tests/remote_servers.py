@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -23,24 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import xxhash
 
+from tests.net import free_port, wait_port
+
 KEY, SECRET = "testing", "testing"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def s3_options(endpoint: str, *, key: str = KEY, secret: str = SECRET, fast_fail: bool = True) -> dict:
@@ -223,21 +207,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-class HTTPServer:
-    """Serves ``root`` on 127.0.0.1; ``url`` is its base URL. Restartable on the same port."""
+class _Serving:
+    """``start()`` / ``stop()`` of a threaded HTTP server on 127.0.0.1:``port`` (restartable)."""
 
-    def __init__(self, root: str, port: int | None = None):
-        self.control = _Control(root)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+    port: int
+    _server: _Server | None = None
+    _thread: threading.Thread | None = None
 
-    def start(self) -> "HTTPServer":
-        handler = type("Handler", (_Handler,), {"control": self.control})
-        self._server = _Server(("127.0.0.1", self.port), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+    def _handler(self) -> type:
+        raise NotImplementedError
+
+    def start(self):
+        self._server = _Server(("127.0.0.1", self.port), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -247,6 +230,18 @@ class HTTPServer:
             self._server.server_close()
             self._thread.join(timeout=10)
             self._server = None
+
+
+class HTTPServer(_Serving):
+    """Serves ``root`` on 127.0.0.1; ``url`` is its base URL. Restartable on the same port."""
+
+    def __init__(self, root: str, port: int | None = None):
+        self.control = _Control(root)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _handler(self) -> type:
+        return type("Handler", (_Handler,), {"control": self.control})
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -296,7 +291,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward  # noqa: N815
 
 
-class CountingProxy:
+class CountingProxy(_Serving):
     """127.0.0.1 proxy to ``upstream`` (an :class:`S3Server`): ``log`` holds ``(method, path,
     injected status or None)`` of every request; paths ending in a suffix of ``unavailable``
     get 503 ServiceUnavailable (a transient error every S3 client retries) without reaching
@@ -309,27 +304,13 @@ class CountingProxy:
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, int | None]] = []
         self.unavailable: set[str] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> "CountingProxy":
-        handler = type("ProxyHandler", (_ProxyHandler,), {"proxy": self})
-        self._server = _Server(("127.0.0.1", self.port), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
+    def _handler(self) -> type:
+        return type("ProxyHandler", (_ProxyHandler,), {"proxy": self})
 
     def requests_for(self, suffix: str) -> list[tuple[str, str, int | None]]:
         with self.lock:
             return [r for r in self.log if r[1].endswith(suffix)]
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
 
 
 # ---- child-process bodies (module level so that the "spawn" start method can import them) ---

@@ -12,7 +12,7 @@ import pytest
 
 from streamshard import StreamingDataLoader, StreamingDataset, World
 from streamshard.testing import take
-from tests.conftest import free_port
+from tests.net import free_port
 
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "loader_job.py")
 G = 12  # divisible by 2 and 3
