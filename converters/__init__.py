@@ -162,6 +162,7 @@ _BUILTIN = (
     "streamshard.converters.mds",
     "streamshard.converters.webdataset",
     "streamshard.converters.hf",
+    "streamshard.converters.imagefolder",
 )
 _loaded = False
 

@@ -109,6 +109,9 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     part_path = f"{root}/{job.chunk.part}"
     ctx = converters.CountingContext(job.skip_errors, report)
     cpu0 = time.process_time()
+    from streamshard.writer import SIZE_WARNING
+
+    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
     try:
         with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.columns,
                          storage_options=job.storage_options, **job.writer) as writer:
@@ -131,6 +134,8 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     except BaseException:
         _remove(fs, part_path)
         raise
+    finally:
+        SIZE_WARNING.reset(token)
     ctx.tick(force=True)
     return stats
 
@@ -198,6 +203,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
+            input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[int, int, int], None] | None = None,
             on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
@@ -208,6 +214,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
     this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned;
     ``on_chunk(index)`` in this process after each chunk is complete (in completion order).
+    ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
+    in ``input_cache`` (kept), or in a temporary directory removed after success
+    (:mod:`streamshard.inputs`).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -220,7 +229,15 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     writer = {"shard_size": parse_size(shard_size, name="shard_size"),
               "block_size": parse_size(block_size, name="block_size"),
               "compression": compression, "compression_level": compression_level}
-    files = converters.discover(sources, conv.extensions, exclude=dest)
+    from streamshard.writer import warn_small_shards
+
+    warn_small_shards(writer["shard_size"], writer["block_size"])  # once here, not per chunk
+    from streamshard import inputs
+
+    cache = input_cache or inputs.default_cache(sources, dest)
+    files, identities = inputs.discover_inputs(sources, conv.extensions, exclude=dest,
+                                               cache_dir=cache,
+                                               storage_options=input_storage_options)
     columns = dict(conv.columns([p for p, _ in files], opts))
     from streamshard.schema import Schema
 
@@ -230,7 +247,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     chunks = plan_chunks(pieces, chunk_bytes)
     live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
             "chunk_size": chunk_bytes, **writer,
-            "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+            "inputs": [identities.get(p) or [p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
@@ -260,6 +277,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
                            overwrite=True, metadata=meta, storage_options=storage_options)
     _remove(fs, f"{root}/{MARKER}")
+    if identities and input_cache is None:
+        inputs.remove_cache(cache)
     return ConvertSummary(
         samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
         reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),

@@ -11,6 +11,7 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
-from streamshard import fastpath
+from streamshard import blockshuffle, fastpath
+from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
@@ -93,7 +95,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         epoch_size: int | None = None,
         mixture_block: int | None = None,
         lookahead: int = 16,
-        block_cache: int | str = DEFAULT_BLOCK_CACHE,
+        block_cache: int | str | None = None,
+        block_shuffle: bool | None = None,
+        blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+        token_dtype: torch.dtype | None = torch.int64,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -104,6 +109,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        # uint16/uint32 token arrays come out in this dtype from the default collation.
+        self.token_dtype = token_dtype_of(token_dtype)
+        self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
+        # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
+        self.pin_memory = False
         self.streams = tuple(streams)
         self.datasets: tuple[Dataset, ...] = tuple(
             open_dataset(
@@ -111,10 +121,20 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 cache_dir=cache_dir,
                 cache_limit=cache_limit,
                 storage_options=s.storage_options if s.storage_options is not None else storage_options,
-                block_cache=block_cache,
+                block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
             )
             for s in streams
         )
+        if block_shuffle is not None and not isinstance(block_shuffle, bool):
+            raise ConfigError(f"block_shuffle must be a bool or None, got {block_shuffle!r}")
+        # The block-aware shuffle (docs/SAMPLER.md) is the default for compressed shards only:
+        # uncompressed shards are mmapped, a random sample costs no more than a sequential one.
+        groups = [
+            blockshuffle.block_groups(ds.index, blocks_per_group)
+            if shuffle and (block_shuffle if block_shuffle is not None
+                            else ds.index.compression is not None) else None
+            for ds in self.datasets
+        ]
         orders = [
             EpochOrder(
                 [info.samples for info in ds.index.shards],
@@ -124,6 +144,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 shuffle=shuffle,
                 lanes=lanes,
                 window=window,
+                blocks=groups[i],
             )
             for i, ds in enumerate(self.datasets)
         ]
@@ -141,6 +162,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
         self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
+        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            for ds, order in zip(self.datasets, orders):
+                if order.blocks is not None:
+                    lanes_read = order.lanes_read(self.world.rank, self.world.world_size)
+                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
+                        ds.index, order.blocks, lanes_read))
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
@@ -217,7 +244,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         columns = self._columns
         for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
             if columns is not None:
-                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids.tolist()), True
+                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids,
+                                                token_dtype=self.token_dtype,
+                                                pin_memory=self.pin_memory), True
             else:
                 yield step, self.fetch(step, stream_ids, sample_ids), False
 

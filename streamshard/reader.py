@@ -156,6 +156,16 @@ class Dataset:
     def __len__(self) -> int:
         return self._len
 
+    def reserve_block_cache(self, nbytes: int) -> None:
+        """Grow the decompressed-block cache to at least ``nbytes`` (the block-aware shuffle
+        sizes it to the blocks its lanes keep in flight); never shrinks it."""
+        if nbytes > self.block_cache_bytes:
+            self.block_cache_bytes = int(nbytes)
+            if self._blocks is None:
+                self._blocks = LRU(self.block_cache_bytes, size=_block_bytes)
+            else:
+                self._blocks.capacity = self.block_cache_bytes
+
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
                 f"fingerprint={self.index.fingerprint!r})")
@@ -172,15 +182,20 @@ class Dataset:
 
     def read(self, shard: int, offset: int) -> dict:
         """Sample ``offset`` of shard ``shard`` (``ds[i]`` is ``read(*ds.locate(i))``)."""
+        r = self.shard_reader(shard)
+        if not 0 <= offset < r.num_samples:
+            raise IndexError(f"offset {offset} out of range for shard {shard} "
+                             f"({r.num_samples} samples)")
+        return r.read(offset)
+
+    def shard_reader(self, shard: int) -> ShardFileReader:
+        """The open reader of ``shard`` (opened if needed; counts as a use for the LRU)."""
         r = self._readers.get(shard)
         if r is None:
             if not 0 <= shard < len(self.index.shards):
                 raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
             r = self._open(shard)
-        if not 0 <= offset < r.num_samples:
-            raise IndexError(f"offset {offset} out of range for shard {shard} "
-                             f"({r.num_samples} samples)")
-        return r.read(offset)
+        return r
 
     def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
         """Copy the encoded bytes of samples ``ids`` into consecutive rows of ``out`` (a writable

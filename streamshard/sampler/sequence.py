@@ -259,8 +259,7 @@ class SampleSequence:
         total = 0
         for order in orders:
             if order.shuffle:
-                need = order.lanes_read(rank, world_size) * (
-                    order.shards_touched_by_run(order.window) + 1)
+                need = order.lanes_read(rank, world_size) * (order.shards_per_lane_at_once() + 1)
             else:
                 need = order.shards_touched_by_run(self._g) + 1
             total += min(need, order.num_shards)
