@@ -78,3 +78,12 @@ def test_subpackages_export_a_sorted_importable_list(package):
     for name in mod.__all__:
         assert getattr(mod, name) is not None, f"{package}.{name}"
     assert set(mod.__all__) <= set(dir(mod))
+
+
+def test_convert_md_lists_every_registered_format():
+    import streamshard.converters as converters
+
+    with open(os.path.join(ROOT, "docs", "CONVERT.md"), encoding="utf-8") as f:
+        row = next(line for line in f if line.startswith("| `--format` |"))
+    listed = re.findall(r"`([a-z_]+)`", row.split("|")[3])
+    assert sorted(listed) == sorted(converters.available())
