@@ -15,6 +15,7 @@ from streamshard.errors import (  # noqa: F401
     ConfigError,
     CorruptionError,
     DatasetExistsError,
+    DestinationLockedError,
     FormatError,
     InputError,
     MissingDependencyError,
@@ -35,8 +36,9 @@ _LAZY = {
     "verify_dataset": "streamshard.verify",
     "merge_datasets": "streamshard.merge",
     "StreamingDataset": "streamshard.dataset",
-    "Stream": "streamshard.dataset",
+    "Stream": "streamshard.streams",
     "StreamingDataLoader": "streamshard.loader",
+    "NumpyBatchIterator": "streamshard.numpy_loader",
     "sample_rng": "streamshard.sampler.rng",
 }
 
@@ -47,16 +49,25 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'streamshard' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        from streamshard.errors import missing_dependency
+
+        # The format, the sampler, the CLI's convert/inspect/verify and NumpyBatchIterator work
+        # without torch; the PyTorch loader does not.
+        raise missing_dependency("torch", "torch", f"streamshard.{name}") from exc
 
 
 # The public names, and only these (docs/API.md lists exactly this list; a test checks it).
 __all__ = [
-    "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "FormatError",
-    "InputError", "MissingDependencyError", "SchemaError", "ShardWriter", "StateMismatchError",
-    "StorageError", "Stream", "StreamingDataLoader", "StreamingDataset", "StreamshardError",
-    "World", "WriteSummary", "detect_world", "merge_datasets", "open_dataset", "sample_rng",
-    "verify_dataset",
+    "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "DestinationLockedError",
+    "FormatError", "InputError", "MissingDependencyError", "NumpyBatchIterator", "SchemaError",
+    "ShardWriter", "StateMismatchError", "StorageError", "Stream", "StreamingDataLoader",
+    "StreamingDataset", "StreamshardError", "World", "WriteSummary", "detect_world",
+    "merge_datasets", "open_dataset", "sample_rng", "verify_dataset",
 ]
 assert sorted(__all__) == __all__
 

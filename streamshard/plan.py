@@ -21,7 +21,8 @@ from multiprocessing.context import get_spawning_popen
 from streamshard.errors import ConfigError
 from streamshard.sampler.ledgers import Ledgers
 
-# 64 KiB holds a plan with ~2,000 skip/reseed entries; a longer ledger is refused with a message.
+# 64 KiB holds a plan with ~2,000 skip, reseed or quarantine entries; a longer ledger is
+# refused with a message.
 _PLAN_BYTES = 1 << 16
 _LEN = struct.Struct("<Q")
 
@@ -61,7 +62,7 @@ class PlanBox:
         data = plan.to_json()
         if _LEN.size + len(data) > _PLAN_BYTES:
             raise ConfigError(
-                f"skip/reseed ledger too long: plan is {len(data)} bytes, at most "
+                f"skip/reseed/quarantine ledger too long: plan is {len(data)} bytes, at most "
                 f"{_PLAN_BYTES - _LEN.size} fit"
             )
         view = memoryview(self._buf).cast("B")

@@ -13,15 +13,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Every ``slow`` mark says why (``@pytest.mark.slow(reason=...)``): a test over 5 s on the
-    development machine is marked, and the mark is its justification."""
-    bare = [item.nodeid for item in items
-            for mark in item.iter_markers("slow") if not mark.kwargs.get("reason")]
-    if bare:
-        raise pytest.UsageError("slow marks without reason=...: " + ", ".join(bare[:5]))
-
-
 @pytest.fixture(scope="session")
 def id_dataset_factory(tmp_path_factory):
     """Build (once per session and arguments) a dataset whose sample i has column id == i."""
@@ -37,3 +28,20 @@ def id_dataset_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every ``slow`` mark says why (``@pytest.mark.slow(reason=...)``): a test over 5 s on the
+    development machine is marked, and the mark is its justification. Long fuzz budgets run
+    only when asked (``pytest -m fuzz``): each is the longer duplicate of a short fuzz test that
+    always runs, so the default run deselects nothing that matters."""
+    bare = [item.nodeid for item in items
+            for mark in item.iter_markers("slow") if not mark.kwargs.get("reason")]
+    if bare:
+        raise pytest.UsageError("slow marks without reason=...: " + ", ".join(bare[:5]))
+    if "fuzz" in (config.getoption("markexpr") or ""):
+        return
+    keep = [it for it in items if it.get_closest_marker("fuzz") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep

@@ -24,16 +24,23 @@ from streamshard.recovery.policy import (
 )
 from streamshard.recovery.slowdown import SlowdownConfig, StragglerConfig
 from streamshard.recovery.watchdog import Watchdog, WatchdogConfig
+from streamshard.recovery.classify import classify_exception, exit_on_fault
+from streamshard.recovery.goodput import EffectiveTime
+from streamshard.recovery.heartbeat import Heartbeat, HeartbeatConfig, HeartbeatMonitor
+from streamshard.recovery.lr import install_lr_scale
+from streamshard.recovery.policy import Anomaly, Rung
 
 _LAZY = {"CheckpointManager": "streamshard.recovery.checkpoint",
          "CheckpointInfo": "streamshard.recovery.checkpoint"}
 
 __all__ = [
-    "Action", "CheckpointInfo", "CheckpointManager", "CheckpointRef", "Exit", "FakeProbe",
-    "ForensicsConfig", "GuardConfig", "HealthEvent", "HealthProbe", "Journal", "KernelLogXidProbe",
-    "Ledger", "NvmlProbe", "PROCEED", "PersistenceConfig", "PolicyConfig", "Proceed", "Recovery",
-    "Rollback", "SkipUpdate", "SlowdownConfig", "SpikeConfig", "StragglerConfig", "Watchdog",
-    "WatchdogConfig", "available_probes", "exitcodes", "fault_plan_from_env",
+    "Action", "Anomaly", "CheckpointInfo", "CheckpointManager", "CheckpointRef", "EffectiveTime",
+    "Exit", "FakeProbe", "ForensicsConfig", "GuardConfig", "HealthEvent", "HealthProbe",
+    "Heartbeat", "HeartbeatConfig", "HeartbeatMonitor", "Journal", "KernelLogXidProbe", "Ledger",
+    "NvmlProbe", "PROCEED", "PersistenceConfig", "PolicyConfig", "Proceed", "Recovery",
+    "Rollback", "Rung", "SkipUpdate", "SlowdownConfig", "SpikeConfig", "StragglerConfig",
+    "Watchdog", "WatchdogConfig", "available_probes", "classify_exception", "exit_on_fault",
+    "exitcodes", "fault_plan_from_env", "install_lr_scale",
 ]
 assert sorted(__all__) == __all__
 
