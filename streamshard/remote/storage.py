@@ -239,6 +239,10 @@ class Remote:
         filesystem's multipart threshold, e.g. s3fs's 50 MiB block size)."""
         self.fs.get_file(self.path(rel), local_path)
 
+    def cat_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of one object (one ranged GET)."""
+        return self.fs.cat_file(self.path(rel), start=start, end=end)
+
 
 def version_token(info: dict[str, Any]) -> str | None:
     """What identifies one version of a remote object without reading it: ETag / last-modified /
