@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade",
         "content-length"}
-_PACE_CHUNK = 64 << 10
+_PACE_CHUNK = 256 << 10
 
 
 class _Knobs:

@@ -171,3 +171,24 @@ def test_part_policy_and_connections_are_validated():
         CachedSource("s3://b/ds", max_connections=0)
     with pytest.raises(ConfigError, match="PartPolicy"):
         CachedSource("s3://b/ds", parts={"part_size": 1})
+
+
+def test_obstore_backend_reads_the_same_and_classifies_errors(proxy, uploaded, tmp_path):
+    pytest.importorskip("obstore")
+    local, url = uploaded
+    shard = _big_shard(local)
+    opts = {**s3_options(proxy.endpoint), "backend": "obstore"}
+    src = CachedSource(url, cache_dir=str(tmp_path / "cache"), storage_options=opts,
+                       retry=NO_SLEEP, parts=PARTS)
+    ds = open_dataset(url, source=src)
+    assert file_xxh64(src.shard_path(shard)) == file_xxh64(os.path.join(local, shard.file))
+    assert len(proxy.ranged_gets(shard.file)) == len(PARTS.ranges(shard.bytes))
+    assert ds[5]["id"] == open_dataset(local)[5]["id"]
+    ds.close()
+    missing = CachedSource(url + "-missing", cache_dir=str(tmp_path / "c2"), storage_options=opts,
+                           retry=NO_SLEEP)
+    with pytest.raises(StorageError, match="index.json") as info:
+        missing.read_index()
+    assert not info.value.transient
+    with pytest.raises(ConfigError, match="backend"):
+        CachedSource(url, storage_options={"backend": "boto"}, cache_dir=str(tmp_path / "c3"))

@@ -66,6 +66,11 @@ def _code_of(exc: BaseException) -> str | None:
 
 def _classify_one(exc: BaseException) -> bool | None:
     """True transient, False permanent, None: this exception alone does not say."""
+    from streamshard.remote.obstore_fs import classify
+
+    verdict = classify(exc)
+    if verdict is not None:
+        return verdict
     status = _status_of(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
@@ -200,6 +205,9 @@ class Remote:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        from streamshard.remote.obstore_fs import split_backend
+
+        split_backend(self.url, self.storage_options)  # a bad backend is a ConfigError now
         self._fs: Any = None
         self._root = ""
         self._pid = -1
@@ -213,8 +221,14 @@ class Remote:
     @property
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            loc = resolve(self.url, self.storage_options)
-            self._fs, self._root = loc.fs, loc.root.rstrip("/")
+            from streamshard.remote.obstore_fs import make_fs, split_backend
+
+            backend, opts = split_backend(self.url, self.storage_options)
+            if backend == "obstore":
+                self._fs, self._root = make_fs(opts), self.url.split("://", 1)[1].rstrip("/")
+            else:
+                loc = resolve(self.url, opts)
+                self._fs, self._root = loc.fs, loc.root.rstrip("/")
             self._pid = os.getpid()
         return self._fs
 
