@@ -10,11 +10,12 @@ pass the split directory (``SRC/train``) or its ``state.json``.
 Arrow types -> columns: ``string``/``large_string`` -> ``str``; ``binary``/``large_binary`` ->
 ``bytes``; bool, integer and float scalars as is; a list (or fixed-size list) of a numeric type ->
 ``DTYPE[]`` (``DTYPE[n]``); a struct holding a binary field (``Image``, ``Audio`` features) is
-flattened into ``name.field`` columns; everything else (nested lists, structs, dictionaries,
-timestamps, decimals) -> ``json`` (dates, times and decimals as their ISO/str text, binary
-values nested in lists as base64 text). A column
-holding nulls becomes ``json`` (null kept); nulls in a binary column are an error. Row order and
-every column are kept.
+flattened into ``name.field`` columns (the ``bytes`` field of an ``Image`` / ``Audio``
+feature is typed ``image`` / ``audio``, for ``streamshard.media``); everything else (nested
+lists, structs, dictionaries, timestamps, decimals) -> ``json`` (dates, times and decimals as
+their ISO/str text, binary values nested in lists as base64 text). A column holding nulls
+becomes ``json`` (null kept); nulls in a binary column are an error. Row order and every column
+are kept.
 """
 
 from __future__ import annotations
@@ -24,20 +25,17 @@ import datetime
 import decimal
 import json
 import os
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from streamshard.converters import Piece, ReadContext, register
+from streamshard.converters.arrow import plain_type
 from streamshard.errors import ConfigError, InputError, missing_dependency
 
 STATE_FILE = "state.json"
 DICT_FILE = "dataset_dict.json"
-_NUMERIC = {"bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-            "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-            "halffloat": "float16", "float": "float32", "double": "float64"}
-
-
 def _pa():
     try:
         import pyarrow as pa
@@ -63,42 +61,35 @@ def data_files(state_path: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def _batches(path: str) -> Iterator[Any]:
+@contextmanager
+def _arrow_errors(path: str) -> Iterator[None]:
+    """Opening or reading one Arrow data file: its failures as InputErrors naming the file."""
     pa = _pa()
     try:
-        reader = pa.ipc.open_stream(pa.memory_map(path, "r"))
-        yield from reader
+        yield
     except FileNotFoundError:
         raise InputError(f"{path}: Arrow data file listed in state.json is missing") from None
     except pa.ArrowInvalid as exc:
         raise InputError(f"{path}: not a readable Arrow stream file: {exc}") from None
+
+
+def _batches(path: str) -> Iterator[Any]:
+    pa = _pa()
+    with _arrow_errors(path):
+        yield from pa.ipc.open_stream(pa.memory_map(path, "r"))
 
 
 def _schema(path: str) -> Any:
     pa = _pa()
-    try:
+    with _arrow_errors(path):
         return pa.ipc.open_stream(pa.memory_map(path, "r")).schema
-    except FileNotFoundError:
-        raise InputError(f"{path}: Arrow data file listed in state.json is missing") from None
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"{path}: not a readable Arrow stream file: {exc}") from None
 
 
 def _plain_type(t: Any) -> str | None:
-    """The streamshard type of a non-null Arrow type, or ``None`` (json / flattened)."""
-    pa = _pa()
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        return "bytes"
-    if str(t) in _NUMERIC:
-        return _NUMERIC[str(t)]
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        inner = str(t.value_type)
-        if inner in _NUMERIC and inner != "bool":
-            shape = str(t.list_size) if pa.types.is_fixed_size_list(t) else ""
-            return f"{_NUMERIC[inner]}[{shape}]"
-    return None
+    """The streamshard type of a non-null Arrow type, or ``None`` (json / flattened). Lists of
+    bool are not arrays here (datasets stores them as JSON lists)."""
+    _pa()  # a missing pyarrow says what to install
+    return plain_type(t, bool_arrays=False)
 
 
 def _has_binary(t: Any) -> bool:
@@ -113,10 +104,13 @@ def plan_columns(schema: Any, nulls: Mapping[str, int], where: str) -> list[tupl
     column down to the value (length > 1 for flattened struct fields)."""
     pa = _pa()
     out: list[tuple[str, str, tuple]] = []
+    media = _media_features(schema)
 
     def visit(name: str, t: Any, path: tuple) -> None:
         null = nulls.get(".".join(path), 0) > 0
         plain = _plain_type(t)
+        if plain == "bytes" and len(path) == 2 and path[1] == "bytes" and path[0] in media:
+            plain = media[path[0]]  # the encoded file of an Image / Audio feature
         if pa.types.is_struct(t) and _has_binary(t) and not null:
             for i in range(t.num_fields):
                 f = t.field(i)
@@ -130,6 +124,23 @@ def plan_columns(schema: Any, nulls: Mapping[str, int], where: str) -> list[tupl
     for field in schema:
         visit(field.name, field.type, (field.name,))
     return out
+
+
+_MEDIA = {"Image": "image", "Audio": "audio"}
+
+
+def _media_features(schema: Any) -> dict[str, str]:
+    """Top-level columns that ``datasets`` declares as ``Image`` / ``Audio`` features (the
+    ``huggingface`` entry of the Arrow schema metadata), as ``image`` / ``audio``."""
+    try:
+        meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+        features = meta.get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {name: _MEDIA[f["_type"]] for name, f in features.items()
+            if isinstance(f, dict) and f.get("_type") in _MEDIA}
 
 
 def _null_counts(files: Sequence[str]) -> dict[str, int]:

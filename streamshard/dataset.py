@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -22,48 +20,21 @@ import torch.utils.data
 
 from streamshard import blockshuffle, fastpath
 from streamshard.collate import collate, token_dtype_of
+from streamshard.device_batch import DeviceBatch
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
-from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
+from streamshard.reader import Dataset
+from streamshard.streams import (  # noqa: F401 (Stream re-exported)
+    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+)
+from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
 
-@dataclass(frozen=True)
-class Stream:
-    """One dataset of a weighted mixture. ``weight`` is relative; it need not sum to 1."""
-
-    source: str
-    weight: float = 1.0
-    storage_options: dict | None = field(default=None, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source:
-            raise ConfigError(f"Stream source must be a path or URL string, got {self.source!r}")
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)) or self.weight <= 0:
-            raise ConfigError(f"Stream weight must be a positive number, got {self.weight!r}")
-
-
-def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world: World) -> int:
-    if (batch_size is None) == (global_batch_size is None):
-        raise ConfigError(
-            "give exactly one of batch_size (per device) and global_batch_size, "
-            f"got batch_size={batch_size!r}, global_batch_size={global_batch_size!r}"
-        )
-    if batch_size is not None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        return batch_size * world.world_size
-    if not isinstance(global_batch_size, int) or global_batch_size <= 0:
-        raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    if global_batch_size % world.world_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch_size} must be divisible by the world size "
-            f"{world.world_size}"
-        )
-    return global_batch_size
+# Stream and the batch rule live in streams.py (no torch); re-exported here.
+_resolve_batch = resolve_batch
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -102,9 +73,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         verify_blocks: bool = True,
     ):
         super().__init__()
-        streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
-        if not streams or not all(isinstance(s, Stream) for s in streams):
-            raise ConfigError(f"source must be a path/URL or a non-empty list of Stream, got {source!r}")
+        streams = as_streams(source, storage_options)
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.world = world if world is not None else detect_world()
@@ -115,47 +84,15 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
         # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
         self.pin_memory = False
-        self.streams = tuple(streams)
-        self.datasets: tuple[Dataset, ...] = tuple(
-            open_dataset(
-                s.source,
-                cache_dir=cache_dir,
-                cache_limit=cache_limit,
-                storage_options=s.storage_options if s.storage_options is not None else storage_options,
-                block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
-                verify_blocks=verify_blocks,
-            )
-            for s in streams
-        )
-        if block_shuffle is not None and not isinstance(block_shuffle, bool):
-            raise ConfigError(f"block_shuffle must be a bool or None, got {block_shuffle!r}")
-        # The block-aware shuffle (docs/SAMPLER.md) is the default for compressed shards only:
-        # uncompressed shards are mmapped, a random sample costs no more than a sequential one.
-        groups = [
-            blockshuffle.block_groups(ds.index, blocks_per_group)
-            if shuffle and (block_shuffle if block_shuffle is not None
-                            else ds.index.compression is not None) else None
-            for ds in self.datasets
-        ]
-        orders = [
-            EpochOrder(
-                [info.samples for info in ds.index.shards],
-                # One stream keeps the user's seed; mixture members get distinct derived keys so
-                # two copies of one dataset in a mixture are not read in lockstep.
-                seed=seed if len(streams) == 1 else derive_key(seed, i),
-                shuffle=shuffle,
-                lanes=lanes,
-                window=window,
-                blocks=groups[i],
-            )
-            for i, ds in enumerate(self.datasets)
-        ]
-        if len(orders) == 1 and epoch_size is None:
-            order: EpochOrder | MixtureOrder = orders[0]
-        else:
-            order = MixtureOrder(
-                orders, [s.weight for s in streams], seed=seed, block=mixture_block, epoch_size=epoch_size
-            )
+        self.streams = streams
+        self.datasets: tuple[Dataset, ...] = open_streams(
+            streams, cache_dir=cache_dir, cache_limit=cache_limit,
+            storage_options=storage_options, block_cache=block_cache,
+            verify_blocks=verify_blocks)
+        order, orders = build_order(
+            self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
+            epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
+            blocks_per_group=blocks_per_group)
         self.sequence = SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         )
@@ -165,11 +102,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.lookahead = lookahead
         self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
-            for ds, order in zip(self.datasets, orders):
-                if order.blocks is not None:
-                    lanes_read = order.lanes_read(self.world.rank, self.world.world_size)
-                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
-                        ds.index, order.blocks, lanes_read))
+            reserve_block_caches(self.datasets, orders, self.world)
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
@@ -317,10 +250,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             _, first = np.unique(shards, return_index=True)
             ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
 
-    def __iter__(self) -> Iterator[list]:
+    def __iter__(self) -> Iterator[DeviceBatch]:
+        """A plain ``DataLoader``'s path: device batches as ``DeviceBatch`` (which a re-batching
+        ``DataLoader(ds)`` refuses with the fix, see device_batch.py)."""
         worker, num_workers = _worker_slot()
         for _, batch in self.iter_steps(worker, num_workers):
-            yield batch
+            yield DeviceBatch(batch)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)

@@ -12,7 +12,7 @@ import pytest
 
 from streamshard import StreamingDataLoader, StreamingDataset, World
 from streamshard.testing import take
-from tests.conftest import free_port
+from tests.net import free_port
 
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "loader_job.py")
 G = 12  # divisible by 2 and 3
@@ -53,7 +53,7 @@ def reference(data):
     return [b["id"].tolist() for b in take(loader, 40)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="real torchrun with gloo process groups")
 @pytest.mark.parametrize("nproc, workers", [(2, 0), (3, 2)])
 def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, workers):
     records = torchrun(nproc, str(tmp_path / "run"), "--data", data, "--global-batch", str(G),
@@ -63,7 +63,7 @@ def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, worke
     assert batches == reference
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="real torchrun with gloo process groups")
 def test_torchrun_save_at_two_resume_at_three(tmp_path, data, reference):
     state = str(tmp_path / "state.json")
     torchrun(2, str(tmp_path / "a"), "--data", data, "--global-batch", str(G), "--steps", "17",

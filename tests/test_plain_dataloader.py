@@ -1,12 +1,11 @@
 """A user's own script passes the dataset to a plain ``torch.utils.data.DataLoader``, as with any
 other torch dataset. Whatever the loader's arguments, the result is either correctly collated
-device batches (a dict of tensors whose first dim is the device batch size) or a clear
-``ConfigError`` that names the fix; never the silent nested lists of batch-of-one collation
-(issue 13, item 8).
+device batches (a dict of tensors whose first dim is the device batch size) or a clear error
+that names the fix; never the silent nested lists of batch-of-one collation (issue 13, item 8).
 
-The map-style adapter (issue 12, item 3) is what makes this possible: an ``IterableDataset``
-cannot see the DataLoader's ``batch_size``. Until it lands, the rows that need it are expected
-to fail (strict xfail, so the marker must go when they pass)."""
+The iterable adapter cannot see the DataLoader's ``batch_size``; its device batches are
+``DeviceBatch`` values that torch's ``default_collate`` refuses with the fix in the message. The
+map-style adapter (issue 12, item 3) may instead serve correct batches: both pass here."""
 
 from __future__ import annotations
 
@@ -17,10 +16,6 @@ torch = pytest.importorskip("torch")
 from streamshard import ConfigError, StreamingDataset, World  # noqa: E402
 
 B = 4
-MAP_STYLE = hasattr(StreamingDataset, "__getitems__")
-needs_map_style = pytest.mark.xfail(
-    not MAP_STYLE, strict=True,
-    reason="an IterableDataset cannot see the DataLoader's batch_size (map-style adapter pending)")
 
 
 @pytest.fixture
@@ -29,18 +24,18 @@ def dataset(id_dataset_factory):
 
 
 def first_batch_or_error(loader):
-    """The first batch, or the ConfigError raised while getting it."""
+    """The first batch, or the error raised while getting it."""
     try:
         return next(iter(loader))
-    except ConfigError as exc:
+    except (ConfigError, TypeError) as exc:
         return exc
 
 
 def assert_device_batch_or_fix(result, dataset) -> None:
-    if isinstance(result, ConfigError):
+    if isinstance(result, Exception):
         text = str(result)
         # The message must say what to write instead.
-        assert "StreamingDataLoader" in text or "batch_size" in text, text
+        assert "StreamingDataLoader(ds)" in text and "batch_size=None" in text, text
         return
     assert isinstance(result, dict), f"expected a dict of tensors, got {type(result).__name__}"
     assert isinstance(result["id"], torch.Tensor) and result["id"].shape == (B,)
@@ -50,19 +45,37 @@ def assert_device_batch_or_fix(result, dataset) -> None:
 
 # Each row is a way users write it in their own scripts.
 @pytest.mark.parametrize("kwargs", [
-    pytest.param({}, id="default-batch_size-1", marks=needs_map_style),
-    pytest.param({"batch_size": B}, id="same-batch-size", marks=needs_map_style),
-    pytest.param({"batch_size": B + 1}, id="other-batch-size", marks=needs_map_style),
+    pytest.param({}, id="default-batch_size-1"),
+    pytest.param({"batch_size": B}, id="same-batch-size"),
+    pytest.param({"batch_size": B + 1}, id="other-batch-size"),
+    pytest.param({"batch_size": 2, "num_workers": 2}, id="workers"),
     pytest.param({"batch_size": None}, id="batch_size-None"),  # documented in dataset.py
+    pytest.param({"batch_size": None, "num_workers": 2}, id="batch_size-None-workers"),
 ])
 def test_plain_dataloader_batches_or_names_the_fix(dataset, kwargs):
     dataset.set_epoch(0) if hasattr(dataset, "set_epoch") else None
+    if kwargs.get("num_workers"):
+        kwargs["multiprocessing_context"] = "fork"
     loader = torch.utils.data.DataLoader(dataset, **kwargs)
     result = first_batch_or_error(loader)
-    if kwargs.get("batch_size", 1) is None and isinstance(result, list):
-        # batch_size=None with the iterable adapter: a device batch of B sample dicts,
-        # converted (not collated) by default_convert: a flat list, not nested.
-        assert len(result) == B and all(isinstance(s, dict) for s in result)
-        assert all(not isinstance(s["id"], (list, tuple)) for s in result)
+    if kwargs.get("batch_size", 1) is None and not isinstance(result, (dict, Exception)):
+        # batch_size=None with the iterable adapter: one device batch of B sample dicts,
+        # converted (not collated) by default_convert: flat, not nested.
+        samples = list(result)
+        assert len(samples) == B and all(isinstance(s, dict) for s in samples)
+        assert all(isinstance(int(s["id"]), int) and not isinstance(s["id"], (list, tuple))
+                   for s in samples)
         return
     assert_device_batch_or_fix(result, dataset)
+
+
+def test_batch_size_none_with_default_collate_gives_device_batches(dataset):
+    """The documented plain-DataLoader form (dataset.py): one collated device batch per item."""
+    from streamshard.collate import collate
+
+    dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=collate)
+    batches = list(loader)
+    assert len(batches) == len(dataset)
+    assert all(b["id"].shape == (B,) for b in batches)
+    assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(64))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import logging
 import os
 import threading
 from typing import Any, Sequence
@@ -22,9 +23,10 @@ from streamshard.errors import ConfigError, CorruptionError, redact
 from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
 from streamshard.remote.prefetch import Prefetcher
-from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
+from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, describe, version_token
 from streamshard.sizes import parse_size
 
+_logger = logging.getLogger(__name__)
 INDEX_FILE = "index.json"  # mirrors streamshard.index.INDEX_FILE (imported lazily below)
 
 
@@ -133,13 +135,14 @@ class CachedSource:
                                          space_timeout=self.space_timeout)
             return self._cache
 
-    def _on_retry(self, exc: BaseException, delay: float) -> None:
-        with self._lock:
-            self._counts["retries"] += 1
-
     def _retrying(self, fn, rel: str, what: str):
-        return call_with_retry(fn, url=self._remote.url_of(rel), what=what, policy=self.retry,
-                               on_retry=self._on_retry)
+        url = self._remote.url_of(rel)
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            with self._lock:
+                self._counts["retries"] += 1
+            _logger.warning("%s %s failed (%s); retrying in %.2f s", what, url, describe(exc), delay)
+        return call_with_retry(fn, url=url, what=what, policy=self.retry, on_retry=on_retry)
 
     # ---- ShardSource ----------------------------------------------------------------------
     def read_index(self) -> bytes:
