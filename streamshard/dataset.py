@@ -11,6 +11,7 @@ works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 from typing import Any, Callable, Iterator, Sequence
@@ -29,6 +30,8 @@ from streamshard.streams import (  # noqa: F401 (Stream re-exported)
 )
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
+
+HINT_CHUNKS = 16  # chunks of ``lookahead`` steps whose shards are hinted to remote sources
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
@@ -196,21 +199,26 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
         One sampler call maps a chunk of ``lookahead`` steps: a call costs ~100 us of numpy
         overhead whatever its size, which per 32-sample batch would exceed the cost of reading
-        it. Remote sources get the shards of chunk ``k+1`` as a prefetch hint while chunk ``k``
-        is being read (and chunk 0's at once), in reading order.
+        it. Remote sources get the shards of the next ``HINT_CHUNKS`` chunks as one prefetch
+        hint, in reading order, each time a chunk starts: far enough ahead that a cold epoch
+        is not waiting on first-byte latency; the prefetcher bounds it in bytes.
         """
         chunks = self._chunks(worker, num_workers)
         remote = any(self._remote)
-        current = next(chunks, None)
-        if current is not None and remote:
-            self._hint(current)
-        while current is not None:
-            upcoming = next(chunks, None)
-            if upcoming is not None and remote:
-                self._hint(upcoming)
+        ahead: collections.deque = collections.deque()
+
+        def fill() -> None:
+            while len(ahead) < HINT_CHUNKS + 1 and (chunk := next(chunks, None)) is not None:
+                ahead.append(chunk)
+
+        fill()
+        while ahead:
+            if remote:  # the chunk about to be read first, then what follows it
+                self._hint([c for chunk in ahead for c in chunk])
+            current = ahead.popleft()
             for step, stream_ids, sample_ids in current:
                 yield step, stream_ids, sample_ids
-            current = upcoming
+            fill()
 
     def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         plan = self._plan.read()

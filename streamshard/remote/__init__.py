@@ -9,8 +9,9 @@ error classification) stays in its modules. See ``docs/REMOTE.md``.
 from __future__ import annotations
 
 from streamshard.remote.cache import ShardCache
+from streamshard.remote.parts import PartPolicy
 from streamshard.remote.source import CachedSource, default_cache_dir
 from streamshard.remote.storage import RetryPolicy
 
-__all__ = ["CachedSource", "RetryPolicy", "ShardCache", "default_cache_dir"]
+__all__ = ["CachedSource", "PartPolicy", "RetryPolicy", "ShardCache", "default_cache_dir"]
 assert sorted(__all__) == __all__

@@ -66,6 +66,11 @@ def _code_of(exc: BaseException) -> str | None:
 
 def _classify_one(exc: BaseException) -> bool | None:
     """True transient, False permanent, None: this exception alone does not say."""
+    from streamshard.remote.obstore_fs import classify
+
+    verdict = classify(exc)
+    if verdict is not None:
+        return verdict
     status = _status_of(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
@@ -210,6 +215,9 @@ class Remote:
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
+        from streamshard.remote.obstore_fs import split_backend
+
+        split_backend(self.url, self.storage_options)  # a bad backend is a ConfigError now
         self._fs: Any = None
         self._root = ""
         self._pid = -1
@@ -223,10 +231,16 @@ class Remote:
     @property
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            loc = resolve(self.url, single_attempt_options(self.protocol, self.storage_options))
-            self._fs, self._root = loc.fs, loc.root.rstrip("/")
-            if self.protocol in _S3:  # s3fs's own retry loop: a class attribute, not an argument
-                loc.fs.retries = self.storage_options.get("retries", 1)
+            from streamshard.remote.obstore_fs import make_fs, split_backend
+
+            backend, opts = split_backend(self.url, self.storage_options)
+            if backend == "obstore":  # its own retries are off (obstore_fs); RetryPolicy retries
+                self._fs, self._root = make_fs(opts), self.url.split("://", 1)[1].rstrip("/")
+            else:
+                loc = resolve(self.url, single_attempt_options(self.protocol, opts))
+                self._fs, self._root = loc.fs, loc.root.rstrip("/")
+                if self.protocol in _S3:  # s3fs's own retry loop: a class attribute, not an argument
+                    loc.fs.retries = opts.get("retries", 1)
             self._pid = os.getpid()
         return self._fs
 
@@ -250,6 +264,10 @@ class Remote:
         """Download one whole object to ``local_path`` (one GET for objects below the
         filesystem's multipart threshold, e.g. s3fs's 50 MiB block size)."""
         self.fs.get_file(self.path(rel), local_path)
+
+    def cat_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of one object (one ranged GET)."""
+        return self.fs.cat_file(self.path(rel), start=start, end=end)
 
 
 _S3 = ("s3", "s3a")
