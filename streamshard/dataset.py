@@ -24,6 +24,7 @@ from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key, sample_rng
+from streamshard.sampler.order import default_lanes
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -56,12 +57,7 @@ def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world:
         return batch_size * world.world_size
     if not isinstance(global_batch_size, int) or global_batch_size <= 0:
         raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    if global_batch_size % world.world_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch_size} must be divisible by the world size "
-            f"{world.world_size}"
-        )
-    return global_batch_size
+    return global_batch_size  # any world size: rank batches differ by at most one sample
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -122,7 +118,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 # two copies of one dataset in a mixture are not read in lockstep.
                 seed=seed if len(streams) == 1 else derive_key(seed, i),
                 shuffle=shuffle,
-                lanes=lanes,
+                # One stream: lanes sized for locality at any world size (fixed into the state
+                # by the first run); a mixture's streams keep EpochOrder's default.
+                lanes=(default_lanes(len(ds.index.shards), self.global_batch_size)
+                       if lanes is None and len(streams) == 1 else lanes),
                 window=window,
             )
             for i, ds in enumerate(self.datasets)
@@ -140,7 +139,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
-        self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
+        self.working_set_shards = self.sequence.working_set_shards(
+            self.world.rank, self.world.world_size, self.world.local_world_size)
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
@@ -168,8 +168,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
     @property
     def batch_size(self) -> int:
-        """Samples per device batch."""
-        return self.global_batch_size // self.world.world_size
+        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
+        return int(self.sequence.assignment(self.world.world_size,
+                                            self.world.local_world_size).rank_sizes()[self.world.rank])
 
     @property
     def fingerprints(self) -> list[str]:
@@ -252,7 +253,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         plan = self._plan.read()
         seq = self.sequence_with(plan.skips, plan.reseeds)
-        rank, world_size = self.world.rank, self.world.world_size
+        world = self.world
         per_device = self.batch_size
         n = worker
         while True:
@@ -268,7 +269,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             chunk = []
             for epoch, group in itertools.groupby(steps, key=lambda s: s // self.steps_per_epoch):
                 group = list(group)
-                positions = np.concatenate([seq.device_positions(s, rank, world_size) for s in group])
+                positions = np.concatenate([seq.device_positions(
+                    s, world.rank, world.world_size, world.local_world_size) for s in group])
                 stream_ids, sample_ids = seq.map_positions(epoch, positions)
                 for i, step in enumerate(group):
                     cut = slice(i * per_device, (i + 1) * per_device)
