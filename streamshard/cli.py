@@ -289,10 +289,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(argv)
 
 
+# -- plan (streamshard/capacity.py) ------------------------------------------------------------
+
+def _add_plan(sub: Any) -> None:
+    from streamshard import capacity  # implementation and options live there
+
+    capacity.add_parser(sub)
+    sub.choices["plan"].set_defaults(func=capacity.run)
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo]
+                                             _add_plan, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

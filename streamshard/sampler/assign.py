@@ -208,10 +208,12 @@ def _node_order(lanes: int, chunk: int, num_nodes: int, g: int, quotas: tuple) -
     under = [i for i in range(num_nodes) if excess[i] < 0]
     order, drift, a, b = [], 0.0, 0, 0
     while a < len(over) or b < len(under):
-        if b >= len(under) or (a < len(over) and drift <= 0):
-            node, a = over[a], a + 1
-        else:
+        # An under-quota node comes next only when the excess carried so far covers all of its
+        # deficit: it then reads one neighbour's tail, not pieces from both sides.
+        if b < len(under) and (a >= len(over) or drift + excess[under[b]] >= -1e-9):
             node, b = under[b], b + 1
+        else:
+            node, a = over[a], a + 1
         order.append(node)
         drift += excess[node]
     out = np.array(order, dtype=np.int64)

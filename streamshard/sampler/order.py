@@ -179,6 +179,25 @@ class EpochOrder:
         # A run of r samples over shards of >= m samples crosses at most ceil((r-1)/m) borders.
         return int(min(nonempty.size, ceil((run - 1) / int(nonempty.min())) + 1))
 
+    def lane_slot_ranges(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first slot, last slot) of the shuffled shard space each lane's run overlaps in
+        ``epoch`` (slots of :meth:`epoch_tables`; a lane of 0 samples gets ``last < first``)."""
+        q, r = divmod(self._n, self._lanes)
+        lane = np.arange(self._lanes, dtype=np.int64)
+        start = lane * q + np.minimum(lane, r)
+        size = q + (lane < r)
+        _, cum = self._epoch_tables(epoch)
+        first = np.searchsorted(cum, start, side="right") - 1
+        last = np.searchsorted(cum, start + size - 1, side="right") - 1
+        return first, np.where(size > 0, last, first - 1)
+
+    def epoch_tables(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slot -> original shard, cumulative sizes in slot order) of ``epoch`` (read-only)."""
+        views = [table.view() for table in self._epoch_tables(check_int(epoch, "epoch", minimum=0))]
+        for view in views:
+            view.flags.writeable = False
+        return views[0], views[1]
+
     def _epoch_tables(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(slot -> original shard, cumulative sizes in slot order) for one epoch; cached."""
         tables = self._cache.get(epoch)
