@@ -73,14 +73,13 @@ def write_dataset(path: str, mb: int, shard_size: str) -> int:
     return n
 
 
-def shard_order(seq: SampleSequence, offsets: np.ndarray, shards, steps, rank=0, world=1) -> list:
+def shard_order(seq: SampleSequence, index, steps, rank=0, world=1) -> list:
     """Shards in the order a device first touches them over ``steps`` (the prefetch hint)."""
     seen: dict[int, None] = {}
     for step in steps:
-        ids = seq.batch(step, rank, world)[1]
-        for s in np.searchsorted(offsets, ids, side="right") - 1:
-            seen.setdefault(int(s), None)
-    return [shards[s] for s in seen]
+        for s in index.locate(seq.batch(step, rank, world)[1])[0].tolist():
+            seen.setdefault(s, None)
+    return [index.shards[s] for s in seen]
 
 
 def run_epoch(url: str, *, batch: int, lanes: int, cache_dir: str | None, options: dict | None,
@@ -93,8 +92,7 @@ def run_epoch(url: str, *, batch: int, lanes: int, cache_dir: str | None, option
     source = ds.datasets[0].source
     if prefetch and isinstance(source, CachedSource):
         index = ds.datasets[0].index
-        source.prefetch(shard_order(ds.sequence, np.asarray(index.offsets), index.shards,
-                                    range(ds.steps_per_epoch)))
+        source.prefetch(shard_order(ds.sequence, index, range(ds.steps_per_epoch)))
     n = sum(len(b) for b in ds)
     seconds = time.perf_counter() - t0
     stats = source.stats() if isinstance(source, CachedSource) else dict(ds.datasets[0].stats)
@@ -115,8 +113,7 @@ def node_share(url: str, options: dict, root: str, *, nodes: int, lanes: int, ba
         index = ds.index
         order = EpochOrder([s.samples for s in index.shards], seed=0, lanes=lanes)
         seq = SampleSequence(order, global_batch_size=batch * nodes)
-        src.prefetch(shard_order(seq, np.asarray(index.offsets), index.shards,
-                                 range(seq.steps_per_epoch), rank, nodes))
+        src.prefetch(shard_order(seq, index, range(seq.steps_per_epoch), rank, nodes))
         for step in range(seq.steps_per_epoch):
             for sid in seq.batch(step, rank, nodes)[1].tolist():
                 ds.read(*ds.locate(sid))

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from streamshard import ShardWriter, open_dataset  # noqa: E402
-from streamshard.shardfile import ShardFileReader  # noqa: E402
+from streamshard.shardfile import TABLE_ENTRY, TRAILER, parse_table, parse_trailer  # noqa: E402
 from tests.remote_servers import S3Server  # noqa: E402
 
 
@@ -62,10 +62,14 @@ def main() -> None:
 
         blocks = []  # (file, start, end) of every block, from the shards' own tables
         for s in shards:
-            reader = ShardFileReader(os.path.join(local, s.file), decode=ds.schema.decode, name=s.file)
-            for off, size in zip(reader._table["offset"].tolist(), reader._table["stored"].tolist()):
+            with open(os.path.join(local, s.file), "rb") as f:
+                data = f.read()
+            trailer = parse_trailer(data[-TRAILER.size:], len(data), s.file)
+            start = trailer.table_offset
+            table = parse_table(data[start:start + trailer.num_blocks * TABLE_ENTRY.size],
+                                trailer, s.file)
+            for off, size in zip(table["offset"].tolist(), table["stored"].tolist()):
                 blocks.append((s.file, off, off + size))
-            reader.close()
         picks = random.Random(0).choices(blocks, k=args.ranges)
 
         def get(block):

@@ -233,7 +233,7 @@ def resolve_options(converter: Converter, given: Mapping[str, Any]) -> dict[str,
     return option_values(converter, given)
 
 
-def parse_fields(spec: str | None, default_type: str = "json") -> list[tuple[str, str | None]]:
+def parse_fields(spec: str | None) -> list[tuple[str, str | None]]:
     """``"text:str,id:int64,meta"`` -> ``[("text","str"), ("id","int64"), ("meta", None)]``.
 
     A field without a type gets ``None`` (the converter picks). Raises ``ConfigError`` for empty

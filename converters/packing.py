@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError, InputError, missing_dependency
+from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_SHARD_SIZE
 
 # End-of-document tokens looked up in a tokenizer's vocabulary when --eod-id is not given.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -247,8 +248,8 @@ def pack_corpus(sources: Sequence[str], dest: str, *, format: str, seq_len: int,
                 text_field: str = "text", token_field: str | None = None,
                 eod_id: int | None = None, pad_id: int | None = None,
                 doc_boundaries: bool = False, token_dtype_name: str | None = None,
-                skip_errors: bool = False, shard_size: str | int = "64MB",
-                block_size: str | int = "128KiB", compression: str | None = "zstd",
+                skip_errors: bool = False, shard_size: str | int = DEFAULT_SHARD_SIZE,
+                block_size: str | int = DEFAULT_BLOCK_SIZE, compression: str | None = "zstd",
                 overwrite: bool = False,
                 progress: Callable[[PackStats], None] | None = None) -> PackStats:
     """Tokenize (or take pre-tokenized) documents from ``sources`` and write packed sequences to

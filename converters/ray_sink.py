@@ -102,10 +102,10 @@ class StreamshardDatasink(_DatasinkBase):  # type: ignore[misc, valid-type]
         return True
 
     def _fs(self):
-        import fsspec
+        from streamshard.location import resolve
 
-        fs, root = fsspec.core.url_to_fs(self.dest, **self.storage_options)
-        return fs, root.rstrip("/")
+        loc = resolve(self.dest, self.storage_options)
+        return loc.fs, loc.root
 
     def on_write_start(self, schema: Any = None) -> None:
         from streamshard.index import INDEX_FILE

@@ -55,7 +55,7 @@ def field_type(field: str, raw: bool = False) -> str:
     return "bytes" if raw else _TYPES.get(field.rsplit(".", 1)[-1], "bytes")
 
 
-def decode_field(field: str, typ: str, data: bytes) -> Any:
+def decode_field(typ: str, data: bytes) -> Any:
     """Decode one member's bytes for a column of type ``typ``; ``ValueError`` if malformed."""
     if typ == "bytes":
         return data
@@ -167,7 +167,7 @@ class WebDatasetConverter:
                     bad = f"field {field!r} of key {key!r} is not in --wds-fields"
                     break
                 try:
-                    sample[field] = decode_field(field, cols[field], data or b"")
+                    sample[field] = decode_field(cols[field], data or b"")
                 except (ValueError, UnicodeDecodeError) as exc:
                     bad = f"member {member!r}: cannot decode as {cols[field]}: {exc}"
                     break

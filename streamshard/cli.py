@@ -1,4 +1,5 @@
-"""The ``streamshard`` command: ``convert``, ``inspect``, ``verify``, ``merge``.
+"""The ``streamshard`` command: ``convert``, ``inspect``, ``verify``, ``merge``, ``demo``,
+``explain`` (streamshard/cli_explain.py), ``quarantine`` (streamshard/cli_quarantine.py).
 
 Each subcommand is a pair ``_add_NAME(subparsers)`` / ``_cmd_NAME(args) -> exit code``; adding one
 means writing that pair and listing it in ``_SUBCOMMANDS``. Exit codes: 0 success; 1 a runtime
@@ -26,6 +27,7 @@ _PREVIEW_CHARS = 80
 
 def _add_convert(sub: Any) -> None:
     import streamshard.converters as converters
+    from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
     formats = converters.available()
     p = sub.add_parser("convert", help="convert input files into a streamshard dataset",
@@ -35,10 +37,12 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=sorted(formats),
                    help="input format: " + "; ".join(f"{n}: {c.help}"
                                                      for n, c in sorted(formats.items())))
-    p.add_argument("--shard-size", default="64MB", help="target shard size (default 64MB)")
-    p.add_argument("--block-size", default="128KiB", help="raw bytes per block (default 128KiB)")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
+                   help=f"target shard size (default {DEFAULT_SHARD_SIZE // 10**6}MB)")
+    p.add_argument("--block-size", default=DEFAULT_BLOCK_SIZE,
+                   help=f"raw bytes per block (default {DEFAULT_BLOCK_SIZE // 2**10}KiB)")
     p.add_argument("--compression", default="zstd", choices=("zstd", "none"))
-    p.add_argument("--compression-level", type=int, default=3)
+    p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL)
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1); "
                    "the dataset is identical for every value")
     p.add_argument("--chunk-size", default="64MB", help="input bytes per chunk, the unit of "
@@ -281,12 +285,17 @@ def _add_demo(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     from streamshard import demo
 
-    argv = ["--workers", str(args.workers)]
-    argv += ["--out", args.out] if args.out else []
-    argv += ["--source", args.source] if args.source else []
-    return demo.main(argv)
+    out = args.out or tempfile.mkdtemp(prefix="streamshard-demo-")
+    try:
+        return demo.run(out, cli=main, workers=args.workers, source=args.source)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 # -- plan (streamshard/capacity.py) ------------------------------------------------------------
@@ -300,8 +309,20 @@ def _add_plan(sub: Any) -> None:
 
 # -- entry point -----------------------------------------------------------------------------
 
+def _add_explain(sub: Any) -> None:
+    from streamshard.cli_explain import add_explain
+
+    add_explain(sub)
+
+
+def _add_quarantine(sub: Any) -> None:
+    from streamshard.cli_quarantine import add_quarantine
+
+    add_quarantine(sub)
+
+
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_plan, _add_demo]
+                                             _add_plan, _add_demo, _add_explain, _add_quarantine]
 
 
 def build_parser() -> argparse.ArgumentParser:

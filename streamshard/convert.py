@@ -29,7 +29,9 @@ from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
 from streamshard.index import INDEX_FILE, DatasetIndex
+from streamshard.location import resolve
 from streamshard.sizes import parse_size
+from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
 MARKER = ".streamshard-convert.json"
 PARTS = "parts"
@@ -105,7 +107,8 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     from streamshard.writer import ShardWriter
 
     conv = converters.get(job.format)
-    fs, root = _fs(job.dest, job.storage_options)
+    loc = resolve(job.dest, job.storage_options)
+    fs, root = loc.fs, loc.root
     part_path = f"{root}/{job.chunk.part}"
     ctx = converters.CountingContext(job.skip_errors, report)
     cpu0 = time.process_time()
@@ -160,13 +163,6 @@ def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
 
 # -- destination helpers ---------------------------------------------------------------------
 
-def _fs(dest: str, storage_options: Mapping | None) -> tuple[Any, str]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
-    return fs, (root.rstrip("/") or root)
-
-
 def _put_json(fs: Any, path: str, doc: Any) -> None:
     """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
     data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
@@ -214,9 +210,10 @@ def marker_diff(saved: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
 # -- the driver ------------------------------------------------------------------------------
 
 def convert(sources: Sequence[str], dest: str, *, format: str,
-            options: Mapping[str, Any] | None = None, shard_size: int | str = "64MB",
-            block_size: int | str = "128KiB", compression: str | None = "zstd",
-            compression_level: int = 3, workers: int = 1, chunk_size: int | str = "64MB",
+            options: Mapping[str, Any] | None = None,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, block_size: int | str = DEFAULT_BLOCK_SIZE,
+            compression: str | None = "zstd", compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+            workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
             progress: Callable[[int, int], None] | None = None,
@@ -251,7 +248,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             "chunk_size": chunk_bytes, **writer,
             "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
-    fs, root = _fs(dest, storage_options)
+    loc = resolve(dest, storage_options)
+    fs, root = loc.fs, loc.root
     done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
     todo = [c for c in chunks if c.index not in done]
     if on_start:

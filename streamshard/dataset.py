@@ -23,7 +23,7 @@ from streamshard import fastpath
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key, sample_rng
+from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
 from streamshard.sampler.order import default_lanes
 from streamshard.world import World, detect_world
 
@@ -185,22 +185,15 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
         return self.datasets[0][index]
 
-    def get(self, stream: int, sample_id: int) -> dict:
-        """Sample ``sample_id`` of stream ``stream``, without transform."""
-        return self.datasets[stream][sample_id]
-
     # -- iteration ----------------------------------------------------------------------------
-    def sequence_with(self, skips: tuple = (), reseeds: tuple = ()) -> SampleSequence:
-        """The base sequence with a skip and reseed ledger applied (cached: the sequence depends
-        on the ledgers only, not on which steps a plan serves)."""
-        key = (tuple(skips), tuple(reseeds))
+    def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
+        """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
+        ledgers only, not on which steps a plan serves)."""
         cached = self._ledger_cache
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == ledgers:
             return cached[1]
-        base = self.sequence
-        seq = SampleSequence(base.order, global_batch_size=base.global_batch_size,
-                             drop_last=base.drop_last, skips=key[0], reseeds=key[1])
-        self._ledger_cache = (key, seq)
+        seq = self.sequence.with_ledgers(ledgers)
+        self._ledger_cache = (ledgers, seq)
         return seq
 
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
@@ -252,7 +245,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
     def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         plan = self._plan.read()
-        seq = self.sequence_with(plan.skips, plan.reseeds)
+        seq = self.sequence_with(plan.ledgers)
         world = self.world
         per_device = self.batch_size
         n = worker
@@ -285,7 +278,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if not self._remote[stream]:
                 continue
             ds = self.datasets[stream]
-            shards = np.searchsorted(ds.index.offsets, sample_ids[stream_ids == stream], side="right") - 1
+            shards, _ = ds.index.locate(sample_ids[stream_ids == stream])
             _, first = np.unique(shards, return_index=True)
             ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
 

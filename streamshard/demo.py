@@ -5,18 +5,18 @@ convert them (text, one sample per file, 2 worker processes) -> inspect -> verif
 dataset back shuffled through ``StreamingDataLoader`` with 2 workers and print throughput ->
 save the loader state mid-epoch, resume it in a fresh loader on another "world size" and check
 that the resumed stream equals the uninterrupted one.
+
+``streamshard demo`` (streamshard/cli.py) runs :func:`run` and passes its own entry point as
+``cli``, so this module never imports the command line (no cli <-> demo import cycle).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from streamshard.testing import take
 from streamshard.world import World
@@ -50,9 +50,10 @@ def _loader(path: str, *, rank: int, world_size: int, workers: int):
     return StreamingDataLoader(ds, **kwargs)
 
 
-def run(out: str, *, workers: int = 2, source: str | None = None) -> int:
-    from streamshard.cli import main as cli
-
+def run(out: str, *, cli: Callable[[Sequence[str]], int], workers: int = 2,
+        source: str | None = None) -> int:
+    """Run the demo in the directory ``out``; ``cli(argv) -> exit code`` runs a ``streamshard``
+    command line. Returns 0 when the resumed stream equals the uninterrupted one."""
     source = source or sysconfig.get_paths()["stdlib"]
     dataset = os.path.join(out, "stdlib-ds")
     _banner(f"convert {source} -> {dataset}")
@@ -108,21 +109,3 @@ def run(out: str, *, workers: int = 2, source: str | None = None) -> int:
     same = merged == reference[at:]
     print(f"resumed on 2 ranks == uninterrupted run on 1 rank: {same}")
     return 0 if same else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamshard demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="keep the dataset here (default: a temp dir)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--source", default=None, help="a directory of text files (default: stdlib)")
-    args = parser.parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="streamshard-demo-")
-    try:
-        return run(out, workers=args.workers, source=args.source)
-    finally:
-        if args.out is None:
-            shutil.rmtree(out, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

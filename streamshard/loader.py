@@ -16,15 +16,8 @@ from streamshard.collate import collate as default_collate
 from streamshard.dataset import StreamingDataset, _worker_slot
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan
-from streamshard.sampler.sequence import normalize_reseeds, normalize_skips
-from streamshard.state import (
-    KEY_RESEEDS,
-    KEY_SEQUENCE,
-    KEY_SKIPS,
-    KEY_STEP,
-    build_state,
-    validate_state,
-)
+from streamshard.sampler.ledgers import Ledgers
+from streamshard.state import KEY_STEP, build_state, validate_state
 
 
 class _StepTagged(torch.utils.data.IterableDataset):
@@ -88,8 +81,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         self.streaming_dataset = dataset
         self._step = 0
         self._last_step: int | None = None
-        self._skips: list[tuple[int, int]] = []
-        self._reseeds: list[tuple[int, int]] = []
+        self._ledgers = Ledgers()  # skips, reseeds, quarantine: one value (sampler/ledgers.py)
         self._generation = 0  # bumped by every state change that invalidates a live plan
 
     # -- position -----------------------------------------------------------------------------
@@ -112,10 +104,10 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         return self.step // self.steps_per_epoch
 
     def _sequence(self):
-        return self.streaming_dataset.sequence_with(tuple(self._skips), tuple(self._reseeds))
+        return self.streaming_dataset.sequence_with(self._ledgers)
 
     def _current_plan(self, start: int, stop: int) -> Plan:
-        return Plan(start, stop, tuple(self._skips), tuple(self._reseeds))
+        return Plan(start, stop, self._ledgers)
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -131,16 +123,12 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
     # -- state --------------------------------------------------------------------------------
     def _live_state(self) -> dict:
         ds = self.streaming_dataset
-        fields = dict(ds.sequence.state_fields())
-        fields.pop(KEY_SKIPS, None)
-        fields.pop(KEY_RESEEDS, None)
         return build_state(
             fingerprints=ds.fingerprints,
-            sequence=fields,
+            sequence=ds.sequence.state_fields(),
             steps_per_epoch=self.steps_per_epoch,
             step=self.step,
-            skips=[list(r) for r in self._skips],
-            reseeds=[list(r) for r in self._reseeds],
+            ledgers=self._ledgers,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -152,8 +140,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
 
         A live iterator notices and continues from the restored step."""
         validate_state(state_dict, self._live_state())
-        self._skips = list(normalize_skips(state_dict[KEY_SKIPS]))
-        self._reseeds = list(normalize_reseeds(state_dict[KEY_RESEEDS]))
+        self._ledgers = Ledgers.from_state(state_dict)
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
         self._generation += 1
@@ -164,24 +151,63 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
             raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
         if start_step == stop_step:
             return
-        self._skips = list(normalize_skips(self._skips + [(start_step, stop_step)]))
-        self._generation += 1
+        self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
 
     def reseed_from(self, step: int, salt: int) -> None:
         """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``. Idempotent."""
         if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
             raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
-        if (step, salt) not in self._reseeds:
-            self._reseeds = list(normalize_reseeds(self._reseeds + [(step, salt)]))
+        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+
+    def quarantine(self, entries) -> None:
+        """Never serve these samples again: ``(stream, sample_id, from_step)`` entries (or a
+        ``Ledgers`` to merge). Their positions are filled by the sampler's deterministic rule
+        (docs/SAMPLER.md), so batches stay full; steps before ``from_step`` are unchanged.
+        Idempotent; merged like skips."""
+        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
+        self._set_ledgers(self._ledgers.merged(more))
+
+    def apply_ledgers(self, ledgers: Ledgers) -> None:
+        """Merge every ledger of ``ledgers`` into this loader's (idempotent)."""
+        self._set_ledgers(self._ledgers.merged(ledgers))
+
+    def rewind(self, step: int) -> None:
+        """Serve absolute step ``step`` next (e.g. to re-serve a step after a quarantine)."""
+        if not isinstance(step, int) or step < 0:
+            raise ConfigError(f"rewind needs a step >= 0, got {step!r}")
+        self._step, self._last_step = step, None
+        self._generation += 1
+
+    def _set_ledgers(self, ledgers: Ledgers) -> None:
+        if ledgers != self._ledgers:
+            self._ledgers = ledgers
             self._generation += 1
 
     @property
+    def ledgers(self) -> Ledgers:
+        return self._ledgers
+
+    @property
     def skips(self) -> list[tuple[int, int]]:
-        return list(self._skips)
+        return list(self._ledgers.skips)
 
     @property
     def reseeds(self) -> list[tuple[int, int]]:
-        return list(self._reseeds)
+        return list(self._ledgers.reseeds)
+
+    # -- forensics ------------------------------------------------------------------------------
+    def samples_at(self, step: int, *, keys: bool = True) -> list:
+        """The samples of global batch ``step`` (absolute data step) with their sources, ranks and
+        quarantine fills: a list of :class:`streamshard.explain.SampleRef`. Pure arithmetic on
+        the sequence plus, with ``keys``, one read per sample for its id/path columns."""
+        from streamshard.explain import samples_at
+
+        ds = self.streaming_dataset
+        return samples_at(self._sequence(), ds.datasets, step, world_size=ds.world.world_size, keys=keys)
+
+    def samples_between(self, start: int, stop: int, *, keys: bool = True) -> dict[int, list]:
+        """``{step: samples_at(step)}`` for the served steps in ``[start, stop)``."""
+        return {s: self.samples_at(s, keys=keys) for s in self._sequence().served_steps(start, stop)}
 
 
 class _LoaderIterator:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from streamshard.errors import ConfigError, DatasetExistsError, SchemaError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.location import resolve
 from streamshard.writer import write_index
 
 
@@ -25,15 +26,11 @@ def merge_datasets(parts: Sequence[str], dest: str, *, overwrite: bool = False,
     ``metadata`` defaults to the first part's. ``DatasetExistsError`` if ``dest`` already has an
     index and ``overwrite`` is false.
     """
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     if not parts:
         raise ConfigError("merge_datasets needs at least one part, got none")
     opts = storage_options or {}
-    fs, root = fsspec.core.url_to_fs(str(dest), **opts)
-    local = isinstance(fs, LocalFileSystem)
-    root = _norm(root, local)
+    loc = resolve(dest, opts)
+    fs, root = loc.fs, loc.root
     index_path = f"{root}/{INDEX_FILE}"
     if fs.exists(index_path) and not overwrite:
         raise DatasetExistsError(f"{dest} already holds a dataset ({index_path}); "
@@ -41,12 +38,12 @@ def merge_datasets(parts: Sequence[str], dest: str, *, overwrite: bool = False,
     first: DatasetIndex | None = None
     shards: list[ShardInfo] = []
     for part in parts:
-        part_fs, part_root = fsspec.core.url_to_fs(str(part), **opts)
-        part_root = _norm(part_root, local)
-        if type(part_fs) is not type(fs) or not part_root.startswith(root + "/"):
+        part_loc = resolve(part, opts)
+        part_root = part_loc.root
+        if type(part_loc.fs) is not type(fs) or not part_root.startswith(root.rstrip("/") + "/"):
             raise ConfigError(f"part {part} is not inside the merge destination {dest}; "
                               f"parts must be dataset directories under it")
-        rel = part_root[len(root) + 1:]
+        rel = part_root[len(root.rstrip("/")) + 1:]
         part_index_path = f"{part_root}/{INDEX_FILE}"
         idx = DatasetIndex.from_bytes(fs.cat_file(part_index_path), part_index_path)
         if first is None:
@@ -65,20 +62,5 @@ def merge_datasets(parts: Sequence[str], dest: str, *, overwrite: bool = False,
                                 compression_level=first.compression_level,
                                 block_size=first.block_size, shard_size=first.shard_size,
                                 metadata=first.metadata if metadata is None else metadata)
-    write_index(merged, fs, index_path if not local else _native(index_path), local=local)
+    write_index(merged, fs, loc.join(INDEX_FILE), local=loc.local)
     return merged
-
-
-def _norm(path: str, local: bool) -> str:
-    """Absolute posix form of a path so parts can be compared with the destination."""
-    import os
-
-    if local:
-        return os.path.abspath(path).replace(os.sep, "/").rstrip("/") or "/"
-    return path.rstrip("/")
-
-
-def _native(path: str) -> str:
-    import os
-
-    return path.replace("/", os.sep)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.context import get_spawning_popen
 
 from streamshard.errors import ConfigError
+from streamshard.sampler.ledgers import Ledgers
 
 # 64 KiB holds a plan with ~2,000 skip/reseed entries; a longer ledger is refused with a message.
 _PLAN_BYTES = 1 << 16
@@ -27,27 +28,22 @@ _LEN = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class Plan:
-    """Steps ``[start, stop)`` to serve, minus ``skips``, with ``reseeds`` applied."""
+    """Steps ``[start, stop)`` to serve, minus the skips, with every ledger applied."""
 
     start: int
     stop: int
-    skips: tuple[tuple[int, int], ...] = field(default=())
-    reseeds: tuple[tuple[int, int], ...] = field(default=())
+    ledgers: Ledgers = field(default_factory=Ledgers)
+
+    skips = property(lambda self: self.ledgers.skips)
+    reseeds = property(lambda self: self.ledgers.reseeds)
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"start": self.start, "stop": self.stop, "skips": self.skips, "reseeds": self.reseeds}
-        ).encode()
+        return json.dumps({"start": self.start, "stop": self.stop, **self.ledgers.to_state()}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Plan":
         raw = json.loads(data)
-        return cls(
-            int(raw["start"]),
-            int(raw["stop"]),
-            tuple((int(a), int(b)) for a, b in raw["skips"]),
-            tuple((int(a), int(b)) for a, b in raw["reseeds"]),
-        )
+        return cls(int(raw["start"]), int(raw["stop"]), Ledgers.from_state(raw))
 
 
 class PlanBox:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from bisect import bisect_right
 from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
 
 from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.location import local_path
 from streamshard.schema import Schema
 from streamshard.shardfile import ReadStats, ShardFileReader
 from streamshard.sizes import parse_size
@@ -46,7 +48,6 @@ class LocalSource:
     def __init__(self, root: str):
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
-        self._reads = 0
 
     def read_index(self) -> bytes:
         path = os.path.join(self.root, INDEX_FILE)
@@ -112,7 +113,6 @@ class Dataset:
         self._lock = threading.Lock()
         self._stats = ReadStats()
         self._opened = 0
-        self._offsets = self.index._offsets_list
         self._len = self.index.num_samples
         self._decode = self.index.schema.decode
         self._blocks = BlockCache(self.block_cache_bytes) if self.block_cache_bytes else None
@@ -166,19 +166,12 @@ class Dataset:
         return self.index.locate(i)
 
     def __getitem__(self, i: int) -> dict:
-        n = self._len
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {i - n if i < 0 else i} out of range for a dataset "
-                             f"of {n} samples")
-        offs = self._offsets
-        s = bisect_right(offs, i) - 1
+        s, k = self.index.locate(i)
         r = self._readers.get(s)
         if r is None:
             r = self._open(s)
         self._last_used[s] = next(self._tick)
-        return r.read(i - offs[s])
+        return r.read(k)
 
     def read(self, shard: int, offset: int) -> dict:
         """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
@@ -200,16 +193,14 @@ class Dataset:
         size = self.index.schema.fixed_size
         if size is None:
             raise ConfigError("read_rows needs a schema whose columns all have a fixed size")
-        offs, readers, n = self._offsets, self._readers, self._len
+        readers = self._readers
+        shards, offsets = self.index.locate(np.asarray(ids, dtype=np.int64))
         pos = 0
-        for i in ids:
-            if not 0 <= i < n:
-                raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
-            s = bisect_right(offs, i) - 1
+        for s, k in zip(shards.tolist(), offsets.tolist()):
             r = readers.get(s) or self._open(s)
-            buf, start, length = r.span(i - offs[s])
+            buf, start, length = r.span(k)
             if length != size:
-                raise CorruptionError(f"{r.name} sample {i - offs[s]}: {length} bytes, the "
+                raise CorruptionError(f"{r.name} sample {k}: {length} bytes, the "
                                       f"schema needs {size}")
             out[pos:pos + size] = buf[start:start + size]
             pos += size
@@ -280,14 +271,12 @@ def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit:
     ``streamshard.remote.CachedSource`` (needs ``cache_dir`` or the cache's default).
     ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index."""
     if source is None:
-        url = os.fspath(path_or_url)
-        if url.startswith("file://"):
-            url = url[len("file://"):]
-        if "://" not in url:
-            source = LocalSource(url)
+        local = local_path(path_or_url)
+        if local is not None:
+            source = LocalSource(local)
         else:
             from streamshard.remote import CachedSource  # lazy: local reading needs no remote code
 
-            source = CachedSource(url, cache_dir=cache_dir, cache_limit=cache_limit,
-                                  storage_options=storage_options)
+            source = CachedSource(os.fspath(path_or_url), cache_dir=cache_dir,
+                                  cache_limit=cache_limit, storage_options=storage_options)
     return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache)

@@ -168,14 +168,21 @@ def pack_raw_block(samples: list[bytes]) -> bytes:
     return struct.pack(f"<{len(offsets) + 1}Q", len(samples), *offsets) + b"".join(samples)
 
 
-def block_offsets(buf: Any, off: int, raw_size: int, expected: int, where: str) -> np.ndarray:
-    """Check the header of the raw block at ``buf[off:off+raw_size]`` holding ``expected``
-    samples; return its ``n+1`` payload-relative sample offsets (uint64, a view of ``buf``)."""
+def block_header(buf: Any, off: int, raw_size: int, expected: int, where: str) -> int:
+    """Check the ``u64 n`` header of the raw block at ``buf[off:off+raw_size]`` against the
+    ``expected`` sample count and the block size; return the payload start (``8 + 8*(n+1)``)."""
     n = _U64.unpack_from(buf, off)[0] if raw_size >= 8 else -1
     head = 8 + 8 * (n + 1)
     if n != expected or head > raw_size:
         raise CorruptionError(f"{where}: block header says {n} samples, table says {expected}")
-    rel = np.frombuffer(buf, "<u8", n + 1, off + 8)
+    return head
+
+
+def block_offsets(buf: Any, off: int, raw_size: int, expected: int, where: str) -> np.ndarray:
+    """Check the header of the raw block at ``buf[off:off+raw_size]`` holding ``expected``
+    samples; return its ``n+1`` payload-relative sample offsets (uint64, a view of ``buf``)."""
+    head = block_header(buf, off, raw_size, expected, where)
+    rel = np.frombuffer(buf, "<u8", expected + 1, off + 8)
     if rel[0] != 0 or np.any(rel[1:] < rel[:-1]) or head + int(rel[-1]) != raw_size:
         raise CorruptionError(f"{where}: sample offsets are inconsistent")
     return rel
@@ -236,7 +243,6 @@ class ShardFileReader:
         if expected_samples is not None and expected_samples != self.num_samples:
             raise CorruptionError(f"{self.name}: shard holds {self.num_samples} samples, the "
                                   f"index says {expected_samples}")
-        self._table = table
         # Python lists: indexing a list is ~4x faster than indexing a numpy array on the hot path.
         self._first = table["first"].tolist()
         if self.compressed:
@@ -329,13 +335,9 @@ class ShardFileReader:
         if len(raw) != self._raw[b]:
             raise CorruptionError(f"{self.name} block {b}: decompressed to {len(raw)} bytes, "
                                   f"table says {self._raw[b]}")
-        n = _U64.unpack_from(raw, 0)[0] if len(raw) >= 8 else -1
-        head = 8 + 8 * (n + 1)
         expected = (self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples) \
             - self._first[b]
-        if n != expected or head > len(raw):
-            raise CorruptionError(f"{self.name} block {b}: block header says {n} samples, "
-                                  f"table says {expected}")
+        head = block_header(raw, 0, len(raw), expected, f"{self.name} block {b}")
         st.bytes_read += len(raw)
         self._block = (b, raw, head)
         if shared is not None:

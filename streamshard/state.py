@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from streamshard.errors import StateMismatchError
+from streamshard.errors import ConfigError, StateMismatchError
+from streamshard.sampler.ledgers import OPTIONAL as _OPTIONAL_LEDGERS
+from streamshard.sampler.ledgers import Ledgers
 
 STATE_VERSION = 1
 
@@ -24,10 +26,15 @@ KEY_STEP = "step"
 KEY_EPOCH = "epoch"
 KEY_SKIPS = "skips"
 KEY_RESEEDS = "reseeds"
+KEY_QUARANTINE = "quarantine"
+# Every ledger (streamshard.sampler.ledgers.Ledgers) is a top-level key of the same name.
+LEDGER_KEYS = Ledgers.names()
 
 _CONFIG_KEYS = (KEY_VERSION, KEY_FINGERPRINTS, KEY_SEQUENCE, KEY_STEPS_PER_EPOCH)
-_RUNTIME_KEYS = (KEY_STEP, KEY_EPOCH, KEY_SKIPS, KEY_RESEEDS)
+_RUNTIME_KEYS = (KEY_STEP, KEY_EPOCH) + LEDGER_KEYS
 ALL_KEYS = _CONFIG_KEYS + _RUNTIME_KEYS
+# Keys a state saved by an older streamshard may lack (read as empty): it still loads.
+OPTIONAL_KEYS = frozenset(_OPTIONAL_LEDGERS)
 
 
 def build_state(
@@ -36,10 +43,10 @@ def build_state(
     sequence: Mapping[str, Any],
     steps_per_epoch: int,
     step: int,
-    skips: list[list[int]],
-    reseeds: list[list[int]],
+    ledgers: Ledgers,
 ) -> dict[str, Any]:
     """Assemble a state dict. Round-trips through ``json`` unchanged (tested)."""
+    sequence = {k: v for k, v in sequence.items() if k not in LEDGER_KEYS}
     return {
         KEY_VERSION: STATE_VERSION,
         KEY_FINGERPRINTS: list(fingerprints),
@@ -47,8 +54,7 @@ def build_state(
         KEY_STEPS_PER_EPOCH: int(steps_per_epoch),
         KEY_STEP: int(step),
         KEY_EPOCH: int(step) // int(steps_per_epoch),
-        KEY_SKIPS: [[int(a), int(b)] for a, b in skips],
-        KEY_RESEEDS: [[int(s), int(salt)] for s, salt in reseeds],
+        **ledgers.to_state(),
     }
 
 
@@ -78,7 +84,7 @@ def validate_state(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
             f"loader state version: saved={version!r}, live={STATE_VERSION} "
             f"(this streamshard reads state version {STATE_VERSION} only)"
         )
-    missing = [k for k in ALL_KEYS if k not in saved]
+    missing = [k for k in ALL_KEYS if k not in saved and k not in OPTIONAL_KEYS]
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
     unknown = sorted(set(saved) - set(ALL_KEYS))
@@ -93,7 +99,7 @@ def validate_state(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
             problems.append(f"{KEY_SEQUENCE}: saved={_fmt(s_seq)} is not a dict")
         else:
             for name in sorted(set(s_seq) | set(l_seq)):
-                if name in (KEY_SKIPS, KEY_RESEEDS):
+                if name in LEDGER_KEYS:
                     continue
                 if s_seq.get(name) != l_seq.get(name):
                     problems.append(
@@ -109,13 +115,10 @@ def validate_state(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
                 f"{KEY_EPOCH}={epoch!r} does not match {KEY_STEP}={step} with "
                 f"{live[KEY_STEPS_PER_EPOCH]} steps per epoch"
             )
-        for key, width in ((KEY_SKIPS, 2), (KEY_RESEEDS, 2)):
-            rows = saved[key]
-            if not isinstance(rows, list) or not all(
-                isinstance(r, (list, tuple)) and len(r) == width and all(isinstance(x, int) for x in r)
-                for r in rows
-            ):
-                problems.append(f"{key} must be a list of [int, int], got {_fmt(rows)}")
+        try:
+            Ledgers.from_state(saved)
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
         raise StateMismatchError(
             "cannot load loader state into this loader:\n  " + "\n  ".join(problems)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import xxhash
 import zstandard
 
+from streamshard.location import resolve
 from streamshard.errors import CorruptionError, FormatError, StreamshardError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.shardfile import (
@@ -42,10 +43,8 @@ def verify_dataset(path: str, *, progress: Callable[[ShardInfo], None] | None = 
     xxh64; header, trailer and table; every block's xxh64, decompression and sample offsets;
     sample counts; and (``decode_samples``) that every sample decodes under the schema.
     ``progress(shard_info)`` is called after each shard. ``path`` may be any fsspec URL."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    root = root.rstrip("/") or root
+    loc = resolve(path, storage_options)
+    fs, root = loc.fs, loc.root
     index_path = f"{root}/{INDEX_FILE}"
     try:
         data = fs.cat_file(index_path)

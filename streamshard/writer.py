@@ -21,11 +21,16 @@ import zstandard
 from streamshard.atomic import atomic_write
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.location import resolve
 from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import parse_size
 
 SHARD_SUFFIX = ".sss"
+# The writer defaults, set here only: ShardWriter, convert(), packing and the CLI all use them.
+DEFAULT_SHARD_SIZE = 64 * 10**6  # "64MB"
+DEFAULT_BLOCK_SIZE = 64 * 2**10  # 64 KiB: see docs/FORMAT.md "Block size" for the measurement
+DEFAULT_COMPRESSION_LEVEL = 3
 # zstd accepts "fast" negative levels down to -131072 but below -100 nothing changes measurably.
 _MIN_LEVEL, _MAX_LEVEL = -100, zstandard.MAX_COMPRESSION_LEVEL
 
@@ -34,10 +39,10 @@ _MIN_LEVEL, _MAX_LEVEL = -100, zstandard.MAX_COMPRESSION_LEVEL
 class WriterConfig:
     """Validated writer settings (sizes in bytes)."""
 
-    shard_size: int = 64 * 10**6
-    block_size: int = 64 * 2**10  # 64 KiB: see docs/FORMAT.md "Block size" for the measurement
+    shard_size: int = DEFAULT_SHARD_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
     compression: str | None = "zstd"
-    compression_level: int | None = 3
+    compression_level: int | None = DEFAULT_COMPRESSION_LEVEL
     shard_prefix: str = ""
 
     def __post_init__(self) -> None:
@@ -78,8 +83,9 @@ class ShardWriter:
     """
 
     def __init__(self, dest: str, *, columns: Mapping[str, ColumnType | str],
-                 shard_size: int | str = "64MB", block_size: int | str = "64KiB",
-                 compression: str | None = "zstd", compression_level: int | None = 3,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 block_size: int | str = DEFAULT_BLOCK_SIZE, compression: str | None = "zstd",
+                 compression_level: int | None = DEFAULT_COMPRESSION_LEVEL,
                  overwrite: bool = False, storage_options: dict | None = None,
                  metadata: dict | None = None, shard_prefix: str = ""):
         if compression == "none":
@@ -115,12 +121,8 @@ class ShardWriter:
 
     # -- destination -----------------------------------------------------------------------
     def _open_dest(self, overwrite: bool, storage_options: dict) -> None:
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-
-        self._fs, root = fsspec.core.url_to_fs(self.dest, **storage_options)
-        self._local = isinstance(self._fs, LocalFileSystem)
-        self._root = root.rstrip("/") if root not in ("/", "") else root
+        self._loc = resolve(self.dest, storage_options)
+        self._fs, self._root, self._local = self._loc.fs, self._loc.root, self._loc.local
         index_path = self._join(INDEX_FILE)
         if self._fs.exists(index_path):
             if not overwrite:
@@ -136,9 +138,7 @@ class ShardWriter:
             self._tmpdir = tempfile.mkdtemp(prefix="streamshard-write-")
 
     def _join(self, rel: str) -> str:
-        if self._local:
-            return os.path.join(self._root, *rel.split("/"))
-        return f"{self._root}/{rel}" if self._root else rel
+        return self._loc.join(rel)
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, sample: Mapping[str, Any]) -> None:

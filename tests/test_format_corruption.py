@@ -15,7 +15,7 @@ from streamshard import open_dataset, verify_dataset
 from streamshard.errors import CorruptionError, FormatError, StorageError, StreamshardError
 from streamshard.shardfile import HEADER, TABLE_ENTRY, TRAILER
 
-from tests.test_format_roundtrip import token_samples, write
+from tests.format_helpers import token_samples, write
 
 
 @pytest.fixture(scope="module")

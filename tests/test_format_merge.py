@@ -8,7 +8,7 @@ import pytest
 from streamshard import merge_datasets, open_dataset, verify_dataset
 from streamshard.errors import ConfigError, DatasetExistsError, SchemaError
 
-from tests.test_format_roundtrip import token_samples, write
+from tests.format_helpers import token_samples, write
 
 
 def make_parts(dest, sizes, **kw):

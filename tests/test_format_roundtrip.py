@@ -18,23 +18,10 @@ from streamshard.errors import ConfigError, DatasetExistsError, SchemaError
 from streamshard.index import DatasetIndex
 from streamshard.schema import Schema
 
-from tests.test_format_schema import _values, assert_sample_equal
+from tests.format_helpers import COLUMNS, assert_sample_equal, token_samples, values_of, write
 
-COLUMNS = {
-    "tokens": "uint16[]", "text": "str", "raw": "bytes", "meta": "json", "label": "int64",
-    "score": "float32", "flag": "bool", "img": "uint8[2,3]", "pts": "float32[*,3]",
-    "any": "int32[...]", "fixed": "float64[4]",
-}
 SCHEMA = Schema(COLUMNS)
-sample_strategy = st.fixed_dictionaries({n: _values(ct) for n, ct in SCHEMA.columns.items()})
-
-
-def write(path, samples, **kw):
-    kw.setdefault("columns", COLUMNS)
-    with ShardWriter(str(path), **kw) as w:
-        for s in samples:
-            w.write(s)
-    return w
+sample_strategy = st.fixed_dictionaries({n: values_of(ct) for n, ct in SCHEMA.columns.items()})
 
 
 @pytest.mark.parametrize("compression", ["zstd", None])
@@ -54,12 +41,6 @@ def test_round_trip_random_samples(compression, samples, block_size, shard_size)
         if samples:
             assert_sample_equal(ds[-1], samples[-1], SCHEMA)
         ds.close()
-
-
-def token_samples(n, length=100, seed=0):
-    """Random tokens (incompressible enough that shard counts follow the sizes)."""
-    rng = np.random.default_rng(seed)
-    return [{"tokens": rng.integers(0, 65536, length, dtype=np.uint16)} for _ in range(n)]
 
 
 @pytest.mark.parametrize("compression", ["zstd", None])

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from streamshard.errors import CorruptionError, SchemaError
 from streamshard.schema import NUMERIC_DTYPES, ColumnType, Schema, parse_type
+
+from tests.format_helpers import assert_sample_equal, values_of
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -63,43 +64,9 @@ def test_one_fixed_column_is_stored_as_plain_bytes():
     assert s.encode({"tokens": arr}) == arr.astype("<u2").tobytes()
 
 
-def _values(ct: ColumnType):
-    if ct.kind == "bytes":
-        return st.binary(max_size=64)
-    if ct.kind == "str":
-        return st.text(max_size=32)  # includes "", astral-plane and combining characters
-    if ct.kind == "json":
-        leaf = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=8) | \
-            st.floats(allow_nan=False, allow_infinity=False)
-        return st.recursive(leaf, lambda c: st.lists(c, max_size=3) |
-                            st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=8)
-    dtype = np.dtype(ct.dtype)
-    if ct.kind == "scalar":
-        return hnp.from_dtype(dtype, allow_nan=False).map(lambda x: x.item())
-    if ct.dims is None:
-        shape = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
-    else:
-        shape = st.tuples(*[st.integers(0, 5) if d is None else st.just(d) for d in ct.dims])
-    return hnp.arrays(dtype, shape, elements=hnp.from_dtype(dtype, allow_nan=False))
-
-
 ALL_TYPES = ["bytes", "str", "json", *NUMERIC_DTYPES,
              *(f"{d}[]" for d in NUMERIC_DTYPES), "uint16[3]", "float32[*,3]", "int32[2,*]",
              "float64[...]", "uint8[0]"]
-
-
-def assert_sample_equal(got: dict, want: dict, schema: Schema) -> None:
-    assert list(got) == list(schema.columns)
-    for name, ct in schema.columns.items():
-        g, w = got[name], want[name]
-        if ct.kind == "array":
-            assert isinstance(g, np.ndarray) and g.flags.writeable
-            assert g.dtype == np.dtype(ct.dtype) and g.shape == np.shape(w), name
-            np.testing.assert_array_equal(g, w)
-        elif ct.kind == "scalar" and ct.dtype.startswith("float"):
-            assert type(g) is float and g == float(np.asarray(w, dtype=ct.dtype)), name
-        else:
-            assert type(g) is type(w) and g == w, name
 
 
 @pytest.mark.parametrize("type_text", ALL_TYPES)
@@ -108,7 +75,7 @@ def assert_sample_equal(got: dict, want: dict, schema: Schema) -> None:
 def test_round_trip_every_type(type_text, data):
     schema = Schema({"x": type_text, "pad": "str"})
     ct = schema.columns["x"]
-    value = data.draw(_values(ct))
+    value = data.draw(values_of(ct))
     sample = {"x": value, "pad": "é"}
     buf = b"junk" + schema.encode(sample) + b"tail"   # decode honours offset and length
     got = schema.decode(buf, 4, len(buf) - 8)

@@ -27,10 +27,12 @@ from streamshard.recovery import exitcodes
 from streamshard.recovery.detectors import (
     PersistenceConfig, PersistenceCounter, SpikeConfig, SpikeDetector, Verdict,
 )
+from streamshard.recovery.forensics import ForensicsConfig
 from streamshard.recovery.health import HealthEvent
 from streamshard.recovery.journal import Journal
 from streamshard.recovery.policy import (
-    PROCEED, Action, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, SkipUpdate, decide_persistent,
+    PROCEED, Action, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, SkipUpdate, apply_event,
+    decide_persistent,
 )
 from streamshard.recovery.slowdown import (
     SlowdownConfig, SlowdownDetector, StragglerConfig, StragglerDetector, Stragglers,
@@ -48,6 +50,7 @@ class GuardConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     slowdown: SlowdownConfig = field(default_factory=SlowdownConfig)
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
+    forensics: ForensicsConfig = field(default_factory=ForensicsConfig)  # off by default
 
 
 class Recovery:
@@ -89,9 +92,6 @@ class Recovery:
         """False while a run of anomalies is in progress: do not checkpoint then."""
         return self._run.count == 0
 
-    def valid_checkpoints(self, refs: Iterable[CheckpointRef]) -> list[CheckpointRef]:
-        return self.ledger.valid(refs)
-
     def apply_to_loader(self, loader) -> None:
         """Re-apply every skip and reseed (loader.skip / reseed_from are idempotent); call after
         ``loader.load_state_dict`` on start and after a rollback."""
@@ -99,6 +99,20 @@ class Recovery:
             loader.skip(start, stop)
         for step, salt in self.ledger.reseeds:
             loader.reseed_from(step, salt)
+        if self.ledger.quarantine:
+            loader.quarantine(self.ledger.quarantine)
+
+    def record(self, event: dict) -> None:
+        """Fold a decision made outside the ladder (e.g. a forensics verdict: recovery/forensics.py)
+        into the ledger and journal it (writer rank only). Every rank must call it alike."""
+        self.ledger = apply_event(self.ledger, event)
+        fields = dict(event)
+        self._decision(fields.pop("event"), **fields)
+
+    def forgive(self) -> None:
+        """Forget the current run of anomalies (its cause was found and removed: the step is
+        trained again), so a later anomaly starts a new run."""
+        self._run.reset()
 
     def state_dict(self) -> dict:
         return {

@@ -120,6 +120,7 @@ class Ledger:
     regions: tuple[Region, ...] = ()
     rollbacks: tuple[tuple[int, int], ...] = field(default=())  # (generation, to_step) per rollback
     terminal: tuple[int, str] | None = None
+    quarantine: tuple[tuple[int, int, int], ...] = ()  # (stream, sample_id, from_step): recovery/forensics.py
 
     @property
     def generation(self) -> int:
@@ -139,6 +140,7 @@ class Ledger:
             "regions": [[r.start, r.end, r.attempts] for r in self.regions],
             "rollbacks": [list(r) for r in self.rollbacks],
             "terminal": list(self.terminal) if self.terminal else None,
+            "quarantine": [list(q) for q in self.quarantine],
         }
 
     @classmethod
@@ -151,6 +153,7 @@ class Ledger:
                 regions=tuple(Region(int(a), int(b), int(c)) for a, b, c in d["regions"]),
                 rollbacks=tuple((int(g), int(t)) for g, t in d["rollbacks"]),
                 terminal=(int(d["terminal"][0]), str(d["terminal"][1])) if d["terminal"] else None,
+                quarantine=tuple((int(s), int(i), int(f)) for s, i, f in d.get("quarantine", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"recovery ledger is malformed ({e!r}): {d!r}") from None
@@ -166,6 +169,7 @@ class Ledger:
             regions=longer.regions,
             rollbacks=longer.rollbacks,
             terminal=self.terminal or other.terminal,
+            quarantine=_union(self.quarantine, other.quarantine),
         )
 
 
@@ -190,6 +194,9 @@ def apply_event(ledger: Ledger, event: dict) -> Ledger:
             regions=regions + (region,),
             rollbacks=ledger.rollbacks + ((int(event["generation"]), int(event["to_step"])),),
         )
+    if kind == "quarantine":  # a data verdict of recovery/forensics.py
+        entries = [(int(s), int(i), int(f)) for s, i, f in event["entries"]]
+        return replace(ledger, quarantine=_union(ledger.quarantine, entries))
     if kind == "exit" and int(event["code"]) == exitcodes.DO_NOT_REQUEUE:
         return replace(ledger, terminal=(exitcodes.DO_NOT_REQUEUE, str(event["reason"])))
     return ledger

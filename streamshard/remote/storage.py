@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from streamshard.errors import ConfigError, StorageError, missing_dependency
+from streamshard.errors import ConfigError, StorageError
+from streamshard.location import resolve
 
 T = TypeVar("T")
 
@@ -212,16 +213,8 @@ class Remote:
     @property
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            import fsspec
-
-            try:
-                self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-            except ImportError as exc:
-                protocol = self.url.split("://", 1)[0]
-                package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-                           "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}.get(protocol, protocol)
-                raise missing_dependency(package, "remote", f"Reading {self.url}") from exc
-            self._root = self._root.rstrip("/")
+            loc = resolve(self.url, self.storage_options)
+            self._fs, self._root = loc.fs, loc.root.rstrip("/")
             self._pid = os.getpid()
         return self._fs
 

@@ -11,6 +11,7 @@ from streamshard.sampler.order import EpochOrder
 from streamshard.sampler.permutation import Permutation, derive_key
 from streamshard.sampler.rng import sample_rng
 from streamshard.sampler.sequence import SampleSequence
+from streamshard.sampler.ledgers import Ledgers  # noqa: E402  (imports sequence)
 
-__all__ = ["EpochOrder", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
+__all__ = ["EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
            "sample_rng"]

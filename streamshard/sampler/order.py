@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.locate import locate, shard_starts
 from streamshard.sampler.permutation import (
     Permutation,
     check_positions,
@@ -90,7 +91,7 @@ class EpochOrder:
             raise ConfigError(f"shuffle must be a bool, got {shuffle!r}")
         self._shuffle = bool(shuffle)
         self._sizes = sizes
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._starts = shard_starts(sizes)
         self._n = int(self._starts[-1])
         num_shards = int(sizes.size)
         self._lanes = (max(1, min(DEFAULT_MAX_LANES, num_shards)) if lanes is None
@@ -168,8 +169,8 @@ class EpochOrder:
     def shard_of(self, sample_ids):
         """Index of the shard that holds each global sample id (int or int64 array)."""
         ids, scalar = check_positions(sample_ids, self._n, "sample id")
-        out = np.searchsorted(self._starts, ids, side="right") - 1
-        return int(out) if scalar else out.astype(np.int64)
+        out, _ = locate(self._starts, ids)
+        return int(out) if scalar else out
 
     def shards_touched_by_run(self, run: int) -> int:
         """Most shards a run of ``run`` consecutive samples can touch (in any shard order)."""

@@ -21,6 +21,8 @@ from streamshard.sampler.assign import Assignment
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
+from streamshard.sampler.quarantine import fill as fill_quarantine
+from streamshard.sampler.quarantine import normalize_quarantine
 
 Order = Union[EpochOrder, MixtureOrder]
 # Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
@@ -66,7 +68,7 @@ class SampleSequence:
     """
 
     def __init__(self, order: Order, *, global_batch_size: int, drop_last: bool = True,
-                 skips: Iterable = (), reseeds: Iterable = ()):
+                 skips: Iterable = (), reseeds: Iterable = (), quarantine: Iterable = ()):
         if not isinstance(order, (EpochOrder, MixtureOrder)):
             raise ConfigError(f"order must be an EpochOrder or MixtureOrder, got {order!r:.80}")
         if not isinstance(drop_last, (bool, np.bool_)):
@@ -83,6 +85,7 @@ class SampleSequence:
         self._skips = normalize_skips(skips)
         self._skip_starts = [start for start, _ in self._skips]
         self._reseeds = normalize_reseeds(reseeds)
+        self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
         self._orders: dict[int, EpochOrder] = {}
         self._assignments: dict[tuple[int, int], Assignment] = {}
 
@@ -92,6 +95,14 @@ class SampleSequence:
     drop_last = property(lambda self: self._drop_last)
     skips = property(lambda self: self._skips, doc="Normalized skip ledger ((start, stop), ...).")
     reseeds = property(lambda self: self._reseeds, doc="Sorted reseed ledger ((step, salt), ...).")
+    quarantine = property(lambda self: self._quarantine,
+                          doc="Quarantine ledger ((stream, sample_id, from_step), ...).")
+
+    @property
+    def ledgers(self):
+        """All ledgers as one :class:`~streamshard.sampler.ledgers.Ledgers` value."""
+        from streamshard.sampler.ledgers import Ledgers  # ledgers.py imports this module
+        return Ledgers(self._skips, self._reseeds, self._quarantine)
 
     @property
     def epoch_size(self) -> int:
@@ -116,11 +127,13 @@ class SampleSequence:
         fields.update(self._order.state_fields())
         fields["skips"] = [list(pair) for pair in self._skips]
         fields["reseeds"] = [list(pair) for pair in self._reseeds]
+        fields["quarantine"] = [list(entry) for entry in self._quarantine]
         return fields
 
     def __repr__(self) -> str:
         return (f"SampleSequence({self._order!r}, global_batch_size={self._g}, "
-                f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds})")
+                f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds}, "
+                f"quarantine={self._quarantine})")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -129,9 +142,19 @@ class SampleSequence:
         return state
 
     # -- ledgers --------------------------------------------------------------------------
-    def _replace(self, skips, reseeds) -> "SampleSequence":
+    def _replace(self, skips, reseeds, quarantine=None) -> "SampleSequence":
         return SampleSequence(self._order, global_batch_size=self._g, drop_last=self._drop_last,
-                              skips=skips, reseeds=reseeds)
+                              skips=skips, reseeds=reseeds,
+                              quarantine=self._quarantine if quarantine is None else quarantine)
+
+    def with_ledgers(self, ledgers) -> "SampleSequence":
+        """The same order and batch size with ``ledgers`` (a ``Ledgers``) instead of these."""
+        return self._replace(ledgers.skips, ledgers.reseeds, ledgers.quarantine)
+
+    def with_quarantine(self, stream: int, sample_id: int, from_step: int) -> "SampleSequence":
+        """A sequence that never serves ``sample_id`` of ``stream`` from step ``from_step`` on."""
+        return self._replace(self._skips, self._reseeds,
+                             self._quarantine + ((stream, sample_id, from_step),))
 
     def with_skip(self, start: int, stop: int) -> "SampleSequence":
         """A sequence that never serves steps ``[start, stop)`` (united with earlier skips)."""
@@ -216,7 +239,18 @@ class SampleSequence:
         return self.map_positions(step // self._steps, self.step_positions(step))
 
     def map_positions(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
-        """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``."""
+        """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``,
+        quarantined samples replaced by their fill (:mod:`streamshard.sampler.quarantine`)."""
+        return self.map_positions_marked(epoch, positions)[:2]
+
+    def map_positions_marked(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``map_positions`` plus a bool array marking quarantine fills."""
+        pos = np.asarray(positions, dtype=np.int64)
+        streams, samples = self._map_raw(epoch, pos)
+        return fill_quarantine(self._quarantine, epoch, pos, streams, samples, steps=self._steps,
+                               g=self._g, e=self._e, drop_last=self._drop_last, raw=self._map_raw)
+
+    def _map_raw(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
         epoch = check_int(epoch, "epoch", minimum=0)
         pos = np.asarray(positions, dtype=np.int64)
         if pos.size and (pos.min() < 0 or pos.max() >= self._e):

@@ -12,7 +12,7 @@ import pytest
 
 from streamshard.converters.megatron import MAGIC, read_index
 from streamshard.errors import ConfigError, InputError
-from tests.test_convert6_support import assert_same_value, convert_direct, read_all
+from tests.convert_helpers import assert_same_value, convert_direct, read_all
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

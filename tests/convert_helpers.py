@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_convert6_*.py modules (no tests here).
+"""Helpers shared by the converter tests (tests/test_convert_*.py) (no tests here).
 
 ``convert_direct`` drives a registered converter exactly like the conversion driver does
 (``columns`` over all inputs, ``split`` per file, ``read`` per piece) into one ``ShardWriter``, so

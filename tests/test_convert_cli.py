@@ -8,7 +8,7 @@ import pytest
 
 from streamshard import open_dataset
 from streamshard.cli import main
-from tests.test_convert6_support import mds_writer
+from tests.convert_helpers import mds_writer
 
 wds = pytest.importorskip("webdataset")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamshard.errors import ConfigError, InputError
-from tests.test_convert6_support import convert_direct, read_all
+from tests.convert_helpers import convert_direct, read_all
 
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamshard.errors import InputError
-from tests.test_convert6_support import RecordingContext, convert_direct, read_all
+from tests.convert_helpers import RecordingContext, convert_direct, read_all
 
 wds = pytest.importorskip("webdataset")
 

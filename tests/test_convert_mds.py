@@ -14,7 +14,7 @@ import pytest
 
 from streamshard.converters.mds import load_index
 from streamshard.errors import ConfigError, InputError
-from tests.test_convert6_support import assert_same_value, convert_direct, mds_writer, read_all
+from tests.convert_helpers import assert_same_value, convert_direct, mds_writer, read_all
 
 MDSWriter = mds_writer()
 pytestmark = pytest.mark.skipif(MDSWriter is None, reason="mosaicml-streaming not installed")

@@ -1,0 +1,201 @@
+"""Spike forensics: re-run the spiking step to tell data from hardware, then act precisely.
+
+When the loss of one step spikes (the ladder's first rung), and forensics is on:
+
+1. **Suspect.** Every rank contributes its local (pre-all-reduce) loss; the rank with the largest
+   one is the suspect (it holds the bad data, or its device computed garbage).
+2. **Re-run** the suspect's device batch, forward only, with the same weights (the update of the
+   spiking step has not been applied, so the live weights are the last good state) and the same
+   samples (re-read by id, an O(1) seek): on the suspect rank and, when ``world_size > 1``, on
+   another rank (``(suspect + 1) % world_size``, preferably on another node). Both re-runs run at
+   the same time: the cost is one forward pass of one device batch, plus a few small gathers.
+3. **Verdict.** A re-run *reproduces* the spike when the global loss rebuilt with it (the other
+   ranks' original local losses plus the re-run) is still flagged by the loss detector. Reproduced on
+   the other rank (or, alone, on the same rank): **data**. Not reproduced elsewhere: **hardware**
+   (the suspect's device); journaled with the rank and host so the launcher can exclude it, and the
+   job exits 77 (replace-node) unless configured to only skip the update.
+4. **Culprits** (data verdict). From the re-run's per-sample losses, remove the highest-loss samples
+   one at a time until the rebuilt global loss is no longer flagged: the removed samples are the
+   culprits (one bad document costs one sample). When per-sample losses are not available,
+   :func:`bisect_culprits` finds them by halving with a caller-supplied test.
+5. **Act.** Quarantine the culprits from the spiking data step on (``loader.quarantine``; their
+   positions are filled by the sampler's rule, so the batch stays full), rewind the loader to that
+   data step and train it again: no innocent sample is lost and no rollback is needed. If removing
+   ``max_culprits`` samples does not cure the batch, forensics gives up and the ladder goes on.
+
+Everything here is pure (numbers in, decision values out); the distributed plumbing (gathers,
+re-reading samples, the model's forward pass) is the caller's: see examples/train_gpt.py.
+Off by default (``ForensicsConfig.enabled``): the re-run holds a device batch's activations once more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from streamshard.errors import ConfigError
+from streamshard.recovery import exitcodes
+from streamshard.recovery.detectors import SpikeConfig, robust_z
+
+DATA, HARDWARE, UNDECIDED = "data", "hardware", "undecided"
+
+
+@dataclass(frozen=True)
+class ForensicsConfig:
+    enabled: bool = False  # a re-run costs one forward pass of one device batch on two ranks
+    max_culprits: int = 8  # more bad samples than this in one device batch: not "a bad document"
+    hardware_exit: bool = True  # hardware verdict: exit 77 (replace-node); False: skip the update only
+    max_bisect_calls: int = 64  # bound on the halving search's re-runs
+
+    def __post_init__(self) -> None:
+        if self.max_culprits < 1 or self.max_bisect_calls < 1:
+            raise ConfigError(f"max_culprits and max_bisect_calls must be >= 1, got "
+                              f"{self.max_culprits} and {self.max_bisect_calls}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the investigation found. ``culprits`` are ``(stream, sample_id)`` pairs."""
+
+    verdict: str
+    suspect: int
+    culprits: tuple[tuple[int, int], ...] = ()
+    evidence: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def exit_code(self) -> int | None:
+        return exitcodes.REPLACE_NODE if self.verdict == HARDWARE else None
+
+
+def suspect_rank(local_losses: Sequence[float]) -> int:
+    """The rank whose local loss is largest (a non-finite one first)."""
+    if not local_losses:
+        raise ConfigError("suspect_rank needs one local loss per rank, got none")
+    return max(range(len(local_losses)), key=lambda r: (not math.isfinite(local_losses[r]), local_losses[r]))
+
+
+class Flagger:
+    """Would the loss detector flag this global loss? Reads the detector's window, never feeds it."""
+
+    def __init__(self, window: Iterable[float], cfg: SpikeConfig):
+        self.window = [float(x) for x in window]
+        self.cfg = cfg
+        if len(self.window) < cfg.min_samples:
+            raise ConfigError(f"forensics needs a warmed-up loss detector ({cfg.min_samples} values), "
+                              f"got {len(self.window)}")
+
+    def __call__(self, loss: float) -> bool:
+        return not math.isfinite(loss) or robust_z(loss, self.window, self.cfg) > self.cfg.threshold
+
+    @property
+    def baseline(self) -> float:
+        vals = sorted(self.window)
+        return vals[len(vals) // 2]
+
+
+def global_loss(rest_sum: float, rest_count: int, samples: Sequence[float]) -> float:
+    """Mean loss over the global batch from the other ranks' sum and one rank's per-sample losses."""
+    n = rest_count + len(samples)
+    return (rest_sum + sum(samples)) / n if n else math.nan
+
+
+def investigate(*, flag: Flagger, local_losses: Sequence[float], local_counts: Sequence[int],
+                keys: Sequence[tuple[int, int]], same: Sequence[float] | None,
+                other: Sequence[float] | None, cfg: ForensicsConfig = ForensicsConfig()) -> Decision:
+    """Decide data or hardware for one spiking step (pure).
+
+    ``local_losses[r]`` / ``local_counts[r]``: each rank's original mean loss and sample count;
+    ``keys``: the suspect's samples; ``same`` / ``other``: per-sample losses of the suspect's batch
+    re-run on the suspect rank and on another rank (``other`` None when ``world_size == 1``).
+    """
+    suspect = suspect_rank(local_losses)
+    rest_sum = sum(l * c for r, (l, c) in enumerate(zip(local_losses, local_counts)) if r != suspect)
+    rest_count = sum(c for r, c in enumerate(local_counts) if r != suspect)
+    spike = global_loss(rest_sum, rest_count, [local_losses[suspect]] * local_counts[suspect])
+    evidence = {"spike_loss": _num(spike), "baseline": flag.baseline, "suspect": suspect,
+                "local_losses": [_num(x) for x in local_losses]}
+    runs = {"same": same, "other": other}
+    repro = {}
+    for name, losses in runs.items():
+        if losses is not None:
+            g = global_loss(rest_sum, rest_count, losses)
+            evidence[f"rerun_{name}_loss"] = _num(g)
+            repro[name] = flag(g)
+    evidence["reproduced"] = repro
+    witness = "other" if other is not None else "same"
+    if witness not in repro:
+        return Decision(UNDECIDED, suspect, (), {**evidence, "reason": "no re-run"})
+    if not repro[witness]:
+        where = "on another rank" if witness == "other" else "on the same rank"
+        return Decision(HARDWARE, suspect, (), {**evidence, "reason": f"the spike did not reproduce {where}"})
+    per_sample = other if other is not None else same
+    culprits = culprits_from_losses(per_sample, rest_sum, rest_count, flag, cfg.max_culprits)
+    if culprits is None:
+        return Decision(UNDECIDED, suspect, (), {**evidence, "reason": f"removing {cfg.max_culprits} "
+                        "samples does not cure the batch: not a few bad documents"})
+    evidence["culprit_losses"] = [_num(per_sample[i]) for i in culprits]
+    return Decision(DATA, suspect, tuple(tuple(keys[i]) for i in culprits),
+                    {**evidence, "reason": "the spike reproduced on " +
+                     ("another rank" if other is not None else "a re-run")})
+
+
+def culprits_from_losses(losses: Sequence[float], rest_sum: float, rest_count: int, flag: Flagger,
+                         max_culprits: int) -> list[int] | None:
+    """Indexes of the fewest highest-loss samples whose removal un-flags the global loss, or None."""
+    order = sorted(range(len(losses)), key=lambda i: (not math.isfinite(losses[i]), losses[i]), reverse=True)
+    for k in range(1, min(max_culprits, len(order)) + 1):
+        removed = set(order[:k])
+        if not flag(global_loss(rest_sum, rest_count, [x for j, x in enumerate(losses) if j not in removed])):
+            return sorted(removed)
+    return None
+
+
+def bisect_culprits(items: Sequence, is_bad: Callable[[Sequence], bool], *, max_calls: int = 64) -> list:
+    """The bad items of ``items`` by adaptive halving (group testing): ``is_bad(subset)`` re-runs
+    a subset and says whether it still spikes. ``k`` culprits among ``n`` cost about
+    ``2k log2(n/k)`` calls; raises ``ConfigError`` when ``max_calls`` would be exceeded."""
+    calls = 0
+
+    def test(group: Sequence) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > max_calls:
+            raise ConfigError(f"bisection needs more than max_calls={max_calls} re-runs")
+        return bool(is_bad(group))
+
+    def search(group: Sequence) -> list:
+        if len(group) == 1:
+            return list(group)
+        half = len(group) // 2
+        left, right = group[:half], group[half:]
+        bad_left = test(left)
+        bad_right = test(right) if bad_left else True  # the group is bad: if left is clean, right is
+        return (search(left) if bad_left else []) + (search(right) if bad_right else [])
+
+    items = list(items)
+    return search(items) if items and test(items) else []
+
+
+def quarantine_event(decision: Decision, *, step: int, data_step: int) -> dict:
+    """The journal record of a data verdict; ``policy.apply_event`` folds it into the ledger."""
+    return {"event": "quarantine", "step": step, "data_step": data_step,
+            "entries": [[s, i, data_step] for s, i in decision.culprits],
+            "evidence": decision.evidence}
+
+
+def verdict_event(decision: Decision, *, step: int, data_step: int, host: str) -> dict:
+    """The journal record of any verdict (``rank``/``host`` name the suspect device)."""
+    return {"event": "forensics", "step": step, "data_step": data_step, "verdict": decision.verdict,
+            "rank": decision.suspect, "host": host, "culprits": [list(c) for c in decision.culprits],
+            "evidence": decision.evidence}
+
+
+def excluded_devices(records: Iterable[dict]) -> list[tuple[str, int]]:
+    """``(host, rank)`` of every hardware verdict in a journal: what a launcher should exclude."""
+    return [(str(r["host"]), int(r["rank"])) for r in records
+            if r.get("event") == "forensics" and r.get("verdict") == HARDWARE]
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None

@@ -1,0 +1,95 @@
+"""``Ledgers``: every run-time change to the sequence definition, carried as one value.
+
+A ledger is part of the sequence definition (docs/SAMPLER.md), lives in the loader state and is
+identical on every rank. Three exist:
+
+- ``skips``: half-open ranges of absolute steps never served (merged, sorted);
+- ``reseeds``: ``(step, salt)`` pairs (distinct, sorted);
+- ``quarantine``: ``(stream, sample_id, from_step)`` sample ids never served from ``from_step`` on,
+  their positions filled deterministically (:mod:`streamshard.sampler.quarantine`).
+
+Every ledger is normalized on construction, so adding an entry twice, or merging two copies of a
+ledger in any order, gives the same value. Code that moves ledgers around (loader, plan, state,
+recovery) passes this one value, so a new ledger is one field here, not an edit in five places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+from streamshard.errors import ConfigError
+from streamshard.sampler.quarantine import normalize_quarantine
+from streamshard.sampler.sequence import normalize_reseeds, normalize_skips
+
+_NORMALIZE = {"skips": normalize_skips, "reseeds": normalize_reseeds, "quarantine": normalize_quarantine}
+# Ledgers a state saved by an older streamshard may lack (read as empty).
+OPTIONAL = frozenset({"quarantine"})
+_WIDTH = {"skips": 2, "reseeds": 2, "quarantine": 3}
+
+
+@dataclass(frozen=True)
+class Ledgers:
+    """All ledgers of a sequence; hashable, normalized, JSON-able through :meth:`to_state`."""
+
+    skips: tuple[tuple[int, int], ...] = ()
+    reseeds: tuple[tuple[int, int], ...] = ()
+    quarantine: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _NORMALIZE[f.name](getattr(self, f.name)))
+
+    # -- building -------------------------------------------------------------------------------
+    def merged(self, other: "Ledgers") -> "Ledgers":
+        """Everything either value knows (commutative, idempotent)."""
+        return Ledgers(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def with_skip(self, start: int, stop: int) -> "Ledgers":
+        return self.merged(Ledgers(skips=((start, stop),)))
+
+    def with_reseed(self, step: int, salt: int) -> "Ledgers":
+        return self.merged(Ledgers(reseeds=((step, salt),)))
+
+    def with_quarantine(self, entries: Iterable) -> "Ledgers":
+        """Add ``(stream, sample_id, from_step)`` entries (an existing id keeps the earlier step)."""
+        return self.merged(Ledgers(quarantine=tuple(entries)))
+
+    def without_quarantine(self, ids: Iterable) -> "Ledgers":
+        """Drop the entries of ``(stream, sample_id)`` pairs (a human's decision: the CLI's
+        ``quarantine remove``; recovery never removes)."""
+        drop = {(int(s), int(i)) for s, i in ids}
+        return Ledgers(self.skips, self.reseeds, tuple(e for e in self.quarantine if e[:2] not in drop))
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    # -- state ----------------------------------------------------------------------------------
+    def to_state(self) -> dict[str, list[list[int]]]:
+        """``{"skips": [[a, b], ...], "reseeds": [...], "quarantine": [[s, id, f], ...]}``."""
+        return {f.name: [list(e) for e in getattr(self, f.name)] for f in fields(self)}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "Ledgers":
+        """Read the ledger keys of a loader state (untrusted): every row must be a list of ints
+        of the ledger's width; a missing optional ledger is empty. Raises ``ConfigError``."""
+        values = {}
+        for name in cls.names():
+            if name not in state:
+                if name in OPTIONAL:
+                    continue
+                raise ConfigError(f"loader state has no {name!r} ledger")
+            rows = state[name]
+            if not isinstance(rows, list) or not all(
+                isinstance(r, (list, tuple)) and len(r) == _WIDTH[name]
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows
+            ):
+                text = repr(rows)
+                raise ConfigError(f"{name} must be a list of [{', '.join(['int'] * _WIDTH[name])}], "
+                                  f"got {text[:100]}")
+            values[name] = tuple(tuple(r) for r in rows)
+        return cls(**values)
