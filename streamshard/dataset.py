@@ -132,28 +132,47 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             order = MixtureOrder(
                 orders, [s.weight for s in streams], seed=seed, block=mixture_block, epoch_size=epoch_size
             )
-        self.sequence = SampleSequence(
-            order, global_batch_size=self.global_batch_size, drop_last=drop_last
-        )
-        self.steps_per_epoch = self.sequence.steps_per_epoch
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
-        self.working_set_shards = self.sequence.working_set_shards(
-            self.world.rank, self.world.world_size, self.world.local_world_size)
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
+        # Lanes left to the default are fixed by the first run: a saved state's lanes win.
+        self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
+        self._set_sequence(SampleSequence(
+            order, global_batch_size=self.global_batch_size, drop_last=drop_last
+        ))
+        self._plan = PlanBox(Plan(0, self.steps_per_epoch))
+        # Batches of a single fixed-size-schema stream without a transform can be read as
+        # columns straight into tensors (streamshard.fastpath); None when that does not apply.
+        self._columns = (fastpath.layout(self.datasets[0].schema)
+                         if len(self.datasets) == 1 and transform is None else None)
+
+    def _set_sequence(self, sequence: SampleSequence) -> None:
+        self.sequence = sequence
+        self.steps_per_epoch = sequence.steps_per_epoch
+        self.working_set_shards = sequence.working_set_shards(
+            self.world.rank, self.world.world_size, self.world.local_world_size)
+        self._ledger_cache = None
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
                 # A budget that cannot hold what one device reads at once would deadlock on
                 # pins: refuse it now. And pin no more shards than that working set.
                 ds.source.check_budget(self.working_set_shards)
                 ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
-        self._plan = PlanBox(Plan(0, self.steps_per_epoch))
-        # Batches of a single fixed-size-schema stream without a transform can be read as
-        # columns straight into tensors (streamshard.fastpath); None when that does not apply.
-        self._columns = (fastpath.layout(self.datasets[0].schema)
-                         if len(self.datasets) == 1 and transform is None else None)
-        self._ledger_cache: tuple[tuple, SampleSequence] | None = None
+
+    def adopt_saved_lanes(self, saved_sequence: Any) -> Callable[[], None]:
+        """Take a saved state's ``lanes`` when this dataset's were left to the default (the
+        first run fixes them; states from before the locality default hold 64). Returns an undo
+        callable (the loader calls it if the rest of the state does not validate)."""
+        old = self.sequence
+        lanes = saved_sequence.get("lanes") if isinstance(saved_sequence, dict) else None
+        if (not self._lanes_adoptable or isinstance(lanes, bool) or not isinstance(lanes, int)
+                or lanes < 1 or lanes == old.order.lanes):
+            return lambda: None
+        self._set_sequence(SampleSequence(old.order.with_lanes(lanes),
+                                          global_batch_size=old.global_batch_size,
+                                          drop_last=old.drop_last))
+        return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

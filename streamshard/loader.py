@@ -17,7 +17,7 @@ from streamshard.dataset import StreamingDataset, _worker_slot
 from streamshard.errors import ConfigError
 from streamshard.plan import Plan
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_SEQUENCE, KEY_STEP, build_state, validate_state
 
 
 class _StepTagged(torch.utils.data.IterableDataset):
@@ -139,7 +139,13 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
 
         A live iterator notices and continues from the restored step."""
-        validate_state(state_dict, self._live_state())
+        undo = self.streaming_dataset.adopt_saved_lanes(
+            state_dict.get(KEY_SEQUENCE) if isinstance(state_dict, dict) else None)
+        try:
+            validate_state(state_dict, self._live_state())
+        except Exception:
+            undo()
+            raise
         self._ledgers = Ledgers.from_state(state_dict)
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None

@@ -280,3 +280,22 @@ def test_property_resume_equals_tail(id_dataset_factory, n, g, k, seed):
         return StreamingDataLoader(StreamingDataset(path, global_batch_size=g, seed=seed, world=World()))
 
     assert_resume_equivalent(mk, at=min(k, total), total=total)
+
+
+def test_default_lanes_are_fixed_by_the_first_run(path):
+    """A state saved with other lanes (e.g. 64, the default before lanes were sized for
+    locality) loads into a loader whose lanes are left to the default and continues that run's
+    sequence; explicit lanes that differ are refused."""
+    old = make(path, lanes=3)  # stands for any lanes a first run fixed
+    head = [ids(b) for b in take(old, 10)]
+    state = json.loads(json.dumps(old.state_dict()))
+    tail = [ids(b) for b in take(old, 25)]
+    resumed = make(path)  # lanes=None: the default would be another number
+    assert resumed.streaming_dataset.sequence.order.lanes != 3
+    resumed.load_state_dict(state)
+    assert resumed.streaming_dataset.sequence.order.lanes == 3
+    assert head and [ids(b) for b in take(resumed, 25)] == tail
+    explicit = make(path, lanes=2)
+    with pytest.raises(StateMismatchError, match=r"sequence.lanes: saved=3, live=2"):
+        explicit.load_state_dict(state)
+    assert explicit.streaming_dataset.sequence.order.lanes == 2

@@ -154,6 +154,13 @@ class EpochOrder:
         clone._seed = check_int(seed, "seed")
         return clone
 
+    def with_lanes(self, lanes: int) -> "EpochOrder":
+        """The same order definition with another number of lanes (e.g. a saved state's)."""
+        clone = object.__new__(EpochOrder)
+        clone.__dict__.update(self.__getstate__())
+        clone._lanes = check_int(lanes, "lanes", minimum=1)
+        return clone
+
     # -- mapping --------------------------------------------------------------------------
     def __call__(self, epoch: int, positions):
         """Global sample ids at ``positions`` (int or int array in ``[0, N)``) of ``epoch``."""
