@@ -1,31 +1,36 @@
-"""``StreamingDataset``: the sampler's sequence served as device batches inside PyTorch.
+"""``StreamingDataset``: the sampler's sequence served as rank batches inside PyTorch.
 
-The dataset is an ``IterableDataset`` whose items are device batches (lists of samples): item
-``k`` of worker ``w`` of ``W`` is the ``(w + k*W)``-th served step of the plan, which is exactly the
-round-robin order in which ``torch.utils.data.DataLoader`` consumes its workers. So the global
-order never depends on ``num_workers``, and ``num_workers`` may change between save and resume.
-Use it through :class:`streamshard.StreamingDataLoader`, which counts consumed batches and owns
-the checkpoint state; a plain ``DataLoader(ds, batch_size=None, collate_fn=default_collate)``
-works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
+A map-style dataset: ``__getitems__`` serves one rank batch. What to read comes from a batch
+sampler in the main process (:class:`streamshard.batch_keys.StreamingBatchSampler`), which owns
+the sequence and the state and hands workers :class:`~streamshard.batch_keys.BatchKey` values
+(step, sample ids, prefetch hints): workers hold no state, so ``num_workers`` may change between
+save and resume. Three ways to drive it (docs/LOADER.md):
+
+- ``StreamingDataLoader(ds)``: one line; counts consumed batches, owns the checkpoint state.
+- ``DataLoader(ds, batch_sampler=ds.batch_sampler(), collate_fn=...)``, or torchdata's
+  ``StatefulDataLoader`` the same way: its state holds the sampler's, so resume is arithmetic.
+- ``DataLoader(ds, batch_size=ds.batch_size)``: indices ``0..len(ds)-1`` of ``ds.set_epoch(e)``'s
+  epoch, cut in this rank's batches; another batch size is a ``ConfigError`` at the first batch.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch.utils.data
 
 from streamshard import fastpath
 from streamshard.errors import ConfigError
-from streamshard.plan import Plan, PlanBox
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
 from streamshard.sampler.order import default_lanes
 from streamshard.world import World, detect_world
+
+if TYPE_CHECKING:
+    from streamshard.batch_keys import BatchKey, StreamingBatchSampler
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
@@ -60,8 +65,8 @@ def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world:
     return global_batch_size  # any world size: rank batches differ by at most one sample
 
 
-class StreamingDataset(torch.utils.data.IterableDataset):
-    """Device batches of one dataset or a weighted mixture, in the sampler's global order.
+class StreamingDataset(torch.utils.data.Dataset):
+    """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
     device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
@@ -141,7 +146,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self._set_sequence(SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         ))
-        self._plan = PlanBox(Plan(0, self.steps_per_epoch))
+        self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
@@ -175,15 +180,22 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Serve all of ``epoch`` on the next ``iter()`` (for use without StreamingDataLoader)."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.set_plan(Plan(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch))
+    def batch_sampler(self, *, columnar: bool = False) -> "StreamingBatchSampler":
+        """A batch sampler for ``DataLoader(ds, batch_sampler=...)`` or torchdata's
+        ``StatefulDataLoader``: one key per served step of this rank, Stateful.
+        ``columnar=True`` returns fixed-size schemas already collated (dicts of tensors)."""
+        from streamshard.batch_keys import StreamingBatchSampler
 
-    def set_plan(self, plan: Plan) -> None:
-        """Set the steps the next ``iter()`` serves (the loader calls this; visible to workers)."""
-        self._plan.write(plan)
+        return StreamingBatchSampler(self, columnar=columnar)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that plain integer indices (``DataLoader(ds, batch_size=B)``) refer to."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
+        self._epoch = epoch
+
+    def is_remote(self, stream: int) -> bool:
+        return self._remote[stream]
 
     @property
     def batch_size(self) -> int:
@@ -196,8 +208,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
-        """Device batches per epoch (every device gets the same number)."""
-        return self.steps_per_epoch
+        """Samples this rank reads per epoch (``steps_per_epoch * batch_size``): the indices a
+        plain ``DataLoader(ds, batch_size=ds.batch_size)`` draws."""
+        return self.steps_per_epoch * self.batch_size
 
     # -- random access ------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:
@@ -226,85 +239,42 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             out.append(item)
         return out
 
-    def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:
-        """Yield ``(step, device batch)`` for this worker's share of the current plan."""
-        for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
-            yield step, self.fetch(step, stream_ids, sample_ids)
+    def __getitems__(self, key: Any) -> Any:
+        """One rank batch: for a :class:`BatchKey`, its samples (or columns when ``columnar``,
+        ``(step, batch)`` when ``tagged``); for a list of ints from ``DataLoader(ds,
+        batch_size=B)``, the rank batch those indices cut out of ``set_epoch``'s epoch."""
+        from streamshard.batch_keys import BatchKey, Columns, Tagged
 
-    def iter_collated(self, worker: int, num_workers: int) -> Iterator[tuple[int, Any, bool]]:
-        """Like :meth:`iter_steps`, but yields ``(step, batch, collated)``: fixed-size schemas
-        come already collated as columns (equal to ``streamshard.collate.collate``)."""
-        columns = self._columns
-        for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
-            if columns is not None:
-                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids.tolist()), True
-            else:
-                yield step, self.fetch(step, stream_ids, sample_ids), False
-
-    def _plan_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(step, stream_ids, sample_ids)`` of this worker's steps.
-
-        One sampler call maps a chunk of ``lookahead`` steps: a call costs ~100 us of numpy
-        overhead whatever its size, which per 32-sample batch would exceed the cost of reading
-        it. Remote sources get the shards of chunk ``k+1`` as a prefetch hint while chunk ``k``
-        is being read (and chunk 0's at once), in reading order.
-        """
-        chunks = self._chunks(worker, num_workers)
-        remote = any(self._remote)
-        current = next(chunks, None)
-        if current is not None and remote:
-            self._hint(current)
-        while current is not None:
-            upcoming = next(chunks, None)
-            if upcoming is not None and remote:
-                self._hint(upcoming)
-            for step, stream_ids, sample_ids in current:
-                yield step, stream_ids, sample_ids
-            current = upcoming
-
-    def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
-        plan = self._plan.read()
-        seq = self.sequence_with(plan.ledgers)
-        world = self.world
-        per_device = self.batch_size
-        n = worker
-        while True:
-            steps = []
-            while len(steps) < self.lookahead:
-                step = seq.nth_served_step(plan.start, n)
-                if step >= plan.stop:
-                    break
-                steps.append(step)
-                n += num_workers
-            if not steps:
-                return
-            chunk = []
-            for epoch, group in itertools.groupby(steps, key=lambda s: s // self.steps_per_epoch):
-                group = list(group)
-                positions = np.concatenate([seq.device_positions(
-                    s, world.rank, world.world_size, world.local_world_size) for s in group])
-                stream_ids, sample_ids = seq.map_positions(epoch, positions)
-                for i, step in enumerate(group):
-                    cut = slice(i * per_device, (i + 1) * per_device)
-                    chunk.append((step, stream_ids[cut], sample_ids[cut]))
-            yield chunk
-
-    def _hint(self, chunk: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-        """Ask remote sources to prefetch the shards of a chunk's samples, in reading order."""
-        stream_ids = np.concatenate([c[1] for c in chunk])
-        sample_ids = np.concatenate([c[2] for c in chunk])
-        for stream in np.unique(stream_ids).tolist():
-            if not self._remote[stream]:
-                continue
+        if not isinstance(key, BatchKey):
+            key = self._key_of_indices(key)
+        for stream, shard in key.prefetch:
             ds = self.datasets[stream]
-            shards, _ = ds.index.locate(sample_ids[stream_ids == stream])
-            _, first = np.unique(shards, return_index=True)
-            ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
+            ds.source.prefetch([ds.index.shards[shard]])
+        if key.columnar and self._columns is not None:
+            batch = fastpath.read_batch(self.datasets[0], self._columns, list(key.sample_ids))
+            batch = Columns(batch)
+        else:
+            batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),
+                               np.asarray(key.sample_ids, dtype=np.int64))
+        return Tagged(key.step, batch) if key.tagged else batch
 
-    def __iter__(self) -> Iterator[list]:
-        worker, num_workers = _worker_slot()
-        for _, batch in self.iter_steps(worker, num_workers):
-            yield batch
+    def _key_of_indices(self, indices: Any) -> "BatchKey":
+        from streamshard.batch_keys import BatchKey
+
+        idx = [int(i) for i in indices]
+        size = self.batch_size
+        if not idx or len(idx) != size or idx[0] % size or idx != list(range(idx[0], idx[0] + size)):
+            raise ConfigError(
+                f"a DataLoader batch of {len(idx)} indices starting at {idx[0] if idx else None} is "
+                f"not one of this rank's batches of {size}: pass the dataset's batch size to the "
+                f"DataLoader (batch_size={size}) or use batch_sampler=ds.batch_sampler()")
+        if idx[-1] >= len(self):
+            raise IndexError(f"index {idx[-1]} out of range [0, {len(self)})")
+        step = self._epoch * self.steps_per_epoch + idx[0] // size
+        world = self.world
+        streams, samples = self.sequence.batch(step, world.rank, world.world_size,
+                                               world.local_world_size)
+        return BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()))
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
@@ -312,8 +282,3 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
-
-
-def _worker_slot() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
