@@ -76,18 +76,18 @@ def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, w
     assignment = seq.assignment(world_size, local_world_size)
     nodes = assignment.num_nodes
     rank_sizes = assignment.rank_sizes()
-    per_epoch = []
+    shards = np.zeros((epochs, nodes), dtype=np.int64)
+    node_bytes = np.zeros((epochs, nodes), dtype=np.float64)
     for epoch in range(epochs):
         if shuffle:
-            touched = _touched_by_lanes(order, assignment, epoch)
+            pairs = _touched_by_lanes(order, assignment, epoch)
             method = "lanes (exact upper bound)"
         else:
-            touched, steps = _touched_by_sampling(seq, assignment, epoch)
+            pairs, steps = _touched_by_sampling(seq, assignment, epoch)
             method = f"sampled {steps} of {seq.steps_per_epoch} steps per epoch"
-        per_epoch.append(touched)
-    hit = np.stack(per_epoch)  # (epochs, nodes, shards) bool
-    shards = hit.sum(axis=2)
-    node_bytes = (hit * sizes[None, None, :]).sum(axis=2)
+        node, shard = pairs // order.num_shards, pairs % order.num_shards
+        shards[epoch] = np.bincount(node, minlength=nodes)
+        node_bytes[epoch] = np.bincount(node, weights=sizes[shard], minlength=nodes)
     share = max(1.0, float(sizes.sum()) / nodes)
     working = _working_set(order, assignment, local_world_size, shuffle, g)
     working = np.minimum(working, shards.max(axis=0))
@@ -101,7 +101,7 @@ def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, w
         shards_per_node_mean=round(float(shards.mean()), 3),
         shards_per_node_max=int(shards.max()),
         bytes_per_node_mean=round(float(node_bytes.mean()), 1),
-        bytes_per_node_max=int(node_bytes.max()),
+        bytes_per_node_max=int(round(node_bytes.max())),
         bytes_per_node_over_share_mean=round(float(node_bytes.mean()) / share, 4),
         bytes_per_node_over_share_max=round(float(node_bytes.max()) / share, 4),
         cache_working_set_shards_max=int(working.max()),
@@ -119,8 +119,11 @@ def node_shards(shard_samples: Sequence[int], *, world_size: int, local_world_si
     samples = np.asarray(shard_samples, dtype=np.int64)
     order = EpochOrder(samples, seed=seed, lanes=default_lanes(samples.size, g) if lanes is None
                        else lanes, window=window)
-    seq = SampleSequence(order, global_batch_size=g)
-    return _touched_by_lanes(order, seq.assignment(world_size, local_world_size), epoch)
+    assignment = SampleSequence(order, global_batch_size=g).assignment(world_size, local_world_size)
+    pairs = _touched_by_lanes(order, assignment, epoch)
+    hit = np.zeros((assignment.num_nodes, order.num_shards), dtype=bool)
+    hit[pairs // order.num_shards, pairs % order.num_shards] = True
+    return hit
 
 
 def _node_lanes(assignment) -> tuple[np.ndarray, np.ndarray]:
@@ -135,27 +138,27 @@ def _node_lanes(assignment) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _touched_by_lanes(order: EpochOrder, assignment, epoch: int) -> np.ndarray:
+    """Sorted unique ``node * #shards + shard`` of the non-empty shards each node may touch."""
     node, lane = _node_lanes(assignment)
     first, last = order.lane_slot_ranges(epoch)
     slot_to_shard, _ = order.epoch_tables(epoch)
-    hit = np.zeros((assignment.num_nodes, order.num_shards), dtype=bool)
-    spans = last[lane] - first[lane] + 1
+    spans = np.maximum(last[lane] - first[lane] + 1, 0)
     slots = np.repeat(first[lane], spans) + (np.arange(spans.sum()) - np.repeat(
         np.cumsum(spans) - spans, spans))
-    hit[np.repeat(node, spans), slot_to_shard[slots]] = True
-    hit[:, order.shard_sizes == 0] = False
-    return hit
+    shard = slot_to_shard[slots]
+    keep = order.shard_sizes[shard] > 0
+    return np.unique(np.repeat(node, spans)[keep] * order.num_shards + shard[keep])
 
 
 def _touched_by_sampling(seq: SampleSequence, assignment, epoch: int) -> tuple[np.ndarray, int]:
     order, k = seq.order, assignment.local_world_size
     steps = max(1, min(seq.steps_per_epoch, _SAMPLED_POSITIONS // seq.global_batch_size))
-    hit = np.zeros((assignment.num_nodes, order.num_shards), dtype=bool)
+    pairs = []
     for j in np.linspace(0, seq.steps_per_epoch - 1, steps).astype(np.int64).tolist():
         pos = seq.step_positions(epoch * seq.steps_per_epoch + j)
         node = assignment.rank_of(pos) // k
-        hit[node, order.shard_of(seq.map_positions(epoch, pos)[1])] = True
-    return hit, steps
+        pairs.append(node * order.num_shards + order.shard_of(seq.map_positions(epoch, pos)[1]))
+    return np.unique(np.concatenate(pairs)), steps
 
 
 def _working_set(order: EpochOrder, assignment, k: int, shuffle: bool, g: int) -> np.ndarray:

@@ -187,7 +187,8 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         from streamshard.explain import samples_at
 
         ds = self.streaming_dataset
-        return samples_at(self._sequence(), ds.datasets, step, world_size=ds.world.world_size, keys=keys)
+        return samples_at(self._sequence(), ds.datasets, step, world_size=ds.world.world_size,
+                          local_world_size=ds.world.local_world_size, keys=keys)
 
     def samples_between(self, start: int, stop: int, *, keys: bool = True) -> dict[int, list]:
         """``{step: samples_at(step)}`` for the served steps in ``[start, stop)``."""

@@ -47,18 +47,24 @@ DEFAULT_CHUNKS = 256
 def chunk_owners(num_chunks: int, num_nodes: int) -> tuple[tuple[int, ...], ...]:
     """Chunks owned by each node under balanced stealing (sorted tuples, one per node)."""
     members: list[list[int]] = [list(range(num_chunks))]
+    counts = [num_chunks]
     for m in range(2, num_nodes + 1):
         q, r = divmod(num_chunks, m)
-        counts = np.array([len(x) for x in members], dtype=np.int64)
-        fullest = np.lexsort((np.arange(m - 1), -counts))  # count desc, then index asc
-        target = np.full(m - 1, q, dtype=np.int64)
-        target[fullest[:r]] = q + 1
+        # The r fullest old nodes (ties: lower index) keep q + 1, the others q. Counts are
+        # always q or q + 1 (or more) here, so "fullest" is every node above q, lowest first.
+        fullest = sorted(range(m - 1), key=lambda k: (-counts[k], k))[:r]
+        target = [q] * (m - 1)
+        for k in fullest:
+            target[k] = q + 1
         taken: list[int] = []
-        for k in np.nonzero(counts > target)[0].tolist():
-            give = int(counts[k] - target[k])
-            taken.extend(members[k][-give:])
-            del members[k][-give:]
+        for k in range(m - 1):
+            give = counts[k] - target[k]
+            if give > 0:
+                taken.extend(members[k][-give:])
+                del members[k][-give:]
+                counts[k] = target[k]
         members.append(sorted(taken))
+        counts.append(len(taken))
     return tuple(tuple(x) for x in members)
 
 
