@@ -161,6 +161,7 @@ _BUILTIN = (
     "streamshard.converters.mds",
     "streamshard.converters.webdataset",
     "streamshard.converters.hf",
+    "streamshard.converters.imagefolder",
 )
 _loaded = False
 

@@ -6,8 +6,10 @@ basename) and field ``seg.png`` (the rest, lower-cased); consecutive members wit
 form one sample. Every field is kept: a column per field name, plus ``__key__: str``.
 
 Field types follow the last extension: ``txt``/``text`` -> ``str``, ``json``/``jsn`` -> ``json``,
-``cls``/``cls2``/``index``/``inx``/``id`` -> ``int64``; everything else (images, audio, npy, ...)
--> ``bytes`` unchanged. ``--wds-raw`` keeps every field as ``bytes``. When a sample lacks a field
+``cls``/``cls2``/``index``/``inx``/``id`` -> ``int64``; image extensions (``jpg``, ``png``,
+``webp``, ...) -> ``image`` and audio ones (``wav``, ``flac``, ``mp3``, ...) -> ``audio``, both
+the member bytes unchanged (decoded in the loader by ``streamshard.media``); everything else
+(npy, ...) -> ``bytes`` unchanged. ``--wds-raw`` keeps every field as ``bytes``. When a sample lacks a field
 that others have, its value is empty (``b""``, ``""``, ``0`` or JSON ``null``) and the
 ``__missing__: json`` column lists the fields absent from each sample (``[]`` when complete), so
 absence stays distinguishable from an empty file. The column is always present, so the schema
@@ -36,8 +38,13 @@ from streamshard.errors import ConfigError, InputError
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _TYPES = {"txt": "str", "text": "str", "json": "json", "jsn": "json",
-          "cls": "int64", "cls2": "int64", "index": "int64", "inx": "int64", "id": "int64"}
-_EMPTY = {"bytes": b"", "str": "", "json": None, "int64": 0}
+          "cls": "int64", "cls2": "int64", "index": "int64", "inx": "int64", "id": "int64",
+          # webdataset's image extensions (autodecode.py IMAGE_EXTENSIONS) and common audio:
+          # stored unchanged, typed so that streamshard.media.decode_media finds them.
+          **dict.fromkeys(("jpg", "jpeg", "img", "png", "ppm", "pgm", "pbm", "pnm", "webp",
+                           "bmp", "gif", "tif", "tiff"), "image"),
+          **dict.fromkeys(("wav", "flac", "mp3", "ogg", "m4a", "opus"), "audio")}
+_EMPTY = {"bytes": b"", "str": "", "json": None, "int64": 0, "image": b"", "audio": b""}
 KEY_COLUMN = "__key__"
 MISSING_COLUMN = "__missing__"
 
@@ -57,7 +64,7 @@ def field_type(field: str, raw: bool = False) -> str:
 
 def decode_field(typ: str, data: bytes) -> Any:
     """Decode one member's bytes for a column of type ``typ``; ``ValueError`` if malformed."""
-    if typ == "bytes":
+    if typ in ("bytes", "image", "audio"):
         return data
     text = data.decode("utf-8")
     if typ == "str":

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.sampler.ledgers import Ledgers
 from streamshard.state import KEY_STEP, build_state, validate_state
-
-if TYPE_CHECKING:
-    from streamshard.dataset import StreamingDataset
 
 
 @dataclass(frozen=True)
@@ -85,8 +82,9 @@ class StreamingBatchSampler:
     an iterator's ``state_dict()`` is the state after the keys it yielded.
     """
 
-    def __init__(self, dataset: "StreamingDataset", *, columnar: bool = False,
+    def __init__(self, dataset: Any, *, columnar: bool = False,
                  tagged: bool = False):
+        # ``dataset``: a StreamingDataset (not imported here: it imports this module).
         self.dataset = dataset
         self.columnar, self.tagged = bool(columnar), bool(tagged)
         self.step = 0
@@ -205,7 +203,7 @@ class _KeyIterator:
             yield chunk
 
 
-def _shards(dataset: "StreamingDataset", chunk) -> tuple[tuple[int, int], ...]:
+def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
     """(stream, shard) pairs a chunk reads, in reading order, for remote streams only."""
     out: list[tuple[int, int]] = []
     seen = set()

@@ -60,9 +60,11 @@ class CapacityPlan:
 def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, world_size: int,
                   local_world_size: int, global_batch_size: int, lanes: int | None = None,
                   window: int | None = None, epochs: int = 1, seed: int = 0,
-                  shuffle: bool = True, drop_last: bool = True) -> CapacityPlan:
+                  shuffle: bool = True, drop_last: bool = True, blocks=None) -> CapacityPlan:
     """Figures for ``world_size`` ranks, ``local_world_size`` per node, over ``epochs`` epochs
-    (max over epochs and nodes; means over both). ``lanes=None`` is the loader's default."""
+    (max over epochs and nodes; means over both). ``lanes=None`` is the loader's default;
+    ``blocks`` the block-aware shuffle's ``BlockGroups`` (the loader's default for compressed
+    shards, :func:`streamshard.blockshuffle.block_groups`)."""
     samples = np.asarray(shard_samples, dtype=np.int64)
     sizes = np.asarray(shard_bytes, dtype=np.int64)
     if samples.shape != sizes.shape or samples.ndim != 1:
@@ -71,7 +73,8 @@ def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, w
     g = check_int(global_batch_size, "global_batch_size", minimum=1)
     epochs = check_int(epochs, "epochs", minimum=1)
     lanes = default_lanes(samples.size, g) if lanes is None else lanes
-    order = EpochOrder(samples, seed=seed, shuffle=shuffle, lanes=lanes, window=window)
+    order = EpochOrder(samples, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
+                       blocks=blocks if shuffle else None)
     seq = SampleSequence(order, global_batch_size=g, drop_last=drop_last)
     assignment = seq.assignment(world_size, local_world_size)
     nodes = assignment.num_nodes
@@ -112,13 +115,13 @@ def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, w
 
 def node_shards(shard_samples: Sequence[int], *, world_size: int, local_world_size: int,
                 global_batch_size: int, lanes: int | None = None, window: int | None = None,
-                seed: int = 0, epoch: int = 0) -> np.ndarray:
+                seed: int = 0, epoch: int = 0, blocks=None) -> np.ndarray:
     """(nodes, shards) bool: the shards each node may touch in ``epoch`` (shuffled order), the
     prediction the plan's figures are computed from."""
     g = check_int(global_batch_size, "global_batch_size", minimum=1)
     samples = np.asarray(shard_samples, dtype=np.int64)
     order = EpochOrder(samples, seed=seed, lanes=default_lanes(samples.size, g) if lanes is None
-                       else lanes, window=window)
+                       else lanes, window=window, blocks=blocks)
     assignment = SampleSequence(order, global_batch_size=g).assignment(world_size, local_world_size)
     pairs = _touched_by_lanes(order, assignment, epoch)
     hit = np.zeros((assignment.num_nodes, order.num_shards), dtype=bool)
@@ -167,7 +170,7 @@ def _working_set(order: EpochOrder, assignment, k: int, shuffle: bool, g: int) -
     lanes = np.bincount(node, minlength=assignment.num_nodes)
     if not shuffle:
         return np.full(assignment.num_nodes, order.shards_touched_by_run(g) + 1, dtype=np.int64)
-    return lanes * (order.shards_touched_by_run(order.window) + 1)
+    return lanes * (order.shards_per_lane_at_once() + 1)
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -189,11 +192,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from streamshard.blockshuffle import block_groups
     from streamshard.reader import open_dataset
 
     with open_dataset(args.dataset) as ds:
         shards = ds.index.shards
-    report = plan_capacity([s.samples for s in shards], [s.bytes for s in shards],
+        # The loader's default order: block-aware for compressed shards (docs/SAMPLER.md).
+        blocks = block_groups(ds.index) if ds.index.compression is not None else None
+    report = plan_capacity([s.samples for s in shards], [s.bytes for s in shards], blocks=blocks,
                            world_size=args.world_size, local_world_size=args.local_world_size,
                            global_batch_size=args.global_batch_size, lanes=args.lanes,
                            window=args.window, epochs=args.epochs, seed=args.seed,

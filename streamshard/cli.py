@@ -11,16 +11,15 @@ line (``streamshard: error: ...``); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Callable, Sequence
 
 from streamshard.errors import ConfigError, StreamshardError
+from streamshard.preview import preview
 from streamshard.progress import ProgressBar, format_duration
 from streamshard.sizes import format_size
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-_PREVIEW_CHARS = 80
 
 
 # -- convert ---------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert input files into a streamshard dataset",
                        description="Convert SRC files, directories (recursed, sorted) or globs "
                                    "into the dataset DEST (a directory or fsspec URL).")
-    p.add_argument("paths", nargs="+", metavar="SRC... DEST")
+    _add_paths(p, "SRC", "input file, directory or glob", "the dataset to write")
     p.add_argument("--format", required=True, choices=sorted(formats),
                    help="input format: " + "; ".join(f"{n}: {c.help}"
                                                      for n, c in sorted(formats.items())))
@@ -50,6 +49,9 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--skip-errors", action="store_true",
                    help="skip and count malformed records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--input-cache", metavar="DIR", help="where remote SRC URLs (s3://, https://, "
+                   "hf://, globs too) are staged and kept (default: a temp dir removed after "
+                   "success); see docs/CONVERT.md")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue an unfinished conversion with the same arguments (default: "
                         "on when DEST has one); --no-resume discards it")
@@ -95,8 +97,6 @@ def _add_convert(sub: Any) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from streamshard.convert import convert
 
-    if len(args.paths) < 2:
-        raise ConfigError("convert needs at least one SRC and a DEST")
     *sources, dest = args.paths
     options = {d[4:]: getattr(args, d) for d in args.option_dests if getattr(args, d) is not None}
     if args.pack_tokenizer or args.pack_token_field:
@@ -114,6 +114,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     compression=args.compression, compression_level=args.compression_level,
                     workers=args.workers, chunk_size=args.chunk_size,
                     skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
+                    input_cache=args.input_cache,
                     progress=lambda n, b: bar[0].update(n, b) if bar else None,
                     on_start=on_start)
     finally:
@@ -167,25 +168,6 @@ def _add_inspect(sub: Any) -> None:
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--samples", type=int, default=3, help="samples to preview (default 3)")
     p.set_defaults(func=_cmd_inspect)
-
-
-def preview(value: Any, limit: int = _PREVIEW_CHARS) -> str:
-    """A one-line, truncated rendering of a decoded column value."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        head = np.array2string(value.ravel()[:8], separator=",", threshold=8)
-        more = ",..." if value.size > 8 else ""
-        return f"{value.dtype}{list(value.shape)} {head[:-1]}{more}]"
-    if isinstance(value, bytes):
-        text = f"{len(value)} bytes {value[:24].hex()}" + ("..." if len(value) > 24 else "")
-    elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    else:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text):,} chars)"
-    return text
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -256,7 +238,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="one index over part datasets inside DEST (no data copied)")
-    p.add_argument("paths", nargs="+", metavar="PART... DEST")
+    _add_paths(p, "PART", "a part dataset inside DEST", "the dataset whose index is written")
     p.add_argument("--overwrite", action="store_true", help="replace DEST's existing index")
     p.set_defaults(func=_cmd_merge)
 
@@ -264,8 +246,6 @@ def _add_merge(sub: Any) -> None:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from streamshard.merge import merge_datasets
 
-    if len(args.paths) < 2:
-        raise ConfigError("merge needs at least one PART and a DEST")
     *parts, dest = args.paths
     index = merge_datasets(parts, dest, overwrite=args.overwrite)
     print(f"merged {len(parts)} parts: {index.num_samples:,} samples in {index.num_shards:,} "
@@ -309,6 +289,13 @@ def _add_plan(sub: Any) -> None:
 
 # -- entry point -----------------------------------------------------------------------------
 
+def _add_paths(p: argparse.ArgumentParser, name: str, help: str, dest_help: str) -> None:
+    """``NAME [NAME ...] DEST`` positionals (usage reads so); ``main`` joins them in
+    ``args.paths`` (the last one is DEST), with any that follow options."""
+    p.add_argument("path_sources", nargs="+", metavar=name, help=help)
+    p.add_argument("path_dest", metavar="DEST", help=dest_help)
+
+
 def _add_explain(sub: Any) -> None:
     from streamshard.cli_explain import add_explain
 
@@ -347,10 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
     # leaves the later positionals over, and they are appended in order.
     args, extra = parser.parse_known_args(argv)  # exits with 2 on usage errors
-    if extra:
-        if not hasattr(args, "paths") or any(x.startswith("-") for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.paths += extra
+    has_paths = hasattr(args, "path_sources")
+    if extra and (not has_paths or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if has_paths:
+        args.paths = [*args.path_sources, args.path_dest, *extra]
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -123,7 +123,7 @@ def _decoder(path: str):
 def _preview(ds, sample_id: int, show: str, decode) -> str:
     import numpy as np
 
-    from streamshard.cli import preview
+    from streamshard.preview import preview
 
     item = ds[sample_id]
     parts = []

@@ -6,11 +6,16 @@ here a column of same-shaped arrays is stacked by numpy straight into the output
 inside a DataLoader worker lives in shared memory (as ``default_collate`` does, so the batch
 crosses to the main process without another copy). Anything else falls back to
 ``default_collate`` for that column, so the result is always identical (tested).
+
+``token_dtype`` (the loader passes int64): uint16/uint32 array columns, which ``nn.Embedding``
+and ``cross_entropy`` refuse, are stacked straight into a tensor of that dtype instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from streamshard.errors import ConfigError
 
 import numpy as np
 import torch
@@ -19,9 +24,19 @@ from torch.utils.data._utils.collate import default_collate
 
 # default_collate's own mapping from Python scalar types to tensor dtypes.
 _SCALARS = {bool: torch.bool, int: torch.int64, float: torch.float64}
+# Array dtypes (numpy ``dtype.str``) that ``token_dtype`` converts: token ids.
+TOKEN_DTYPES = frozenset({"<u2", "<u4"})
+_TOKEN_OUT = (torch.int64, torch.int32)
 
 
-def _stack_arrays(values: list[np.ndarray]) -> torch.Tensor | None:
+def token_dtype_of(value: Any) -> torch.dtype | None:
+    """Validate a ``token_dtype`` option: ``torch.int64``, ``torch.int32`` or ``None``."""
+    if value is not None and value not in _TOKEN_OUT:
+        raise ConfigError(f"token_dtype must be torch.int64, torch.int32 or None, got {value!r}")
+    return value
+
+
+def _stack_arrays(values: list[np.ndarray], token_dtype: torch.dtype | None) -> torch.Tensor | None:
     first = values[0]
     shape, dtype = first.shape, first.dtype
     if dtype.kind not in "biuf" or dtype.byteorder == ">":
@@ -29,18 +44,21 @@ def _stack_arrays(values: list[np.ndarray]) -> torch.Tensor | None:
     for v in values:
         if type(v) is not np.ndarray or v.shape != shape or v.dtype != dtype:
             return None
-    out = torch.empty((len(values), *shape), dtype=torch.from_numpy(first[:0]).dtype)
+    out_dtype = torch.from_numpy(first[:0]).dtype
+    if token_dtype is not None and dtype.newbyteorder("<").str in TOKEN_DTYPES:
+        out_dtype = token_dtype
+    out = torch.empty((len(values), *shape), dtype=out_dtype)
     if torch.utils.data.get_worker_info() is not None:
         out.share_memory_()
     np.stack(values, out=out.numpy())
     return out
 
 
-def _column(values: list[Any]) -> Any:
+def _column(values: list[Any], token_dtype: torch.dtype | None) -> Any:
     first = values[0]
     kind = type(first)
     if kind is np.ndarray:
-        stacked = _stack_arrays(values)
+        stacked = _stack_arrays(values, token_dtype)
         if stacked is not None:
             return stacked
     elif kind in _SCALARS and all(type(v) is kind for v in values):
@@ -50,10 +68,12 @@ def _column(values: list[Any]) -> Any:
     return default_collate(values)
 
 
-def collate(samples: list[Any]) -> Any:
-    """Collate a device batch; equal to ``default_collate(samples)`` for every input."""
+def collate(samples: list[Any], token_dtype: torch.dtype | None = None) -> Any:
+    """Collate a device batch; equal to ``default_collate(samples)`` for every input, except
+    that with ``token_dtype`` stackable uint16/uint32 array columns come out in that dtype."""
+    token_dtype = token_dtype_of(token_dtype)
     if samples and all(type(s) is dict for s in samples):
         keys = samples[0].keys()
         if all(s.keys() == keys for s in samples):
-            return {k: _column([s[k] for s in samples]) for k in keys}
+            return {k: _column([s[k] for s in samples], token_dtype) for k in keys}
     return default_collate(samples)

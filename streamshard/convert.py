@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import streamshard.converters as converters
 from streamshard.converters import Piece
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -38,9 +38,6 @@ PARTS = "parts"
 STATS_FILE = "convert-stats.json"
 MARKER_VERSION = 1
 MAX_EXAMPLES = converters.MAX_EXAMPLES
-# Test-only: seconds to sleep before each chunk's index is written, so a test can SIGKILL a
-# conversion between chunks. Never set in production.
-DELAY_ENV = "STREAMSHARD_TEST_CHUNK_DELAY"
 
 
 @dataclass(frozen=True)
@@ -112,6 +109,9 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
     part_path = f"{root}/{job.chunk.part}"
     ctx = converters.CountingContext(job.skip_errors, report)
     cpu0 = time.process_time()
+    from streamshard.writer import SIZE_WARNING
+
+    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
     try:
         with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.columns,
                          storage_options=job.storage_options, **job.writer) as writer:
@@ -130,13 +130,12 @@ def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
                      "examples": ctx.examples, "counters": ctx.counters,
                      "input_bytes": job.chunk.nbytes,
                      "cpu_seconds": round(time.process_time() - cpu0, 6)}
-            _put_json(fs, f"{part_path}/{STATS_FILE}", stats)
-            delay = float(os.environ.get(DELAY_ENV) or 0)
-            if delay:
-                time.sleep(delay)
+            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
     except BaseException:
         _remove(fs, part_path)
         raise
+    finally:
+        SIZE_WARNING.reset(token)
     ctx.tick(force=True)
     return stats
 
@@ -162,18 +161,6 @@ def plan_chunks(pieces: Sequence[Piece], chunk_size: int) -> list[Chunk]:
 
 
 # -- destination helpers ---------------------------------------------------------------------
-
-def _put_json(fs: Any, path: str, doc: Any) -> None:
-    """Write JSON so a reader never sees half of it (temp + rename locally, one put remotely)."""
-    data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, data)
-    else:
-        fs.pipe_file(path, data)
-
 
 def _get_json(fs: Any, path: str) -> Any:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
@@ -216,14 +203,20 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             workers: int = 1, chunk_size: int | str = "64MB",
             skip_errors: bool = False, overwrite: bool = False, resume: bool | None = None,
             storage_options: dict | None = None,
+            input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
-            on_start: Callable[[int, int, int], None] | None = None) -> ConvertSummary:
+            on_start: Callable[[int, int, int], None] | None = None,
+            on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
 
     ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
     ``resume=None`` resumes an unfinished conversion with the same arguments; ``False`` discards
     it; ``True`` requires nothing extra. ``progress(samples, input_bytes)`` receives increments in
-    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned.
+    this process; ``on_start(chunks, reused_chunks, bytes_to_convert)`` is called once planned;
+    ``on_chunk(index)`` in this process after each chunk is complete (in completion order).
+    ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
+    in ``input_cache`` (kept), or in a temporary directory removed after success
+    (:mod:`streamshard.inputs`).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -236,7 +229,15 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     writer = {"shard_size": parse_size(shard_size, name="shard_size"),
               "block_size": parse_size(block_size, name="block_size"),
               "compression": compression, "compression_level": compression_level}
-    files = converters.discover(sources, conv.extensions, exclude=dest)
+    from streamshard.writer import warn_small_shards
+
+    warn_small_shards(writer["shard_size"], writer["block_size"])  # once here, not per chunk
+    from streamshard import inputs
+
+    cache = input_cache or inputs.default_cache(sources, dest)
+    files, identities = inputs.discover_inputs(sources, conv.extensions, exclude=dest,
+                                               cache_dir=cache,
+                                               storage_options=input_storage_options)
     columns = dict(conv.columns([p for p, _ in files], opts))
     from streamshard.schema import Schema
 
@@ -246,7 +247,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     chunks = plan_chunks(pieces, chunk_bytes)
     live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
             "chunk_size": chunk_bytes, **writer,
-            "inputs": [[p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+            "inputs": [identities.get(p) or [p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
@@ -261,6 +262,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     for result in _run(jobs, workers, report):
         done[result["chunk"]] = result
         worker_cpu += result.get("cpu_seconds", 0.0)
+        if on_chunk is not None:
+            on_chunk(result["chunk"])
     if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
         worker_cpu = 0.0
 
@@ -274,6 +277,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
                            overwrite=True, metadata=meta, storage_options=storage_options)
     _remove(fs, f"{root}/{MARKER}")
+    if identities and input_cache is None:
+        inputs.remove_cache(cache)
     return ConvertSummary(
         samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
         reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),
@@ -323,7 +328,7 @@ def _prepare_dest(fs: Any, root: str, dest: str, live: dict, chunks: Sequence[Ch
         raise DatasetExistsError(f"{dest}/{PARTS} exists but no conversion is recorded in "
                                  f"{dest}; pass --overwrite to replace it")
     _remove(fs, f"{root}/{PARTS}")
-    _put_json(fs, f"{root}/{MARKER}", live)
+    atomic_write_json(f"{root}/{MARKER}", live, fs=fs)
     return {}
 
 

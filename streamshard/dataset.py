@@ -15,22 +15,22 @@ save and resume. Three ways to drive it (docs/LOADER.md):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch.utils.data
 
-from streamshard import fastpath
+from streamshard import blockshuffle, fastpath
+from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
+from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
 from streamshard.sampler.order import default_lanes
 from streamshard.world import World, detect_world
-
-if TYPE_CHECKING:
-    from streamshard.batch_keys import BatchKey, StreamingBatchSampler
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
@@ -94,7 +94,10 @@ class StreamingDataset(torch.utils.data.Dataset):
         epoch_size: int | None = None,
         mixture_block: int | None = None,
         lookahead: int = 16,
-        block_cache: int | str = DEFAULT_BLOCK_CACHE,
+        block_cache: int | str | None = None,
+        block_shuffle: bool | None = None,
+        blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+        token_dtype: torch.dtype | None = torch.int64,
     ):
         super().__init__()
         streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
@@ -105,6 +108,11 @@ class StreamingDataset(torch.utils.data.Dataset):
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        # uint16/uint32 token arrays come out in this dtype from the default collation.
+        self.token_dtype = token_dtype_of(token_dtype)
+        self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
+        # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
+        self.pin_memory = False
         self.streams = tuple(streams)
         self.datasets: tuple[Dataset, ...] = tuple(
             open_dataset(
@@ -112,10 +120,20 @@ class StreamingDataset(torch.utils.data.Dataset):
                 cache_dir=cache_dir,
                 cache_limit=cache_limit,
                 storage_options=s.storage_options if s.storage_options is not None else storage_options,
-                block_cache=block_cache,
+                block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
             )
             for s in streams
         )
+        if block_shuffle is not None and not isinstance(block_shuffle, bool):
+            raise ConfigError(f"block_shuffle must be a bool or None, got {block_shuffle!r}")
+        # The block-aware shuffle (docs/SAMPLER.md) is the default for compressed shards only:
+        # uncompressed shards are mmapped, a random sample costs no more than a sequential one.
+        groups = [
+            blockshuffle.block_groups(ds.index, blocks_per_group)
+            if shuffle and (block_shuffle if block_shuffle is not None
+                            else ds.index.compression is not None) else None
+            for ds in self.datasets
+        ]
         orders = [
             EpochOrder(
                 [info.samples for info in ds.index.shards],
@@ -128,6 +146,7 @@ class StreamingDataset(torch.utils.data.Dataset):
                 lanes=(default_lanes(len(ds.index.shards), self.global_batch_size)
                        if lanes is None and len(streams) == 1 else lanes),
                 window=window,
+                blocks=groups[i],
             )
             for i, ds in enumerate(self.datasets)
         ]
@@ -146,6 +165,14 @@ class StreamingDataset(torch.utils.data.Dataset):
         self._set_sequence(SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         ))
+        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            for ds, stream_order in zip(self.datasets, orders):
+                if stream_order.blocks is not None:
+                    lanes_read = (self.sequence.assignment(
+                        self.world.world_size, self.world.local_world_size).lanes_read(self.world.rank)
+                        if stream_order is order else stream_order.lanes)
+                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
+                        ds.index, stream_order.blocks, lanes_read))
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
@@ -180,12 +207,10 @@ class StreamingDataset(torch.utils.data.Dataset):
         return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
-    def batch_sampler(self, *, columnar: bool = False) -> "StreamingBatchSampler":
+    def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
         """A batch sampler for ``DataLoader(ds, batch_sampler=...)`` or torchdata's
         ``StatefulDataLoader``: one key per served step of this rank, Stateful.
         ``columnar=True`` returns fixed-size schemas already collated (dicts of tensors)."""
-        from streamshard.batch_keys import StreamingBatchSampler
-
         return StreamingBatchSampler(self, columnar=columnar)
 
     def set_epoch(self, epoch: int) -> None:
@@ -213,9 +238,17 @@ class StreamingDataset(torch.utils.data.Dataset):
         return self.steps_per_epoch * self.batch_size
 
     # -- random access ------------------------------------------------------------------------
-    def __getitem__(self, index: int) -> dict:
-        """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
-        return self.datasets[0][index]
+    def __getitem__(self, index: Any) -> Any:
+        """A :class:`BatchKey`'s rank batch. A single integer is refused with a ``ConfigError``
+        naming the fix: items of this dataset are whole rank batches (a plain
+        ``DataLoader(ds, batch_size=None)`` would otherwise yield unbatched samples)."""
+        if isinstance(index, BatchKey):
+            return self.__getitems__(index)
+        raise ConfigError(
+            f"StreamingDataset[{index!r}]: this dataset serves whole rank batches, not single "
+            f"indices: use StreamingDataLoader(ds), DataLoader(ds, batch_size={self.batch_size}) "
+            "or DataLoader(ds, batch_sampler=ds.batch_sampler()); one sample of the data is "
+            "ds.datasets[stream][sample_id]")
 
     # -- iteration ----------------------------------------------------------------------------
     def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
@@ -243,24 +276,22 @@ class StreamingDataset(torch.utils.data.Dataset):
         """One rank batch: for a :class:`BatchKey`, its samples (or columns when ``columnar``,
         ``(step, batch)`` when ``tagged``); for a list of ints from ``DataLoader(ds,
         batch_size=B)``, the rank batch those indices cut out of ``set_epoch``'s epoch."""
-        from streamshard.batch_keys import BatchKey, Columns, Tagged
-
         if not isinstance(key, BatchKey):
             key = self._key_of_indices(key)
         for stream, shard in key.prefetch:
             ds = self.datasets[stream]
             ds.source.prefetch([ds.index.shards[shard]])
         if key.columnar and self._columns is not None:
-            batch = fastpath.read_batch(self.datasets[0], self._columns, list(key.sample_ids))
+            batch = fastpath.read_batch(self.datasets[0], self._columns,
+                                        np.asarray(key.sample_ids, dtype=np.int64),
+                                        token_dtype=self.token_dtype, pin_memory=self.pin_memory)
             batch = Columns(batch)
         else:
             batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),
                                np.asarray(key.sample_ids, dtype=np.int64))
         return Tagged(key.step, batch) if key.tagged else batch
 
-    def _key_of_indices(self, indices: Any) -> "BatchKey":
-        from streamshard.batch_keys import BatchKey
-
+    def _key_of_indices(self, indices: Any) -> BatchKey:
         idx = [int(i) for i in indices]
         size = self.batch_size
         if not idx or len(idx) != size or idx[0] % size or idx != list(range(idx[0], idx[0] + size)):

@@ -1,15 +1,19 @@
-"""Columnar batches for fixed-size schemas: encoded sample bytes copied straight into tensors.
+"""Columnar batches for fixed-size schemas: rows gathered straight into the output tensors.
 
 When every column has a fixed size (scalars, fixed-shape arrays), a sample's encoding is its
-columns' little-endian bytes back to back (docs/FORMAT.md), so a device batch is one
-``(batch, row_bytes)`` byte matrix: each sample costs one slice copy instead of a decode, a dict
-and a per-sample tensor conversion. The result equals ``collate([ds[i] for i in ids])``
-exactly (tested): arrays keep their dtype, scalars become int64 / float64 / bool tensors as
-torch's ``default_collate`` makes them from Python numbers.
+columns' little-endian bytes back to back (docs/FORMAT.md). For uncompressed shards a batch is
+gathered with one fancy-index per shard from a strided view of the shard's mmap
+(:mod:`streamshard.gather`), directly into the output tensor when the schema is one array
+column; compressed shards copy each row out of its (cached) decompressed block. The result equals
+``streamshard.collate.collate([ds[i] for i in ids], token_dtype=...)`` exactly (tested): arrays
+keep their dtype except uint16/uint32 arrays, which become ``token_dtype`` (int64 by default,
+what ``nn.Embedding`` and ``cross_entropy`` take; ``None`` keeps them), and scalars become int64 /
+float64 / bool tensors as torch's ``default_collate`` makes them from Python numbers.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +21,13 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from streamshard.collate import TOKEN_DTYPES, token_dtype_of
+from streamshard.errors import CorruptionError
+from streamshard.gather import ShardRows
+from streamshard.locate import locate
 from streamshard.schema import Schema
+
+log = logging.getLogger(__name__)
 
 # What default_collate makes of the Python scalars the decoder returns for each dtype kind.
 _SCALAR_OUT = {"b": np.bool_, "i": np.int64, "u": np.int64, "f": np.float64}
@@ -47,32 +57,193 @@ def layout(schema: Schema) -> tuple[Column, ...] | None:
     return tuple(cols)
 
 
-def _shared(tensor: torch.Tensor) -> torch.Tensor:
-    # In a DataLoader worker the batch crosses to the main process: build it in shared memory
-    # so that crossing costs no copy (default_collate does the same).
+_TORCH_TO_NUMPY = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+_NUMPY_TO_TORCH: dict[np.dtype, torch.dtype] = {}
+
+
+def _out_dtype(column: Column, token_dtype: torch.dtype | None) -> np.dtype:
+    if column.scalar:
+        return np.dtype(_SCALAR_OUT[column.dtype.kind])
+    if token_dtype is not None and column.dtype.str in TOKEN_DTYPES:
+        return _TORCH_TO_NUMPY[token_dtype]
+    return column.dtype.newbyteorder("=")
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, pin_memory: bool) -> torch.Tensor:
+    tensor_dtype = _NUMPY_TO_TORCH.get(dtype)
+    if tensor_dtype is None:
+        tensor_dtype = _NUMPY_TO_TORCH[dtype] = torch.from_numpy(np.empty(0, dtype)).dtype
     if torch.utils.data.get_worker_info() is not None:
-        tensor.share_memory_()
-    return tensor
+        # In a DataLoader worker the batch crosses to the main process: build it in shared
+        # memory so that crossing costs no copy (default_collate does the same).
+        return torch.empty(shape, dtype=tensor_dtype).share_memory_()
+    if pin_memory and _can_pin():
+        return torch.empty(shape, dtype=tensor_dtype, pin_memory=True)
+    return torch.empty(shape, dtype=tensor_dtype)
 
 
-def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The collated batch of samples ``ids`` of ``dataset`` (a fixed-size schema's layout)."""
+_PIN: list[bool] = []
+
+
+def _can_pin() -> bool:
+    """Whether pinned memory exists here (it needs an accelerator; asked once per process)."""
+    if not _PIN:
+        _PIN.append(bool(torch.cuda.is_available()))
+        if not _PIN[0]:
+            log.warning("pin_memory=True but no CUDA device: batches use ordinary memory")
+    return _PIN[0]
+
+
+class _Gatherer:
+    """Per-dataset state of the gather: each open shard's ``ShardRows`` (rebuilt when the
+    dataset reopens the shard) and their layout as arrays, so that a batch's byte positions are
+    computed for all its shards at once."""
+
+    def __init__(self, dataset, row: int):
+        self.dataset = dataset
+        self.row = row
+        s = dataset.num_shards
+        self.rows: list[tuple[object, ShardRows | None] | None] = [None] * s
+        self.uncompressed = dataset.index.compression is None
+        self.k = np.ones(s, dtype=np.int64)
+        self.stride = np.zeros(s, dtype=np.int64)
+        self.base = np.zeros(s, dtype=np.int64)
+        self.last_block = np.full(s, -1, dtype=np.int64)  # -1: the last block is full
+        self.last_base = np.zeros(s, dtype=np.int64)
+
+    def shard_rows(self, shard: int) -> ShardRows | None:
+        reader = self.dataset.shard_reader(shard)
+        cached = self.rows[shard]
+        if cached is None or cached[0] is not reader:
+            rows = ShardRows.of(reader, self.row) if self.uncompressed else None
+            self.rows[shard] = (reader, rows)
+            if rows is not None:
+                self.k[shard], self.stride[shard] = rows.k, rows.stride
+                self.base[shard] = rows.starts_unchecked(0)
+                short = rows.last_base != rows.starts_unchecked_regular(rows.last)
+                self.last_block[shard] = rows.last if short else -1
+                self.last_base[shard] = rows.last_base
+            return rows
+        return cached[1]
+
+    def starts(self, shards: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Byte offsets of samples ``within`` of ``shards`` (all prepared by ``shard_rows``)."""
+        k = self.k[shards]
+        blocks = within // k
+        starts = self.base[shards] + blocks * self.stride[shards] + (within - blocks * k) * self.row
+        short = blocks == self.last_block[shards]
+        if short.any():
+            starts[short] = (self.last_base[shards[short]]
+                             + (within[short] - blocks[short] * k[short]) * self.row)
+        return starts
+
+
+def _gatherer(dataset, row: int) -> _Gatherer:
+    # Kept on the Dataset (never pickled: Dataset.__getstate__ lists what travels).
+    g = dataset.__dict__.get("_fastpath_gatherer")
+    if g is None or g.row != row:
+        g = dataset.__dict__["_fastpath_gatherer"] = _Gatherer(dataset, row)
+    return g
+
+
+def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
+    ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). One fancy index per shard on uniform
+    uncompressed shards; other shards are read sample by sample."""
+    offsets = dataset.index.offsets
+    shards, within = locate(offsets, ids)
+    lo, hi = int(shards.min()), int(shards.max())
+    if lo < 0 or hi >= dataset.num_shards:
+        n = dataset.index.num_samples
+        bad = ids[(ids < 0) | (ids >= n)][0]
+        raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
+    g = _gatherer(dataset, row)
+    if lo == hi:
+        order, segments = None, [(lo, 0, len(ids))]
+    else:
+        order = np.argsort(shards, kind="stable")
+        shards, within, ids = shards[order], within[order], ids[order]
+        cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
+        bounds = [0, *cuts, len(ids)]
+        segments = [(int(shards[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    rows_of = [g.shard_rows(s) for s, _, _ in segments]
+    starts = positions = None
+    if len(segments) == 1 and rows_of[0] is not None:
+        starts = rows_of[0].starts(within)  # checks blocks on first touch
+    elif all(r is not None for r in rows_of):
+        for r, (_, a, b) in zip(rows_of, segments):
+            if r.unchecked:
+                r.check(within[a:b] // r.k)
+        starts = g.starts(shards, within)
+    else:  # some shard is not uniform: positions per gatherable segment
+        starts = np.zeros(len(ids), dtype=np.int64)
+        for r, (_, a, b) in zip(rows_of, segments):
+            if r is not None:
+                starts[a:b] = r.starts(within[a:b])
+    positions = starts // dtype.itemsize
+    out = np.empty((len(ids), items), dtype)
+    for r, (seg, a, b) in zip(rows_of, segments):
+        view = r.view(dtype, items) if r is not None else None
+        if view is not None:
+            out[a:b] = view[positions[a:b]]
+        else:
+            src = (_span_rows(g.rows[seg][0], within[a:b], row) if r is None
+                   else r.byte_rows()[starts[a:b]])
+            out[a:b] = src.view(dtype).reshape(b - a, items)
+    return out, order
+
+
+def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,
+               token_dtype: torch.dtype | None = torch.int64,
+               pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """The collated batch of samples ``ids`` of ``dataset`` (a fixed-size schema's layout).
+
+    ``token_dtype``: the dtype of uint16/uint32 array columns (int64, int32, or ``None`` to
+    keep them). ``pin_memory``: allocate outputs in pinned memory (for CUDA copies; ignored
+    inside DataLoader workers, whose batches go to shared memory instead).
+    """
+    token_dtype = token_dtype_of(token_dtype)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     n = len(ids)
     row = sum(c.nbytes for c in columns)
+    if n == 0:
+        return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False) for c in columns}
     single = columns[0] if len(columns) == 1 and not columns[0].scalar else None
     if single is not None:
-        # One array column: the rows are the output tensor's own bytes.
-        out = _shared(torch.empty((n, *single.shape), dtype=torch.from_numpy(np.empty(0, single.dtype)).dtype))
-        dataset.read_rows(ids, memoryview(out.numpy()).cast("B"))
+        out = _empty((n, *single.shape), _out_dtype(single, token_dtype), pin_memory)
+        flat = out.numpy().reshape(n, -1)
+        rows, order = _gather(dataset, ids, row, single.dtype, flat.shape[1])
+        if order is None:
+            flat[...] = rows
+        else:
+            flat[order] = rows
         return {single.name: out}
-    rows = np.empty((n, row), np.uint8)
-    dataset.read_rows(ids, memoryview(rows).cast("B"))
+    rows, order = _gather(dataset, ids, row, np.dtype(np.uint8), row)
+    if order is not None:
+        rows = rows[np.argsort(order)]
     batch = {}
     for c in columns:
         values = np.ascontiguousarray(rows[:, c.offset:c.offset + c.nbytes]).view(c.dtype)
-        if c.scalar:
-            values = values.reshape(n).astype(_SCALAR_OUT[c.dtype.kind])
-        else:
-            values = values.reshape((n, *c.shape))
-        batch[c.name] = torch.from_numpy(values)
+        values = values.reshape(n) if c.scalar else values.reshape((n, *c.shape))
+        out = _empty(values.shape, _out_dtype(c, token_dtype), pin_memory)
+        out.numpy()[...] = values
+        batch[c.name] = out
     return batch
+
+
+def _span_rows(reader, offsets: np.ndarray, row: int) -> np.ndarray:
+    """``(len(offsets), row)`` bytes of samples ``offsets`` of one shard, copied one by one out
+    of their (cached) blocks: compressed shards, or rows that are not uniform."""
+    out = np.empty((len(offsets), row), np.uint8)
+    dest = memoryview(out).cast("B")
+    pos = 0
+    span = reader.span
+    for k in offsets.tolist():
+        buf, start, length = span(k)
+        if length != row:
+            raise CorruptionError(f"{reader.name} sample {k}: {length} bytes, the schema "
+                                  f"needs {row}")
+        dest[pos:pos + row] = buf[start:start + row]
+        pos += row
+    return out

@@ -31,7 +31,8 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
     ``pin_memory``, ``prefetch_factor``, ``multiprocessing_context``, ...) is passed through.
     Implements torchdata's ``Stateful`` protocol (``state_dict``/``load_state_dict``).
     Without ``collate_fn`` batches are collated by :func:`streamshard.collate.collate`, which
-    returns exactly what torch's ``default_collate`` would, faster.
+    returns exactly what torch's ``default_collate`` would, faster, except that uint16/uint32
+    token arrays come out as the dataset's ``token_dtype`` (int64 by default).
     """
 
     def __init__(self, dataset: StreamingDataset, *, collate_fn: Callable | None = None, **kwargs):
@@ -55,9 +56,11 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         super().__init__(
             dataset,
             batch_sampler=self._keys,
-            collate_fn=BatchCollate(collate_fn),
+            collate_fn=BatchCollate(collate_fn or dataset.collate_fn),
             **kwargs,
         )
+        # At 0 workers the fast path gathers straight into pinned memory (no pinning copy).
+        dataset.pin_memory = bool(kwargs.get("pin_memory")) and not kwargs.get("num_workers")
         self.streaming_dataset = dataset
         self._step = 0
         self._last_step: int | None = None

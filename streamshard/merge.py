@@ -62,5 +62,5 @@ def merge_datasets(parts: Sequence[str], dest: str, *, overwrite: bool = False,
                                 compression_level=first.compression_level,
                                 block_size=first.block_size, shard_size=first.shard_size,
                                 metadata=first.metadata if metadata is None else metadata)
-    write_index(merged, fs, loc.join(INDEX_FILE), local=loc.local)
+    write_index(merged, fs, loc.join(INDEX_FILE))
     return merged

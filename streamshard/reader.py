@@ -1,23 +1,24 @@
 """Random access to a dataset: ``open_dataset`` -> ``Dataset``; ``LocalSource`` for local dirs.
 
-``Dataset.read(shard, offset)`` is the loader's hot path: a dict lookup of the open shard reader,
-then one block read (compressed) or an mmap slice (uncompressed). Shard readers are kept in an
-LRU of ``max_open_shards``; closing one unpins it in the source (the remote cache may then evict).
+``ds[i]`` locates sample ``i`` through the index, looks up the open shard reader, then does one
+block read (compressed) or an mmap slice (uncompressed). Shard readers are kept in an LRU
+(streamshard/lru.py) of ``max_open_shards``; evicting one unpins it in the source (the remote
+cache may then evict the file). Decompressed blocks are kept in a byte-bounded LRU of the same
+design, shared by the dataset's shard readers.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from streamshard.blockcache import BlockCache
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import local_path
+from streamshard.lru import LRU
 from streamshard.schema import Schema
 from streamshard.shardfile import ReadStats, ShardFileReader
 from streamshard.sizes import parse_size
@@ -107,15 +108,14 @@ class Dataset:
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._readers: dict[int, ShardFileReader] = {}
-        self._last_used: dict[int, int] = {}
-        self._tick = itertools.count()
-        self._lock = threading.Lock()
+        self._readers: LRU[int, ShardFileReader] = LRU(self.max_open_shards, on_evict=self._release)
+        self._lock = threading.Lock()  # held while opening a shard: one reader per shard
         self._stats = ReadStats()
         self._opened = 0
         self._len = self.index.num_samples
         self._decode = self.index.schema.decode
-        self._blocks = BlockCache(self.block_cache_bytes) if self.block_cache_bytes else None
+        self._blocks = (LRU(self.block_cache_bytes, size=_block_bytes)
+                        if self.block_cache_bytes else None)
 
     # -- pickling: drop open files and maps ------------------------------------------------
     def __getstate__(self) -> dict:
@@ -148,13 +148,23 @@ class Dataset:
         ``stored_bytes_read``, ``shards_opened``, ``open_shards``."""
         d = self._stats.as_dict()
         if self._blocks is not None:
-            d.update(self._blocks.stats())
+            d.update(self._blocks.stats(prefix="block_lru_"))
         d["shards_opened"] = self._opened
         d["open_shards"] = len(self._readers)
         return d
 
     def __len__(self) -> int:
         return self._len
+
+    def reserve_block_cache(self, nbytes: int) -> None:
+        """Grow the decompressed-block cache to at least ``nbytes`` (the block-aware shuffle
+        sizes it to the blocks its lanes keep in flight); never shrinks it."""
+        if nbytes > self.block_cache_bytes:
+            self.block_cache_bytes = int(nbytes)
+            if self._blocks is None:
+                self._blocks = BlockCache(self.block_cache_bytes)
+            else:
+                self._blocks.max_bytes = self.block_cache_bytes
 
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
@@ -167,24 +177,25 @@ class Dataset:
 
     def __getitem__(self, i: int) -> dict:
         s, k = self.index.locate(i)
-        r = self._readers.get(s)
-        if r is None:
-            r = self._open(s)
-        self._last_used[s] = next(self._tick)
+        r = self._readers.get(s) or self._open(s)
         return r.read(k)
 
     def read(self, shard: int, offset: int) -> dict:
         """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
+        r = self.shard_reader(shard)
+        if not 0 <= offset < r.num_samples:
+            raise IndexError(f"offset {offset} out of range for shard {shard} "
+                             f"({r.num_samples} samples)")
+        return r.read(offset)
+
+    def shard_reader(self, shard: int) -> ShardFileReader:
+        """The open reader of ``shard`` (opened if needed; counts as a use for the LRU)."""
         r = self._readers.get(shard)
         if r is None:
             if not 0 <= shard < len(self.index.shards):
                 raise IndexError(f"shard {shard} out of range ({self.num_shards} shards)")
             r = self._open(shard)
-        if not 0 <= offset < r.num_samples:
-            raise IndexError(f"offset {offset} out of range for shard {shard} "
-                             f"({r.num_samples} samples)")
-        self._last_used[shard] = next(self._tick)
-        return r.read(offset)
+        return r
 
     def read_rows(self, ids: Sequence[int], out: memoryview) -> None:
         """Copy the encoded bytes of samples ``ids`` into consecutive rows of ``out`` (a writable
@@ -204,7 +215,6 @@ class Dataset:
                                       f"schema needs {size}")
             out[pos:pos + size] = buf[start:start + size]
             pos += size
-            self._last_used[s] = next(self._tick)
 
     def __iter__(self) -> Iterator[dict]:
         for s, info in enumerate(self.index.shards):
@@ -214,7 +224,6 @@ class Dataset:
             read = r.read
             for k in range(info.samples):
                 yield read(k)
-            self._last_used[s] = next(self._tick)
 
     def _open(self, s: int) -> ShardFileReader:
         with self._lock:
@@ -222,8 +231,8 @@ class Dataset:
             if r is not None:
                 return r
             info = self.index.shards[s]
-            while len(self._readers) >= self.max_open_shards:
-                self._evict_lru()
+            self._readers.capacity = self.max_open_shards  # the loader may lower it after open
+            self._readers.make_room(1)  # unpin first: a bounded remote cache may need the room
             path = self.source.shard_path(info)
             try:
                 r = ShardFileReader(path, decode=self._decode, stats=self._stats,
@@ -232,29 +241,23 @@ class Dataset:
             except BaseException:
                 self.source.unpin(info)
                 raise
-            self._readers[s] = r
-            self._last_used[s] = next(self._tick)
+            self._readers.put(s, r)
             self._opened += 1
             return r
 
-    def _evict_lru(self) -> None:
-        # O(open shards) scan, only when opening a new shard; hits only bump a counter.
-        victim = min(self._readers, key=lambda k: self._last_used.get(k, -1))
-        # Drop references instead of closing: another thread may be mid-read on this reader;
-        # the file and map close when the last reference goes (POSIX keeps unlinked files
-        # readable, so unpinning now is safe even if the cache evicts the file).
-        self._readers.pop(victim)
-        self._last_used.pop(victim, None)
-        self.source.unpin(self.index.shards[victim])
+    def _release(self, s: int, reader: ShardFileReader) -> None:
+        """An evicted reader: unpin its shard. References are dropped instead of closing:
+        another thread may be mid-read on it; the file and map close when the last reference
+        goes (POSIX keeps unlinked files readable, so unpinning now is safe even if the cache
+        evicts the file)."""
+        self.source.unpin(self.index.shards[s])
 
     def close(self) -> None:
         """Close every open shard and unpin it. The dataset stays usable (reopens lazily)."""
         with self._lock:
-            for s, r in list(self._readers.items()):
+            for s, r in self._readers.drain():
                 r.close()
                 self.source.unpin(self.index.shards[s])
-            self._readers.clear()
-            self._last_used.clear()
 
     def __enter__(self) -> "Dataset":
         return self
@@ -280,3 +283,8 @@ def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit:
             source = CachedSource(os.fspath(path_or_url), cache_dir=cache_dir,
                                   cache_limit=cache_limit, storage_options=storage_options)
     return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache)
+
+
+def _block_bytes(entry: tuple[bytes, int]) -> int:
+    """Size of a decompressed block in the block LRU (``(raw bytes, payload start)``)."""
+    return len(entry[0])

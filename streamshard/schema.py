@@ -36,6 +36,9 @@ _U32 = struct.Struct("<I")
 _U8 = struct.Struct("<B")
 _U64 = struct.Struct("<Q")
 _U32_MAX = 2**32 - 1
+# Encoded media (image: PNG/JPEG/WebP/... files; audio: WAV/FLAC/... files) are stored and read
+# exactly like ``bytes``; the type only tells loaders what to decode (streamshard.media).
+MEDIA_KINDS = ("image", "audio")
 
 Decoder = Callable[[Any, int, int], dict]
 
@@ -52,7 +55,7 @@ class ColumnType:
 
     @property
     def text(self) -> str:
-        if self.kind in ("bytes", "str", "json"):
+        if self.kind in ("bytes", "str", "json") or self.kind in MEDIA_KINDS:
             return self.kind
         if self.kind == "scalar":
             return self.dtype  # type: ignore[return-value]
@@ -80,7 +83,7 @@ def parse_type(text: Any, column: str = "?") -> ColumnType:
     if not isinstance(text, str):
         raise SchemaError(f"column {column!r}: type must be a string like 'uint16[]', got {text!r}")
     t = text.strip()
-    if t in ("bytes", "str", "json"):
+    if t in ("bytes", "str", "json") or t in MEDIA_KINDS:
         return ColumnType(t)
     if t in _STRUCT_CODES:
         return ColumnType("scalar", t)
@@ -103,7 +106,7 @@ def parse_type(text: Any, column: str = "?") -> ColumnType:
         else:
             return ColumnType("array", m.group(1), tuple(dims))
     raise SchemaError(
-        f"column {column!r}: unknown type {text!r}; expected bytes, str, json, one of "
+        f"column {column!r}: unknown type {text!r}; expected bytes, str, json, image, audio, one of "
         f"{', '.join(NUMERIC_DTYPES)}, or an array like 'uint16[]', 'uint16[2048]', "
         f"'float32[*,3]', 'float32[...]'"
     )
@@ -153,7 +156,7 @@ def _coerce_array(value: Any, ct: ColumnType, column: str, n: int | None) -> np.
 
 
 def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
-    if ct.kind == "bytes":
+    if ct.kind == "bytes" or ct.kind in MEDIA_KINDS:
         def enc(v, n):
             if isinstance(v, (bytes, bytearray, memoryview)):
                 return bytes(v)
@@ -221,7 +224,7 @@ def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
 
 def _decoder(ct: ColumnType, column: str) -> Callable[[Any, int, int], Any]:
     """Decoder of one column payload ``buf[pos:pos+size]`` (size already bounds-checked)."""
-    if ct.kind == "bytes":
+    if ct.kind == "bytes" or ct.kind in MEDIA_KINDS:
         return lambda buf, pos, size: bytes(buf[pos:pos + size])
     if ct.kind == "str":
         return lambda buf, pos, size: str(buf[pos:pos + size], "utf-8")

@@ -213,7 +213,7 @@ class ShardFileReader:
                  stats: Any = None, expected_samples: int | None = None,
                  block_cache: Any = None):
         self.name = name
-        self._shared = block_cache  # a BlockCache shared with the dataset's other shards, or None
+        self._shared = block_cache  # an LRU of blocks shared with the dataset's other shards, or None
         self._decode = decode
         self._stats = stats if stats is not None else ReadStats()
         self._file = open(path, "rb", buffering=0)
@@ -243,6 +243,7 @@ class ShardFileReader:
         if expected_samples is not None and expected_samples != self.num_samples:
             raise CorruptionError(f"{self.name}: shard holds {self.num_samples} samples, the "
                                   f"index says {expected_samples}")
+        self._table = table  # kept for batch gathers (the ``table`` property)
         # Python lists: indexing a list is ~4x faster than indexing a numpy array on the hot path.
         self._first = table["first"].tolist()
         if self.compressed:
@@ -298,6 +299,21 @@ class ShardFileReader:
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
 
+    @property
+    def table(self) -> np.ndarray:
+        """The block table (``TABLE_DTYPE`` array, checked at open; do not modify)."""
+        return self._table
+
+    @property
+    def mapped(self) -> Any:
+        """The read-only mmap of an uncompressed shard (``None`` when compressed or closed)."""
+        return self._mm
+
+    def sample_offsets(self, b: int) -> list[int]:
+        """Absolute file offsets of mmapped block ``b``'s samples and its end (``n + 1`` ints),
+        with the block checked as on any first touch (what a batch gather calls per block)."""
+        return self._block_offsets[b] or self._mmap_offsets(b)
+
     def span(self, k: int) -> tuple[Any, int, int]:
         """``(buffer, start, length)`` of sample ``k``'s encoded bytes (checked like ``read``)."""
         if self._mm is not None:
@@ -341,7 +357,7 @@ class ShardFileReader:
         st.bytes_read += len(raw)
         self._block = (b, raw, head)
         if shared is not None:
-            shared.put((self.name, b), raw, head)
+            shared.put((self.name, b), (raw, head))
         return raw, head
 
     def _compressed_span(self, k: int) -> tuple[bytes, int, int, int]:

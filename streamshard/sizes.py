@@ -34,10 +34,29 @@ def parse_size(value: int | str, *, name: str = "size") -> int:
     return size
 
 
+# Units format_size may print, largest first. Decimal units are the default (they match how
+# sizes are written on the command line: "64MB"); a binary unit is used only when it renders the
+# value exactly and no decimal unit does (block sizes like 64KiB).
+_DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
 def format_size(n: float) -> str:
-    """``1536 -> '1.5 KiB'``: for progress bars and summaries."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    """A byte count as people write it, and as :func:`parse_size` reads it back.
+
+    An exact multiple of a unit prints as that whole number: ``64_000_000 -> '64 MB'``,
+    ``65536 -> '64 KiB'`` (decimal units preferred). Anything else prints in decimal units with
+    one decimal: ``86_400 -> '86.4 KB'``. Below 1000: ``'512 B'``."""
+    if isinstance(n, int) or float(n).is_integer():
+        whole = int(n)
+        for unit, mult in _DECIMAL + _BINARY:
+            if whole and abs(whole) >= mult and whole % mult == 0 and abs(whole) // mult < 10**4:
+                return f"{whole // mult} {unit}"
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for i, (unit, mult) in enumerate(_DECIMAL):
+        if abs(n) >= mult:
+            if round(abs(n) / mult, 1) >= 1000 and i:  # 999_999 is "1.0 MB", not "1000.0 KB"
+                unit, mult = _DECIMAL[i - 1]
+            return f"{n / mult:.1f} {unit}"
+    raise AssertionError("unreachable: abs(n) >= 1000")

@@ -9,24 +9,29 @@ with an ``index.json`` always describes complete shards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import zstandard
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import put_atomic
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import resolve
 from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
-from streamshard.sizes import parse_size
+from streamshard.sizes import format_size, parse_size
 
 SHARD_SUFFIX = ".sss"
+log = logging.getLogger(__name__)
+# False while a caller that already warned about the sizes (convert's driver) runs its writers.
+SIZE_WARNING: ContextVar[bool] = ContextVar("streamshard_size_warning", default=True)
 # The writer defaults, set here only: ShardWriter, convert(), packing and the CLI all use them.
 DEFAULT_SHARD_SIZE = 64 * 10**6  # "64MB"
 DEFAULT_BLOCK_SIZE = 64 * 2**10  # 64 KiB: see docs/FORMAT.md "Block size" for the measurement
@@ -57,9 +62,22 @@ class WriterConfig:
             if not isinstance(lvl, int) or isinstance(lvl, bool) or not _MIN_LEVEL <= lvl <= _MAX_LEVEL:
                 raise ConfigError(f"compression_level must be an int in [{_MIN_LEVEL}, "
                                   f"{_MAX_LEVEL}], got {lvl!r}")
+        warn_small_shards(self.shard_size, self.block_size)
         p = self.shard_prefix
         if not isinstance(p, str) or p.startswith("/") or "\\" in p or ".." in p.split("/"):
             raise ConfigError(f"shard_prefix must be a relative posix prefix, got {p!r}")
+
+
+def warn_small_shards(shard_size: int, block_size: int) -> None:
+    """Log a warning when ``shard_size < block_size``: a shard always holds at least one whole
+    block, so such shards come out about ``block_size`` bytes each, not ``shard_size``. Silent
+    while :data:`SIZE_WARNING` is false."""
+    if shard_size >= block_size or not SIZE_WARNING.get():
+        return
+    log.warning("shard size %s is below the block size %s: a shard holds at least one block, so "
+                "shards will be about %s each; lower the block size (--block-size) to get "
+                "smaller shards", format_size(shard_size), format_size(block_size),
+                format_size(block_size))
 
 
 @dataclass(frozen=True)
@@ -216,7 +234,7 @@ class ShardWriter:
                                    compression_level=cfg.compression_level,
                                    block_size=cfg.block_size, shard_size=cfg.shard_size,
                                    metadata=self.metadata)
-        write_index(index, self._fs, self._join(INDEX_FILE), local=self._local)
+        write_index(index, self._fs, self._join(INDEX_FILE))
         self._cleanup_tmpdir()
         self._closed = True
         self.summary = WriteSummary(
@@ -267,17 +285,7 @@ class ShardWriter:
         return f"ShardWriter({self.dest!r}, samples={self._count}, shards={len(self._shards)})"
 
 
-def write_index(index: DatasetIndex, fs: Any, path: str, *, local: bool) -> None:
-    """Write ``index`` to ``path`` atomically: temp file + fsync + rename locally; a single
-    ``put`` (atomic per object on object stores) remotely."""
-    data = index.to_bytes()
-    if local:
-        atomic_write(path, data)
-        return
-    fd, tmp = tempfile.mkstemp(prefix="streamshard-index-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        fs.put_file(tmp, path)
-    finally:
-        os.remove(tmp)
+def write_index(index: DatasetIndex, fs: Any, path: str) -> None:
+    """Write ``index`` to ``path`` atomically (``atomic.put_atomic``: temp file + fsync + rename
+    locally, a single put on object stores)."""
+    put_atomic(path, index.to_bytes(), fs=fs)

@@ -90,7 +90,7 @@ def test_merge_parts_inside_dest(tmp_path, dataset):
 
 @pytest.mark.parametrize("args,code,message", [
     # usage errors exit 2: argparse ...
-    (["convert", "only-one-path", "--format", "jsonl"], 2, "at least one SRC and a DEST"),
+    (["convert", "only-one-path", "--format", "jsonl"], 2, "arguments are required: DEST"),
     (["convert", "a", "b", "--format", "nope"], 2, "invalid choice: 'nope'"),
     (["frobnicate"], 2, "invalid choice"),
     # ... and ConfigError: an option of another format

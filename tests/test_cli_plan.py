@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 
+from streamshard.blockshuffle import block_groups
 from streamshard.capacity import node_shards
 from streamshard.cli import main
 from streamshard.reader import open_dataset
@@ -37,8 +38,9 @@ def test_plan_json_has_the_issue_keys_and_reads_no_shard(id_dataset_factory, tmp
     with open_dataset(full) as ds:
         shards = ds.index.shards
         assert report["num_shards"] == len(shards) and report["nodes"] == 3
+        blocks = block_groups(ds.index)  # zstd shards: the loader's block-aware order
     predicted = node_shards([s.samples for s in shards], world_size=6, local_world_size=2,
-                            global_batch_size=16)
+                            global_batch_size=16, blocks=blocks)
     per_node = predicted.sum(axis=1)
     assert report["shards_per_node_max"] == per_node.max()
     assert np.isclose(report["shards_per_node_mean"], per_node.mean(), atol=1e-3)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from streamshard.convert import DELAY_ENV, MARKER, convert
+from streamshard.convert import MARKER, convert
 from streamshard.errors import ConfigError, DatasetExistsError, InputError
 from streamshard.reader import open_dataset
 
@@ -65,9 +65,14 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(tmp_path, inputs):
     args = ["convert", str(inputs / "a.npy"), str(inputs / "b.npy"), "--format", "tokens",
             "--seq-len", "256", "--chunk-size", "20KB", "--shard-size", "8KB", "--quiet"]
     dest = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=ROOT, **{DELAY_ENV: "0.4"})
-    proc = subprocess.Popen([sys.executable, "-m", "streamshard.cli", *args, str(dest)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The same conversion through the library, paced by its on_chunk hook (0.4 s after each
+    # chunk) so the SIGKILL lands between chunks; the resume below goes through the CLI.
+    script = (f"import time; from streamshard.convert import convert; "
+              f"convert({[str(inputs / 'a.npy'), str(inputs / 'b.npy')]!r}, {str(dest)!r}, "
+              f"format='tokens', options={{'seq_len': 256}}, chunk_size='20KB', shard_size='8KB', "
+              f"on_chunk=lambda i: time.sleep(0.4))")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parts = dest / "parts"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

@@ -50,8 +50,8 @@ def test_every_field_survives_and_matches_webdataset(tmp_path):
     for k, p in enumerate(paths):
         write_shard(p, range(k * 30, k * 30 + 30))
     ds = convert_direct("webdataset", paths, str(tmp_path / "out"))
-    assert ds.schema.to_json() == {"__key__": "str", "cls": "int64", "jpg": "bytes",
-                                   "json": "json", "seg.png": "bytes", "txt": "str",
+    assert ds.schema.to_json() == {"__key__": "str", "cls": "int64", "jpg": "image",
+                                   "json": "json", "seg.png": "image", "txt": "str",
                                    "__missing__": "json"}
     theirs = their_samples(paths)
     assert len(ds) == len(theirs) == 90

@@ -1,13 +1,21 @@
 """The columnar fast path for fixed-size schemas returns exactly what per-sample decoding plus
-torch's default_collate returns, compressed and uncompressed, in and out of workers."""
+torch's default_collate returns (token arrays cast to the token dtype), compressed and
+uncompressed, in and out of workers; the vectorized gather checks what it reads."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import default_collate
 
-from streamshard import ShardWriter, StreamingDataLoader, StreamingDataset, World
+from streamshard import ShardWriter, StreamingDataLoader, StreamingDataset, World, open_dataset
+from streamshard import fastpath
+from streamshard.collate import collate
+from streamshard.errors import ConfigError, CorruptionError
 from streamshard.testing import batch_key, take
 
 COLUMNS = {"i": "int32", "u": "uint8", "h": "float16", "f": "float64", "b": "bool",
@@ -38,13 +46,18 @@ def test_fast_path_equals_default_collate(path, workers):
         kw = {"multiprocessing_context": "fork"} if workers else {}
         return StreamingDataLoader(ds, num_workers=workers, collate_fn=collate_fn, **kw)
 
+    def int64_tokens(samples):
+        batch = default_collate(samples)
+        batch["tok"] = batch["tok"].long()
+        return batch
+
     assert loader(None).streaming_dataset._columns is not None  # the fast path is taken
     fast = [batch_key(b) for b in take(loader(None), 25)]
-    slow = [batch_key(b) for b in take(loader(default_collate), 25)]
+    slow = [batch_key(b) for b in take(loader(int64_tokens), 25)]
     assert fast == slow
     first = next(iter(loader(None)))
     assert str(first["i"].dtype) == "torch.int64" and str(first["h"].dtype) == "torch.float64"
-    assert tuple(first["img"].shape) == (8, 2, 3) and str(first["tok"].dtype) == "torch.uint16"
+    assert tuple(first["img"].shape) == (8, 2, 3) and str(first["tok"].dtype) == "torch.int64"
 
 
 def test_variable_schema_takes_the_general_path(id_dataset_factory, tmp_path):
@@ -53,3 +66,76 @@ def test_variable_schema_takes_the_general_path(id_dataset_factory, tmp_path):
         w.write({"t": np.arange(3, dtype=np.uint16)})
     ds = StreamingDataset(out, global_batch_size=1, world=World())
     assert ds._columns is None
+
+
+TOKENS = {"tok": "uint16[64]"}
+
+
+def token_sample(i: int) -> dict:
+    return {"tok": ((np.arange(64) * 7 + i * 131) % 65536).astype(np.uint16)}
+
+
+@pytest.fixture(scope="module")
+def tokens_path(tmp_path_factory):
+    # Uncompressed, several shards, blocks of 4 rows, a short last block (203 % 4 != 0).
+    out = str(tmp_path_factory.mktemp("tok") / "ds")
+    with ShardWriter(out, columns=TOKENS, shard_size="5KB", block_size="600B",
+                     compression=None) as w:
+        for i in range(203):
+            w.write(token_sample(i))
+    return out
+
+
+@pytest.mark.parametrize("token_dtype", [torch.int64, torch.int32, None])
+def test_vectorized_gather_equals_per_sample_decode(tokens_path, token_dtype):
+    ds = open_dataset(tokens_path)
+    assert ds.num_shards > 3
+    columns = fastpath.layout(ds.schema)
+    rng = np.random.default_rng(0)
+    for ids in ([0], [202], list(range(203)), rng.integers(0, 203, 57).tolist(),
+                [5, 5, 200, 0]):
+        got = fastpath.read_batch(ds, columns, ids, token_dtype=token_dtype)
+        want = collate([ds[i] for i in ids], token_dtype=token_dtype)
+        assert batch_key(got) == batch_key(want)
+    assert str(got["tok"].dtype) == str(token_dtype or torch.uint16)
+    assert fastpath.read_batch(ds, columns, [])["tok"].shape == (0, 64)
+
+
+def test_gather_reads_no_sample_one_by_one(tokens_path, monkeypatch):
+    ds = open_dataset(tokens_path)
+    monkeypatch.setattr(ds, "read_rows", None)  # the per-sample fallback must not be taken
+    batch = fastpath.read_batch(ds, fastpath.layout(ds.schema), list(range(203)))
+    assert batch["tok"][150].tolist() == token_sample(150)["tok"].astype(np.int64).tolist()
+
+
+def test_gather_checks_block_offsets_on_first_touch(tokens_path, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "bad")
+    shutil.copytree(tokens_path, copy)
+    shard = os.path.join(copy, open_dataset(copy).index.shards[1].file)
+    with open(shard, "r+b") as f:  # block 0's second sample offset: 128 -> 130
+        f.seek(32 + 8 + 8)
+        f.write((130).to_bytes(8, "little"))
+    ds = open_dataset(copy)
+    first = int(ds.index.offsets[1])
+    fastpath.read_batch(ds, fastpath.layout(ds.schema), [0, first + 7])  # other blocks: fine
+    with pytest.raises(CorruptionError, match="block 0"):
+        fastpath.read_batch(ds, fastpath.layout(ds.schema), [0, first + 1])
+
+
+def test_out_of_range_and_bad_token_dtype(tokens_path):
+    ds = open_dataset(tokens_path)
+    with pytest.raises(IndexError, match="sample index 203 out of range"):
+        fastpath.read_batch(ds, fastpath.layout(ds.schema), [1, 203])
+    with pytest.raises(ConfigError, match="token_dtype must be"):
+        fastpath.read_batch(ds, fastpath.layout(ds.schema), [1], token_dtype=torch.float32)
+
+
+def test_pin_memory_without_cuda_falls_back(tokens_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: pinned memory is real here")
+    ds = open_dataset(tokens_path)
+    with caplog.at_level(logging.WARNING, logger="streamshard.fastpath"):
+        batch = fastpath.read_batch(ds, fastpath.layout(ds.schema), [3, 4], pin_memory=True)
+    assert not batch["tok"].is_pinned() and batch["tok"].shape == (2, 64)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from streamshard import StreamingDataLoader, StreamingDataset, World
+from streamshard.blockshuffle import block_groups
 from streamshard.capacity import node_shards
 from streamshard.reader import open_dataset
 from streamshard.sampler import SampleSequence
@@ -111,7 +112,9 @@ def test_two_agents_of_two_read_what_the_planner_predicts(tmp_path, data, refere
     with open_dataset(data) as ds:
         sizes = [s.samples for s in ds.index.shards]
         offsets = ds.index.offsets
-    predicted = node_shards(sizes, world_size=4, local_world_size=2, global_batch_size=G, seed=11)
+        blocks = block_groups(ds.index)  # the loader's order for compressed shards
+    predicted = node_shards(sizes, world_size=4, local_world_size=2, global_batch_size=G, seed=11,
+                            blocks=blocks)
     for node in (0, 1):
         ids = np.concatenate([records[r]["ids"] for r in (2 * node, 2 * node + 1)]).ravel()
         shards = np.searchsorted(offsets, ids, side="right") - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import random
@@ -93,11 +94,11 @@ def test_corrupted_download_retried_once_then_named(tmp_path):
 def test_lru_eviction_skips_pinned_and_foreign_files(tmp_path):
     root = tmp_path / "c"
     origin = Origin({f"s{i}": blob(i) for i in range(5)})
-    cache = ShardCache(str(root), limit=3000)
+    # each access is stamped one (injected) second after the previous one
+    cache = ShardCache(str(root), limit=3000, now=itertools.count(1_000_000).__next__)
     get(cache, origin, "s0")                      # stays pinned, the oldest entry
     for name in ("s1", "s2"):
         get(cache, origin, name, pin=False)
-        time.sleep(0.02)                          # distinct LRU times
     get(cache, origin, "s1", pin=False)           # touch s1: s2 is now least recently used
     # foreign files: next to the cache, inside its data dir, and one faking a meta file
     foreign = [root / "notes.txt", root / "u0" / "fp0" / "data" / "user-file",
@@ -154,11 +155,13 @@ def test_other_process_pins_everything_waits_bounded_then_config_error(tmp_path)
     origin = Origin({f"s{i}": blob(i) for i in range(2)})
     owner = ShardCache(str(tmp_path / "c"), limit=1500)
     get(owner, origin, "s0")                     # pinned by "another process" (another cache object)
-    waiter = ShardCache(str(tmp_path / "c"), limit=1500, space_timeout=0.3)
-    t0 = time.monotonic()
+    fake = FakeTime()
+    waiter = ShardCache(str(tmp_path / "c"), limit=1500, space_timeout=0.3, poll=0.05,
+                        clock=fake.clock, sleep=fake.sleep)
     with pytest.raises(ConfigError, match="in use by processes sharing"):
         get(waiter, origin, "s1")
-    assert 0.3 <= time.monotonic() - t0 < 5
+    # it polled every 0.05 s until the 0.3 s budget was spent, then gave up (no real waiting)
+    assert set(fake.sleeps) == {0.05} and 0.3 <= fake.now < 0.3 + 0.05 + 1e-9
     owner.unpin(NS, "s0")
     assert open(get(waiter, origin, "s1"), "rb").read() == blob(1)
 
@@ -336,56 +339,61 @@ class FakeShard:
 
 def test_prefetcher_order_and_byte_bound():
     started: list[str] = []
+    fetched: list[str] = []
+    changed = threading.Condition()
     release = threading.Event()
-    lock = threading.Lock()
 
     def fetch(shard):
-        with lock:
+        with changed:
             started.append(shard.file)
+            changed.notify_all()
         release.wait(10)
+        with changed:
+            fetched.append(shard.file)
+            changed.notify_all()
         return True
-    p = Prefetcher(fetch, max_bytes=250, workers=4)
-    shards = [FakeShard(f"s{i}", 100) for i in range(6)]
-    p.submit(shards)
-    deadline = time.monotonic() + 5
-    while len(started) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert started == ["s0", "s1"] and p.outstanding_bytes() == 200  # a third would exceed 250
+    p = Prefetcher(fetch, max_bytes=250, workers=4, clock=lambda: 0.0)  # nothing ever expires
+    p.submit([FakeShard(f"s{i}", 100) for i in range(6)])
+    with changed:
+        assert changed.wait_for(lambda: len(started) == 2, timeout=10)
+    # two are in flight and a third would exceed 250 bytes: it stays queued
+    assert started == ["s0", "s1"] and p.outstanding_bytes() == 200
     release.set()
-    deadline = time.monotonic() + 5
-    while p.outstanding_bytes() != 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with changed:
+        assert changed.wait_for(lambda: len(fetched) == 2, timeout=10)
     assert p.outstanding_bytes() == 200  # fetched but not yet asked for: still counts
     p.consumed("s0")
     p.consumed("s1")
-    deadline = time.monotonic() + 5
-    while len(started) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with changed:
+        assert changed.wait_for(lambda: len(started) >= 4, timeout=10)
     assert started[:4] == ["s0", "s1", "s2", "s3"]
     p.close()
 
 
 def test_prefetcher_merges_hints_newest_first_and_expires_stale_ahead():
     order: list[str] = []
+    changed = threading.Condition()
+    in_flight = threading.Event()
     gate = threading.Event()
 
     def fetch(shard):
+        in_flight.set()
         gate.wait(10)
-        order.append(shard.file)
+        with changed:
+            order.append(shard.file)
+            changed.notify_all()
         return True
-    p = Prefetcher(fetch, max_bytes=100, workers=1, ahead_ttl=0.2)
+    # Every clock reading is 100 s after the previous one, so a shard fetched ahead is past its
+    # 30 s ttl at the next check: with a wrong hint prefetch keeps going instead of stalling
+    # (a prefetcher that never expired would stop after "a" and the wait below would time out).
+    p = Prefetcher(fetch, max_bytes=100, workers=1, ahead_ttl=30,
+                   clock=itertools.count(0, 100).__next__)
     p.submit([FakeShard("a", 100), FakeShard("b", 100), FakeShard("c", 100)])  # a long hint
-    deadline = time.monotonic() + 5
-    while p.outstanding_bytes() == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)                                   # "a" is in flight
+    assert in_flight.wait(10)                                # "a" is in flight
     p.submit([FakeShard("c", 100), FakeShard("d", 100)])   # a later, more urgent hint
     gate.set()
-    # nobody ever asks for the prefetched shards: each expires after 0.2 s and the next starts,
-    # so a wrong hint slows prefetch down but cannot stall it
-    deadline = time.monotonic() + 10
-    while len(order) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with changed:
+        assert changed.wait_for(lambda: len(order) == 4, timeout=10)
     assert order == ["a", "c", "d", "b"]
     assert p.counts["prefetch_expired"] >= 3 and p.counts["prefetch_submitted"] == 4
     p.close()

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError, StateMismatchError
 from streamshard.recovery.policy import CheckpointRef
 from streamshard.world import World
@@ -71,10 +71,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, allow_nan=False).encode())
 
 
 def _numpy_state() -> list:
@@ -171,9 +167,9 @@ class CheckpointManager:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _distributed())
-        _write_json(tmp / f"rng-rank{self.world.rank}.json", rng_state())
+        atomic_write_json(tmp / f"rng-rank{self.world.rank}.json", rng_state())
         if self.world.rank == 0:
-            _write_json(tmp / META, {
+            atomic_write_json(tmp / META, {
                 "version": VERSION, "step": step, "data_step": data_step, "generation": generation,
                 "world_size": self.world.world_size,
                 "optim": {k: _jsonable(v, k) for k, v in osd.items() if not torch.is_tensor(v)},

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import xxhash
 
-from streamshard.atomic import atomic_write
+from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError
 
 MARKER = ".streamshard-cache"
@@ -98,7 +98,9 @@ class ShardCache:
     """
 
     def __init__(self, root: str, *, limit: int | None = None, space_timeout: float = 60.0,
-                 poll: float = 0.05):
+                 poll: float = 0.05, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 now: Callable[[], float] = time.time):
         if limit is not None and (not isinstance(limit, int) or limit <= 0):
             raise ConfigError(f"cache limit must be a positive int or None, got {limit!r}")
         if space_timeout < 0:
@@ -107,10 +109,13 @@ class ShardCache:
         self.limit = limit
         self.space_timeout = space_timeout
         self.poll = poll
+        # Injected so tests need no sleeps: ``clock``/``sleep`` time the wait for space,
+        # ``now`` stamps an entry's last access (its meta file's mtime, shared by processes).
+        self._clock, self._sleep, self._now = clock, sleep, now
         os.makedirs(self.root, exist_ok=True)
         marker = os.path.join(self.root, MARKER)
         if not os.path.exists(marker):
-            atomic_write(marker, json.dumps({"format": "streamshard-cache", "version": 1}).encode(), fsync=False)
+            atomic_write_json(marker, {"format": "streamshard-cache", "version": 1}, fsync=False)
         self._lock = threading.Lock()
         self._pins: dict[tuple[str, str], list[int]] = {}  # key -> [fd, count, size]
         self._counts = dict.fromkeys(
@@ -273,15 +278,16 @@ class ShardCache:
     def _reserve(self, paths: _Paths, key: tuple[str, str], size: int, expected: str, url: str,
                  *, wait: bool) -> bool:
         """Make room for ``size`` bytes and write the entry's meta file (the reservation)."""
-        deadline = time.monotonic() + self.space_timeout
+        deadline = self._clock() + self.space_timeout
         meta = {"magic": _META_MAGIC, "version": _META_VERSION, "ns": key[0], "file": key[1],
-                "url": url, "size": size, "xxh64": expected, "created": time.time()}
+                "url": url, "size": size, "xxh64": expected, "created": self._now()}
         while True:
             with _flock(os.path.join(self.root, ".budget.lock"), fcntl.LOCK_EX):
                 if self.limit is None or self._make_room(size, exclude=paths.meta):
                     os.makedirs(os.path.dirname(paths.meta), exist_ok=True)
                     os.makedirs(os.path.dirname(paths.data), exist_ok=True)
-                    atomic_write(paths.meta, json.dumps(meta).encode(), fsync=False)
+                    atomic_write_json(paths.meta, meta, fsync=False)
+                    self._touch(paths.meta)
                     return True
             pinned_here = self.pinned_bytes()  # includes this entry
             if pinned_here > self.limit:
@@ -291,12 +297,12 @@ class ShardCache:
                     f"cache_limit to at least {pinned_here}")
             if not wait:
                 return False
-            if time.monotonic() >= deadline:
+            if self._clock() >= deadline:
                 raise ConfigError(
                     f"cache_limit {self.limit} bytes: no room for {url} ({size} bytes) after "
                     f"{self.space_timeout:.0f}s, every cached shard is in use by processes sharing "
                     f"{self.root}; raise cache_limit or give each job its own cache_dir")
-            time.sleep(self.poll)
+            self._sleep(self.poll)
 
     def entries(self) -> list[tuple[float, str, dict]]:
         """(last access, meta path, meta) of every entry this cache created, oldest first."""
@@ -388,10 +394,11 @@ class ShardCache:
             return None
         return meta
 
-    @staticmethod
-    def _touch(path: str) -> None:
+    def _touch(self, path: str) -> None:
+        """Stamp ``path``'s mtime with ``now()``: the entry's last access, what eviction orders by."""
+        t = self._now()
         try:
-            os.utime(path)
+            os.utime(path, (t, t))
         except OSError:  # gone (evicted by the time we touch) or a read-only cache: LRU only
             pass
 

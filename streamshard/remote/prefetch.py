@@ -30,7 +30,8 @@ class Prefetcher:
     """
 
     def __init__(self, fetch: Callable[[Any], bool], *, max_bytes: int, workers: int = 2,
-                 max_queue: int = 100_000, ahead_ttl: float = 30.0):
+                 max_queue: int = 100_000, ahead_ttl: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         if max_bytes <= 0:
             raise ConfigError(f"prefetch max_bytes must be positive, got {max_bytes}")
         if workers < 1:
@@ -40,6 +41,7 @@ class Prefetcher:
         self.workers = workers
         self.max_queue = max_queue
         self.ahead_ttl = ahead_ttl
+        self._clock = clock  # injected: tests expire "ahead" shards without waiting
         self._cond = threading.Condition()
         self._queue: deque[Any] = deque()
         self._inflight: dict[str, int] = {}
@@ -87,11 +89,15 @@ class Prefetcher:
             return self._used()
 
     def _used(self) -> int:
-        """Bytes in flight + fetched ahead (caller holds the condition); expires stale ahead."""
-        cutoff = time.monotonic() - self.ahead_ttl
-        for file in [f for f, (_, t) in self._ahead.items() if t < cutoff]:
+        """Bytes in flight + fetched ahead (caller holds the condition); expires stale ahead
+        and wakes the workers when that frees room."""
+        cutoff = self._clock() - self.ahead_ttl
+        stale = [f for f, (_, t) in self._ahead.items() if t < cutoff]
+        for file in stale:
             del self._ahead[file]
             self.counts["prefetch_expired"] += 1
+        if stale:
+            self._cond.notify_all()
         return sum(self._inflight.values()) + sum(b for b, _ in self._ahead.values())
 
     def _next(self) -> Any | None:
@@ -122,7 +128,7 @@ class Prefetcher:
                 early = shard.file in self._early
                 self._early.discard(shard.file)
                 if ok and not early:
-                    self._ahead[shard.file] = (shard.bytes, time.monotonic())
+                    self._ahead[shard.file] = (shard.bytes, self._clock())
                 self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError
-from streamshard.atomic import atomic_write
+from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
 from streamshard.remote.prefetch import Prefetcher
 from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
@@ -141,7 +141,7 @@ class CachedSource:
         os.makedirs(base, exist_ok=True)
         cached, meta_path = os.path.join(base, INDEX_FILE), os.path.join(base, "index.meta.json")
         with _flock(os.path.join(base, "index.lock"), fcntl.LOCK_EX):
-            for stale in glob.glob(os.path.join(glob.escape(base), "*#tmp-*")):
+            for stale in glob.glob(os.path.join(glob.escape(base), f"*{TMP_MARK}*")):
                 os.remove(stale)  # left by a writer killed mid-write; writers hold this lock
             info = self._retrying(lambda: self._remote.info(INDEX_FILE), INDEX_FILE, "stat")
             token = version_token(info)
@@ -149,8 +149,8 @@ class CachedSource:
             if data is None:
                 data = self._retrying(lambda: self._remote.cat(INDEX_FILE), INDEX_FILE, "read")
                 atomic_write(cached, data, fsync=False)
-                atomic_write(meta_path, json.dumps(
-                    {"url": self.url, "token": token, "xxh64": xxhash.xxh64(data).hexdigest()}).encode())
+                atomic_write_json(meta_path, {"url": self.url, "token": token,
+                                              "xxh64": xxhash.xxh64(data).hexdigest()})
                 self._count("index_fetches")
             else:
                 self._count("index_hits")

@@ -6,12 +6,13 @@ size N (the number of samples) is ever built. See docs/SAMPLER.md for the sequen
 
 from __future__ import annotations
 
+from streamshard.sampler.ledgers import Ledgers
+from streamshard.sampler.blockorder import BlockGroups
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder
 from streamshard.sampler.permutation import Permutation, derive_key
 from streamshard.sampler.rng import sample_rng
 from streamshard.sampler.sequence import SampleSequence
-from streamshard.sampler.ledgers import Ledgers  # noqa: E402  (imports sequence)
 
-__all__ = ["EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
+__all__ = ["BlockGroups", "EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
            "sample_rng"]

@@ -19,8 +19,38 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
 from streamshard.errors import ConfigError
+from streamshard.sampler.order import check_int
 from streamshard.sampler.quarantine import normalize_quarantine
-from streamshard.sampler.sequence import normalize_reseeds, normalize_skips
+
+
+def normalize_skips(ranges: Iterable) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged half-open step ranges; overlapping and adjacent ranges are united."""
+    pairs = []
+    for item in ranges:
+        start, stop = item
+        start = check_int(start, "skip start", minimum=0)
+        stop = check_int(stop, "skip stop", minimum=0)
+        if stop < start:
+            raise ConfigError(f"skip range must have start <= stop, got [{start}, {stop})")
+        if stop > start:  # an empty range skips nothing
+            pairs.append((start, stop))
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(pairs):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
+def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
+    """Distinct (step, salt) pairs sorted by step, then salt."""
+    pairs = set()
+    for item in entries:
+        step, salt = item
+        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
+    return tuple(sorted(pairs))
+
 
 _NORMALIZE = {"skips": normalize_skips, "reseeds": normalize_reseeds, "quarantine": normalize_quarantine}
 # Ledgers a state saved by an older streamshard may lack (read as empty).

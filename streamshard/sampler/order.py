@@ -13,6 +13,10 @@ d. inside a lane, windows of ``W`` samples are each permuted by their own
 e. the shuffled-space position is located in its shard (searchsorted on the cumulative sizes) and
    turned into the global id ``original_shard_start + offset``.
 
+With ``blocks=BlockGroups(k, g)`` (the block-aware shuffle, :mod:`.blockorder`) steps a and d
+change: regular shards come first in the slot order, and a lane reads units of ``g`` blocks one at
+a time (units permuted, samples permuted within a unit) instead of windows in order.
+
 Nothing of size N is ever built; a call costs O(len(positions) * log(#shards)).
 """
 
@@ -25,6 +29,9 @@ import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.locate import locate, shard_starts
+from streamshard.lru import LRU
+from streamshard.sampler import blockorder
+from streamshard.sampler.blockorder import BlockGroups
 from streamshard.sampler.permutation import (
     Permutation,
     check_positions,
@@ -78,7 +85,8 @@ class EpochOrder:
     """
 
     def __init__(self, shard_sizes: Sequence[int], *, seed: int, shuffle: bool = True,
-                 lanes: int | None = None, window: int | None = None):
+                 lanes: int | None = None, window: int | None = None,
+                 blocks: BlockGroups | None = None):
         sizes = np.asarray(shard_sizes)
         if sizes.ndim != 1 or (sizes.size and sizes.dtype.kind not in "iu"):
             raise ConfigError(f"shard_sizes must be a 1-D sequence of ints, got {sizes!r:.80}")
@@ -98,7 +106,10 @@ class EpochOrder:
                        else check_int(lanes, "lanes", minimum=1))
         self._window = (max(1, 4 * ceil(self._n / num_shards)) if window is None and num_shards
                         else 1 if window is None else check_int(window, "window", minimum=1))
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if blocks is not None and not isinstance(blocks, BlockGroups):
+            raise ConfigError(f"blocks must be a BlockGroups or None, got {blocks!r:.80}")
+        self._blocks = blocks
+        self._cache: LRU[int, tuple[np.ndarray, np.ndarray]] = LRU(_EPOCH_CACHE_SIZE)
 
     # -- read-only description ------------------------------------------------------------
     @property
@@ -123,6 +134,11 @@ class EpochOrder:
         return self._window
 
     @property
+    def blocks(self) -> BlockGroups | None:
+        """The block-aware shuffle's grouping, or ``None`` for window mode."""
+        return self._blocks
+
+    @property
     def num_shards(self) -> int:
         return int(self._sizes.size)
 
@@ -135,16 +151,20 @@ class EpochOrder:
 
     def state_fields(self) -> dict:
         """JSON-able definition of this order (what a checkpoint must match)."""
-        return {"size": self._n, "num_shards": self.num_shards, "seed": self._seed,
-                "shuffle": self._shuffle, "lanes": self._lanes, "window": self._window}
+        fields = {"size": self._n, "num_shards": self.num_shards, "seed": self._seed,
+                  "shuffle": self._shuffle, "lanes": self._lanes, "window": self._window}
+        if self._blocks is not None:  # absent in window mode: older states stay valid
+            fields["blocks"] = self._blocks.state_fields()
+        return fields
 
     def __repr__(self) -> str:
         return (f"EpochOrder(size={self._n}, num_shards={self.num_shards}, seed={self._seed}, "
-                f"shuffle={self._shuffle}, lanes={self._lanes}, window={self._window})")
+                f"shuffle={self._shuffle}, lanes={self._lanes}, window={self._window}, "
+                f"blocks={self._blocks})")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = {}  # rebuilt on demand in the receiving process
+        state["_cache"] = LRU(_EPOCH_CACHE_SIZE)  # each copy (and process) fills its own
         return state
 
     def reseeded(self, seed: int) -> "EpochOrder":
@@ -179,6 +199,13 @@ class EpochOrder:
         out, _ = locate(self._starts, ids)
         return int(out) if scalar else out
 
+    def shards_per_lane_at_once(self) -> int:
+        """Most shards one lane reads at the same time: a window (window mode), or a unit or
+        the lane's edge (block mode: its tail and head pieces, two runs of < c samples)."""
+        if self._blocks is None:
+            return self.shards_touched_by_run(self._window)
+        return min(self.num_shards, 2 * self.shards_touched_by_run(self._blocks.unit))
+
     def shards_touched_by_run(self, run: int) -> int:
         """Most shards a run of ``run`` consecutive samples can touch (in any shard order)."""
         nonempty = self._sizes[self._sizes > 0]
@@ -210,13 +237,14 @@ class EpochOrder:
         """(slot -> original shard, cumulative sizes in slot order) for one epoch; cached."""
         tables = self._cache.get(epoch)
         if tables is None:
-            perm = Permutation(self.num_shards, derive_key(self._seed, epoch, "shards"))
-            slot_to_shard = perm(np.arange(self.num_shards, dtype=np.int64))
+            if self._blocks is not None:
+                slot_to_shard = blockorder.slot_order(self._sizes, self._blocks, self._seed, epoch)
+            else:
+                perm = Permutation(self.num_shards, derive_key(self._seed, epoch, "shards"))
+                slot_to_shard = perm(np.arange(self.num_shards, dtype=np.int64))
             cum = np.concatenate([[0], np.cumsum(self._sizes[slot_to_shard])]).astype(np.int64)
             tables = (slot_to_shard, cum)
-            cache = dict(self._cache) if len(self._cache) < _EPOCH_CACHE_SIZE else {}
-            cache[epoch] = tables
-            self._cache = cache  # replaced whole, so concurrent readers never see a half update
+            self._cache.put(epoch, tables)
         return tables
 
     def _map(self, epoch: int, t: np.ndarray) -> np.ndarray:
@@ -227,11 +255,15 @@ class EpochOrder:
         k = np.where(body, t // lanes, q)
         lane_size = q + (lane < r)
         lane_start = lane * q + np.minimum(lane, r)
-        w = k // window
-        j = k - w * window
-        size = np.minimum(window, lane_size - w * window)
-        keys = derive_keys((self._seed, epoch, "window"), lane, w)
-        shuffled = lane_start + w * window + permute_array(j, size, keys)
+        if self._blocks is not None:
+            shuffled = blockorder.lane_offsets(k, lane, lane_start, lane_size, self._blocks,
+                                               self._seed, epoch)
+        else:
+            w = k // window
+            j = k - w * window
+            size = np.minimum(window, lane_size - w * window)
+            keys = derive_keys((self._seed, epoch, "window"), lane, w)
+            shuffled = lane_start + w * window + permute_array(j, size, keys)
         slot_to_shard, cum = self._epoch_tables(epoch)
         slot = np.searchsorted(cum, shuffled, side="right") - 1  # skips empty shards
         return self._starts[slot_to_shard[slot]] + (shuffled - cum[slot])

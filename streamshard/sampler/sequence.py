@@ -17,45 +17,18 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.lru import LRU
 from streamshard.sampler.assign import Assignment
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
 from streamshard.sampler.quarantine import fill as fill_quarantine
+from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips
 from streamshard.sampler.quarantine import normalize_quarantine
 
 Order = Union[EpochOrder, MixtureOrder]
 # Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
 _ORDER_CACHE_SIZE = 8
-
-
-def normalize_skips(ranges: Iterable) -> tuple[tuple[int, int], ...]:
-    """Sorted, merged half-open step ranges; overlapping and adjacent ranges are united."""
-    pairs = []
-    for item in ranges:
-        start, stop = item
-        start = check_int(start, "skip start", minimum=0)
-        stop = check_int(stop, "skip stop", minimum=0)
-        if stop < start:
-            raise ConfigError(f"skip range must have start <= stop, got [{start}, {stop})")
-        if stop > start:  # an empty range skips nothing
-            pairs.append((start, stop))
-    merged: list[tuple[int, int]] = []
-    for start, stop in sorted(pairs):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
-        else:
-            merged.append((start, stop))
-    return tuple(merged)
-
-
-def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
-    """Distinct (step, salt) pairs sorted by step, then salt."""
-    pairs = set()
-    for item in entries:
-        step, salt = item
-        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
-    return tuple(sorted(pairs))
 
 
 class SampleSequence:
@@ -86,7 +59,7 @@ class SampleSequence:
         self._skip_starts = [start for start, _ in self._skips]
         self._reseeds = normalize_reseeds(reseeds)
         self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
-        self._orders: dict[int, EpochOrder] = {}
+        self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
         self._assignments: dict[tuple[int, int], Assignment] = {}
 
     # -- description ----------------------------------------------------------------------
@@ -101,7 +74,6 @@ class SampleSequence:
     @property
     def ledgers(self):
         """All ledgers as one :class:`~streamshard.sampler.ledgers.Ledgers` value."""
-        from streamshard.sampler.ledgers import Ledgers  # ledgers.py imports this module
         return Ledgers(self._skips, self._reseeds, self._quarantine)
 
     @property
@@ -137,7 +109,7 @@ class SampleSequence:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_orders"] = {}
+        state["_orders"] = LRU(_ORDER_CACHE_SIZE)
         state["_assignments"] = {}
         return state
 
@@ -277,9 +249,7 @@ class SampleSequence:
         order = self._orders.get(seed)
         if order is None:
             order = self._order.reseeded(seed)
-            cache = dict(self._orders) if len(self._orders) < _ORDER_CACHE_SIZE else {}
-            cache[seed] = order
-            self._orders = cache
+            self._orders.put(seed, order)
         return order
 
     def _reseed_map(self, pos: np.ndarray, r: int, salt: int) -> np.ndarray:
@@ -317,7 +287,7 @@ class SampleSequence:
         total = 0
         for order, lanes_read in zip(orders, lanes):
             if order.shuffle:
-                need = lanes_read * (order.shards_touched_by_run(order.window) + 1)
+                need = lanes_read * (order.shards_per_lane_at_once() + 1)
             else:
                 need = order.shards_touched_by_run(self._g) + 1
             total += min(need, order.num_shards)
