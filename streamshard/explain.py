@@ -15,6 +15,7 @@ import numpy as np
 
 from streamshard.errors import ConfigError, StateMismatchError
 from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence
+from streamshard.sampler.blockorder import BlockGroups
 from streamshard.state import KEY_FINGERPRINTS, KEY_SEQUENCE, KEY_STEP, KEY_STEPS_PER_EPOCH
 
 # Columns read as a sample's key when present (scalars or short strings): what a data team needs
@@ -153,5 +154,7 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
 
 
 def _order(fields: Mapping[str, Any], ds) -> EpochOrder:
+    blocks = fields.get("blocks")  # the block-aware shuffle's [samples per block, blocks per group]
     return EpochOrder([info.samples for info in ds.index.shards], seed=fields["seed"],
-                      shuffle=fields["shuffle"], lanes=fields["lanes"], window=fields["window"])
+                      shuffle=fields["shuffle"], lanes=fields["lanes"], window=fields["window"],
+                      blocks=BlockGroups(*blocks) if blocks is not None else None)
