@@ -84,7 +84,9 @@ def plan_capacity(shard_samples: Sequence[int], shard_bytes: Sequence[int], *, w
     for epoch in range(epochs):
         if shuffle:
             pairs = _touched_by_lanes(order, assignment, epoch)
-            method = "lanes (exact upper bound)"
+            phases = len(assignment.phases())
+            method = ("lanes (exact upper bound)" if phases == assignment.period() else
+                      f"lanes over {phases} of {assignment.period()} lane phases (sampled)")
         else:
             pairs, steps = _touched_by_sampling(seq, assignment, epoch)
             method = f"sampled {steps} of {seq.steps_per_epoch} steps per epoch"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch.utils.data
@@ -290,6 +290,14 @@ class StreamingDataset(torch.utils.data.Dataset):
             batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),
                                np.asarray(key.sample_ids, dtype=np.int64))
         return Tagged(key.step, batch) if key.tagged else batch
+
+    def __iter__(self) -> Iterator[Any]:
+        """This rank's batches of ``set_epoch``'s epoch, read in this process (no DataLoader,
+        no collation): ``for batch in ds`` as with the iterable datasets of other libraries."""
+        sampler = self.batch_sampler()
+        sampler.set_epoch(self._epoch)
+        for key in sampler:
+            yield self.__getitems__(key)
 
     def _key_of_indices(self, indices: Any) -> BatchKey:
         idx = [int(i) for i in indices]

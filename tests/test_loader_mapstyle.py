@@ -97,3 +97,12 @@ def test_stateful_dataloader_resumes_by_arithmetic(path, workers, caplog):
     assert "fast-forwarding" not in caplog.text  # torchdata did not replay batches
     assert head + tail == want[:33]
     assert [ids(b) for b in resumed][:10] == want[33:]  # and the next epoch follows
+
+
+def test_iterating_the_dataset_itself_serves_this_ranks_batches(path):
+    ds = dataset(path)
+    assert [[s["id"] for s in batch] for batch in ds] == reference(path, 33)
+    ds.set_epoch(1)
+    assert [[s["id"] for s in batch] for batch in ds][:2] == reference(path, 35)[33:]
+    with pytest.raises(ConfigError, match=r"StreamingDataset\[0\]: this dataset serves whole rank"):
+        ds[0]

@@ -14,11 +14,13 @@ the shards at any world size:
    its highest-numbered chunks, the ``C % m`` fullest old nodes (ties: lower index) keeping
    ``C // m + 1``. Owner counts differ by at most one, and removing the last node only hands its
    chunks to the others: every surviving node keeps every chunk it owned.
-3. **Line.** The lanes are laid on a line by (owner node, chunk, lane). A step's positions are
-   sorted along it; node ``i`` keeps the first ``min(own_i, quota_i)`` of its own run, the rest
-   (the tail of its last chunks) is its surplus. Surpluses, in node order, fill the deficits of
-   the under-quota nodes in node order, so a donor feeds the fewest receivers, and when ``L``
-   divides ``G`` (every step has ``G/L`` positions of every lane) the same ones every step.
+3. **Line.** Nodes are put in an order in which the excess carried from over-quota owners always
+   covers the next under-quota node's deficit (:meth:`Assignment.node_order`), and lanes are laid
+   on a line by (owner in that order, chunk, lane). A step's positions are sorted along the line
+   and cut into the nodes' sizes in that order: each node reads one stretch, its own lanes plus a
+   piece of a neighbour's (its surplus goes to the next nodes on the line, the fewest that can
+   take it). When ``L`` divides ``G`` every step holds ``G/L`` positions of every lane, so the
+   stretches, and who feeds whom, are the same every step.
 4. **Local ranks.** A node's positions, in line order, are cut into its ranks' sizes in order, so
    a rank reads few lanes. Each rank's positions are returned ascending.
 
@@ -179,10 +181,14 @@ class Assignment:
         order, bounds = pattern
         return pos[0] + order[bounds[rank]:bounds[rank + 1]]
 
+    def period(self) -> int:
+        """Steps after which the lane phase ``p0 mod L`` repeats: ``L / gcd(G, L)``."""
+        return self.lanes // gcd(self.global_batch_size, self.lanes)
+
     def phases(self, limit: int = 64) -> list[int]:
         """Lane phases ``p0 mod L`` of the steps (all of them when there are at most ``limit``,
         else ``limit`` evenly spaced ones): one when ``L`` divides ``G``."""
-        period = self.lanes // gcd(self.global_batch_size, self.lanes)
+        period = self.period()
         step_count = min(period, limit)
         return sorted({(k * (period // step_count) * self.global_batch_size) % self.lanes
                        for k in range(step_count)})
