@@ -69,3 +69,61 @@ def test_global_mean_loss_single_process_and_errors():
         list(micro_batches(losses, 0))
     with pytest.raises(ConfigError, match="different lengths"):
         list(micro_batches({"a": torch.zeros(2), "b": torch.zeros(3)}, 1))
+
+
+def _ddp_step(rank: int, world_size: int, port: int, data: str, out: str) -> None:
+    """One DDP (gloo) step on this rank's batch of global batch 0 with loss_for_backward."""
+    import os
+
+    import torch.distributed as dist
+
+    from streamshard import StreamingDataLoader, StreamingDataset, World
+    from streamshard.testing import take
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    ds = StreamingDataset(data, global_batch_size=G, seed=2, world=World(rank, world_size))
+    batch = take(StreamingDataLoader(ds), 1)[0]
+    model = torch.nn.parallel.DistributedDataParallel(linear_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    per_sample = sample_losses(model, batch)
+    loss_for_backward(per_sample, global_batch_size=G, world_size=world_size).backward()
+    opt.step()
+    logged = global_mean_loss(per_sample, global_batch_size=G)
+    if rank == 0:
+        torch.save({"weight": model.module.weight.detach(), "loss": logged}, out)
+    dist.destroy_process_group()
+
+
+def linear_model() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1, bias=False)
+
+
+def sample_losses(model, batch) -> torch.Tensor:
+    x = batch["tokens"].to(torch.float32) / 100
+    return (model(x).squeeze(1) - batch["id"].to(torch.float32) / 100) ** 2
+
+
+@pytest.mark.slow
+def test_real_ddp_update_on_3_ranks_equals_the_one_process_update(id_dataset_factory, tmp_path):
+    """8 samples on 3 gloo ranks (3, 3, 2): the same weights after one step as on one process."""
+    import torch.multiprocessing as mp
+
+    from streamshard import StreamingDataLoader, StreamingDataset, World
+    from streamshard.testing import take
+    from tests.conftest import free_port
+
+    data = id_dataset_factory(64)
+    ds = StreamingDataset(data, global_batch_size=G, seed=2, world=World())
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    per_sample = sample_losses(model, take(StreamingDataLoader(ds), 1)[0])
+    per_sample.mean().backward()
+    opt.step()
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_ddp_step, args=(3, free_port(), data, out), nprocs=3,
+                       start_method="spawn", join=True)
+    got = torch.load(out)
+    torch.testing.assert_close(got["weight"], model.weight.detach())
+    torch.testing.assert_close(got["loss"].to(torch.float32), per_sample.mean().detach())
