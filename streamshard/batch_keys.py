@@ -207,6 +207,8 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
     """(stream, shard) pairs a chunk reads, in reading order, for remote streams only."""
     out: list[tuple[int, int]] = []
     seen = set()
+    if not any(dataset.is_remote(s) for s in range(len(dataset.datasets))):
+        return ()
     for _, streams, samples in chunk:
         for stream in np.unique(streams).tolist():
             if not dataset.is_remote(stream):
