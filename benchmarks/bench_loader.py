@@ -117,6 +117,65 @@ def resume_latency(path: str, batch: int, workers: int, fraction: float, repeats
     return statistics.median(times)
 
 
+def check_cost(path: str, batch: int, repeats: int) -> dict:
+    """Cost of the first-touch xxh64 check of uncompressed blocks (docs/FORMAT.md "What is
+    checked when"): shuffled epochs in this process (workers=0), each from a fresh loader, with
+    the check off, and on with the process's record of checked blocks cleared before each epoch
+    (every block is hashed once per epoch: the worst case, a process's first epoch)."""
+    from streamshard import blockcheck
+
+    def epoch(verify: bool) -> float:
+        blockcheck._checked.clear()
+        ds = StreamingDataset(path, global_batch_size=batch, shuffle=True, seed=1, world=World(),
+                              verify_blocks=verify)
+        return epoch_rate(StreamingDataLoader(ds))[0]
+
+    off, on = [], []
+    for _ in range(repeats):  # interleaved, so load changes hit both alike
+        off.append(epoch(False))
+        on.append(epoch(True))
+    return {"off": off, "on": on, "ratio": statistics.median(on) / statistics.median(off)}
+
+
+def pread_cost(path: str, repeats: int) -> dict:
+    """Random ``ds[i]`` on an uncompressed dataset: mmap slices (what the reader does) against
+    ``os.pread`` of the same sample bytes (what would survive a shard truncated while mapped)."""
+    from bisect import bisect_right
+
+    from streamshard import open_dataset
+
+    ds = open_dataset(path)
+    n = len(ds)
+    order = [int(i) for i in np.random.default_rng(0).permutation(n)]
+    decode, offs = ds.index.schema.decode, ds._offsets
+    [ds[i] for i in range(n)]  # open every shard, check every block: measure reads only
+
+    def mmap_pass() -> float:
+        t = time.perf_counter()
+        for i in order:
+            ds[i]
+        return n / (time.perf_counter() - t)
+
+    def pread_pass() -> float:
+        t = time.perf_counter()
+        for i in order:
+            s = bisect_right(offs, i) - 1
+            r = ds._readers.get(s) or ds._open(s)
+            _, start, length = r.span(i - offs[s])
+            decode(os.pread(r._fd, length, start), 0, length)
+        return n / (time.perf_counter() - t)
+
+    mm, pr = [], []
+    for _ in range(repeats):
+        mm.append(mmap_pass())
+        pr.append(pread_pass())
+    return {"mmap": mm, "pread": pr, "ratio": statistics.median(pr) / statistics.median(mm)}
+
+
+def _spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):,.0f}/s (min {min(xs):,.0f}, max {max(xs):,.0f}, n={len(xs)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=50_000, help="4 KiB samples (default 50,000 = 205 MB)")
@@ -124,6 +183,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="only measure the first-touch block check and mmap vs pread")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -141,6 +202,22 @@ def main() -> None:
         del tokens
         for p in [flat, *paths.values()]:
             warm(p)
+        if args.check_cost:
+            repeats = max(args.repeats, 5)
+            cost = check_cost(paths["uncompressed"], args.batch, repeats)
+            print(f"{args.samples} samples x 4 KiB, batch {args.batch}, shuffled epoch, workers=0, "
+                  f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+            print(f"  first-touch check off: {_spread(cost['off'])}")
+            print(f"  first-touch check on (cold): {_spread(cost['on'])}")
+            print(f"  on/off = {cost['ratio']:.3f} (target >= 0.90)")
+            pr = pread_cost(paths["uncompressed"], repeats)
+            print(f"random ds[i], uncompressed: mmap {_spread(pr['mmap'])}")
+            print(f"                            pread {_spread(pr['pread'])}")
+            print(f"  pread/mmap = {pr['ratio']:.3f}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"check": cost, "pread": pr, "load": os.getloadavg()}, f, indent=1)
+            return
         mb_per_sample = SEQ * 2 / 1e6
         results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                "python": sys.version.split()[0], "torch": torch.__version__},

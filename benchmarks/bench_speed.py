@@ -129,6 +129,8 @@ def total_blocks(path: str) -> int:
 def bench_zstd(work: str, args) -> dict:
     out = {}
     for name, (columns, samples) in corpora(work, args).items():
+        if name not in args.corpora.split(","):
+            continue
         paths = {}
         for comp in ("none", "zstd"):
             paths[comp] = os.path.join(work, f"{name}-{comp}")
@@ -136,20 +138,21 @@ def bench_zstd(work: str, args) -> dict:
         n = len(open_dataset(paths["none"]))
         res = {"samples": n, "blocks_zstd": total_blocks(paths["zstd"]),
                "k_zstd": block_groups(open_dataset(paths["zstd"]).index).samples_per_block}
-        for comp in ("none", "zstd"):
-            for option in ORDERS:
-                if option == "global" and comp == "zstd" and args.skip_global_zstd:
-                    continue
-                runs, blocks = [], []
-                for _ in range(args.repeats):
-                    rate, _, stats = epoch(paths[comp], **order_kwargs(option, n))
-                    runs.append(rate)
-                    blocks.append(stats.get("blocks_read", 0))
-                res[f"{comp}/{option}"] = {"samples_per_s": spread(runs),
-                                           "blocks_read": statistics.median(blocks)}
-                print(f"  {name:7s} {comp:4s} {option:6s} {statistics.median(runs):>10,.0f} "
-                      f"samples/s [{min(runs):,.0f}..{max(runs):,.0f}] blocks read "
-                      f"{statistics.median(blocks):,.0f}", flush=True)
+        cases = [(comp, option) for comp in ("none", "zstd") for option in ORDERS
+                 if not (option == "global" and comp == "zstd" and args.skip_global_zstd)]
+        runs = {case: [] for case in cases}
+        blocks = {case: [] for case in cases}
+        for _ in range(args.repeats):  # interleaved, so load drifts hit every case alike
+            for comp, option in cases:
+                rate, _, stats = epoch(paths[comp], **order_kwargs(option, n))
+                runs[comp, option].append(rate)
+                blocks[comp, option].append(stats.get("blocks_read", 0))
+        for comp, option in cases:
+            r, b = runs[comp, option], blocks[comp, option]
+            res[f"{comp}/{option}"] = {"samples_per_s": spread(r), "blocks_read": statistics.median(b)}
+            print(f"  {name:13s} {comp:4s} {option:6s} {statistics.median(r):>10,.0f} "
+                  f"samples/s [{min(r):,.0f}..{max(r):,.0f}] blocks read "
+                  f"{statistics.median(b):,.0f}", flush=True)
         z, u = res["zstd/block"]["samples_per_s"]["median"], res["none/window"]["samples_per_s"]["median"]
         res["ratio_zstd_default_vs_none_default"] = z / u
         res["ratio_zstd_block_vs_none_block"] = (
@@ -281,6 +284,7 @@ def main() -> None:
     p.add_argument("--text-files", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", default="quality,gather,zstd")
+    p.add_argument("--corpora", default="tokens,text,binary,binary-smooth")
     p.add_argument("--skip-global-zstd", action="store_true",
                    help="skip the slowest case (zstd read in a true global shuffle)")
     p.add_argument("--out", default=None)

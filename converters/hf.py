@@ -10,11 +10,12 @@ pass the split directory (``SRC/train``) or its ``state.json``.
 Arrow types -> columns: ``string``/``large_string`` -> ``str``; ``binary``/``large_binary`` ->
 ``bytes``; bool, integer and float scalars as is; a list (or fixed-size list) of a numeric type ->
 ``DTYPE[]`` (``DTYPE[n]``); a struct holding a binary field (``Image``, ``Audio`` features) is
-flattened into ``name.field`` columns; everything else (nested lists, structs, dictionaries,
-timestamps, decimals) -> ``json`` (dates, times and decimals as their ISO/str text, binary
-values nested in lists as base64 text). A column
-holding nulls becomes ``json`` (null kept); nulls in a binary column are an error. Row order and
-every column are kept.
+flattened into ``name.field`` columns (the ``bytes`` field of an ``Image`` / ``Audio``
+feature is typed ``image`` / ``audio``, for ``streamshard.media``); everything else (nested
+lists, structs, dictionaries, timestamps, decimals) -> ``json`` (dates, times and decimals as
+their ISO/str text, binary values nested in lists as base64 text). A column holding nulls
+becomes ``json`` (null kept); nulls in a binary column are an error. Row order and every column
+are kept.
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ def plan_columns(schema: Any, nulls: Mapping[str, int], where: str) -> list[tupl
     column down to the value (length > 1 for flattened struct fields)."""
     pa = _pa()
     out: list[tuple[str, str, tuple]] = []
+    media = _media_features(schema)
 
     def visit(name: str, t: Any, path: tuple) -> None:
         null = nulls.get(".".join(path), 0) > 0
         plain = _plain_type(t)
+        if plain == "bytes" and len(path) == 2 and path[1] == "bytes" and path[0] in media:
+            plain = media[path[0]]  # the encoded file of an Image / Audio feature
         if pa.types.is_struct(t) and _has_binary(t) and not null:
             for i in range(t.num_fields):
                 f = t.field(i)
@@ -130,6 +134,23 @@ def plan_columns(schema: Any, nulls: Mapping[str, int], where: str) -> list[tupl
     for field in schema:
         visit(field.name, field.type, (field.name,))
     return out
+
+
+_MEDIA = {"Image": "image", "Audio": "audio"}
+
+
+def _media_features(schema: Any) -> dict[str, str]:
+    """Top-level columns that ``datasets`` declares as ``Image`` / ``Audio`` features (the
+    ``huggingface`` entry of the Arrow schema metadata), as ``image`` / ``audio``."""
+    try:
+        meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+        features = meta.get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {name: _MEDIA[f["_type"]] for name, f in features.items()
+            if isinstance(f, dict) and f.get("_type") in _MEDIA}
 
 
 def _null_counts(files: Sequence[str]) -> dict[str, int]:

@@ -52,6 +52,9 @@ class JsonlConverter:
             except ValueError as exc:
                 ctx.bad_record(InputError(f"{lines.where()}: invalid JSON: {exc}"))
                 continue
+            except RecursionError:
+                ctx.bad_record(InputError(f"{lines.where()}: JSON nested too deeply"))
+                continue
             if not names:
                 yield {"json": record}
                 continue

@@ -17,8 +17,9 @@ The uncompressed ``raw_data`` file is read when present, else ``zip_data`` is de
 ``str_int`` -> int64, ``str_float`` -> float64, ``str_decimal`` -> str (exact text);
 ``ndarray:DTYPE:SHAPE`` -> ``DTYPE[SHAPE]``, ``ndarray:DTYPE`` -> ``DTYPE[...]``, ``ndarray`` ->
 ``DTYPE[...]`` with DTYPE taken from the first sample (a later different dtype is an error);
-image encodings (``pil``, ``jpeg``, ``png``, ``jpeg_array``, ``list[...]``) -> ``bytes`` holding
-the stored MDS bytes unchanged (jpeg/png are plain image files). ``pkl`` columns are refused:
+``jpeg``/``png`` -> ``image`` (the stored bytes are plain image files); the other image
+encodings (``pil``, ``jpeg_array``, ``list[...]``) -> ``bytes`` holding the stored MDS bytes
+unchanged. ``pkl`` columns are refused:
 streamshard never unpickles data.
 """
 
@@ -115,6 +116,8 @@ def shard_columns(path: str, shard: dict) -> list[MDSColumn]:
 def column_type(col: MDSColumn, first_dtype: str | None = None) -> str:
     """The streamshard type string for one MDS column."""
     enc = col.encoding
+    if enc in ("jpeg", "png"):
+        return "image"  # the stored bytes are a plain JPEG / PNG file: streamshard.media decodes
     if enc in _AS_BYTES:
         return "bytes"
     if enc in ("str", "json"):

@@ -73,7 +73,7 @@ class LineReader:
             pos = self._first_pos = reader.tell() if piece.start > 0 else 0
             compressed = is_compressed(piece.path)
             reported = 0
-            for line in reader:
+            for line in self._lines(reader):
                 if not compressed and pos >= piece.end:
                     break
                 pos += len(line)
@@ -85,6 +85,24 @@ class LineReader:
                     reported = done
             ctx.advance(piece.nbytes - reported if not compressed
                         else max(raw.tell() - reported, 0))
+
+
+    def _lines(self, reader: BinaryIO) -> Iterator[bytes]:
+        """The reader's lines; a truncated or corrupt compressed stream ends them with a bad
+        record naming the file and the line after the last good one (the rest is unreadable)."""
+        it = iter(reader)
+        while True:
+            try:
+                line = next(it)
+            except StopIteration:
+                return
+            except (EOFError, OSError, ValueError) as exc:  # gzip: EOFError/BadGzipFile; zstd
+                self._count += 1
+                self.ctx.bad_record(InputError(
+                    f"{self.where()}: truncated or corrupt compressed input "
+                    f"({type(exc).__name__}: {exc}); the rest of the file is skipped"))
+                return
+            yield line
 
 
 def _count_newlines(path: str, upto: int) -> int:

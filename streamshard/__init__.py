@@ -9,6 +9,7 @@ from streamshard.errors import (  # noqa: F401
     ConfigError,
     CorruptionError,
     DatasetExistsError,
+    DestinationLockedError,
     FormatError,
     InputError,
     MissingDependencyError,
@@ -29,8 +30,9 @@ _LAZY = {
     "verify_dataset": "streamshard.verify",
     "merge_datasets": "streamshard.merge",
     "StreamingDataset": "streamshard.dataset",
-    "Stream": "streamshard.dataset",
+    "Stream": "streamshard.streams",
     "StreamingDataLoader": "streamshard.loader",
+    "NumpyBatchIterator": "streamshard.numpy_loader",
     "sample_rng": "streamshard.sampler.rng",
 }
 
@@ -41,12 +43,22 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'streamshard' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        from streamshard.errors import missing_dependency
+
+        # The format, the sampler, the CLI's convert/inspect/verify and NumpyBatchIterator work
+        # without torch; the PyTorch loader does not.
+        raise missing_dependency("torch", "torch", f"streamshard.{name}") from exc
 
 
 __all__ = sorted(
     [
-        "ConfigError", "CorruptionError", "DatasetExistsError", "FormatError", "InputError",
+        "ConfigError", "CorruptionError", "DatasetExistsError", "DestinationLockedError",
+        "FormatError", "InputError",
         "MissingDependencyError", "SchemaError", "StateMismatchError", "StorageError",
         "StreamshardError", "World", "detect_world", *_LAZY,
     ]

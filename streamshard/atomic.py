@@ -12,13 +12,29 @@ from typing import Any
 TMP_MARK = ".tmp-"  # temp names are "<target>.tmp-<pid>-<random>"; cleaners may match on it
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+# O_EXCL: never reuse an existing file; O_NOFOLLOW: never write through a planted symlink.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def create_exclusive(path: str, mode: int = 0o644) -> int:
+    """Create ``path`` for writing; fails if anything (a file, a symlink) is already there."""
+    return os.open(path, _CREATE, mode)
+
+
+def temp_name(path: str) -> str:
+    """A fresh temp name next to ``path``: ``<path>.tmp-<pid>-<8 hex>``."""
+    return f"{path}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True,
+                 mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically. ``fsync`` makes the content durable before the
-    rename (index and checkpoint files); caches whose content is re-verifiable skip it."""
+    rename (index and checkpoint files); caches whose content is re-verifiable skip it. The temp
+    file is created with O_EXCL|O_NOFOLLOW and ``mode`` (0o600 for files naming credentials)."""
     path = os.fspath(path)
-    tmp = f"{path}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_exclusive(tmp, mode), "wb") as f:
             f.write(data)
             if fsync:
                 f.flush()
@@ -32,7 +48,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = True) ->
         raise
 
 
-def put_atomic(path: str | os.PathLike, data: bytes, *, fs: Any = None, fsync: bool = True) -> None:
+def put_atomic(path: str | os.PathLike, data: bytes, *, fs: Any = None, fsync: bool = True,
+               mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so no reader sees half of it, on any filesystem: locally
     (``fs`` None or a LocalFileSystem) :func:`atomic_write` after creating the parent folder;
     on an object store one ``pipe_file`` (a single PUT, or a multipart upload that only
@@ -41,16 +58,16 @@ def put_atomic(path: str | os.PathLike, data: bytes, *, fs: Any = None, fsync: b
         fs.pipe_file(os.fspath(path), data)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, data, fsync=fsync)
+    atomic_write(path, data, fsync=fsync, mode=mode)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, fs: Any = None,
-                      fsync: bool = True) -> None:
+                      fsync: bool = True, mode: int = 0o644) -> None:
     """The one way streamshard writes a JSON file (markers, stats, cache and checkpoint
     metadata): strict JSON (``ValueError`` on NaN/Infinity), sorted keys, written by
     :func:`put_atomic`."""
     data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
-    put_atomic(path, data, fs=fs, fsync=fsync)
+    put_atomic(path, data, fs=fs, fsync=fsync, mode=mode)
 
 
 def _is_local(fs: Any) -> bool:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from streamshard.errors import ConfigError, StreamshardError
+from streamshard.errors import ConfigError, StreamshardError, redact
 from streamshard.preview import preview
 from streamshard.progress import ProgressBar, format_duration
 from streamshard.sizes import format_size
@@ -167,12 +167,21 @@ def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a dataset's schema, sizes and a few samples")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--samples", type=int, default=3, help="samples to preview (default 3)")
+    from streamshard import cli_inspect
+
+    cli_inspect.add_options(p)
     p.set_defaults(func=_cmd_inspect)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from streamshard.reader import open_dataset
 
+    from streamshard import cli_inspect
+
+    if cli_inspect.wanted(args):
+        with open_dataset(args.dest) as ds:
+            cli_inspect.run(args, ds, preview)
+        return EXIT_OK
     with open_dataset(args.dest) as ds:
         idx = ds.index
         raw = sum(s.raw_bytes for s in idx.shards)
@@ -287,6 +296,13 @@ def _add_plan(sub: Any) -> None:
     sub.choices["plan"].set_defaults(func=capacity.run)
 
 
+# -- launch (streamshard/recovery/launch.py; takes torchrun's own flags, parsed there) ----------
+
+def _add_launch(sub: Any) -> None:
+    sub.add_parser("launch", add_help=False, help="torchrun's elastic agent acting on recovery exit codes "
+                                                  "(75 restart, 77 drop node, 78 stop all); torchrun flags")
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 def _add_paths(p: argparse.ArgumentParser, name: str, help: str, dest_help: str) -> None:
@@ -308,8 +324,15 @@ def _add_quarantine(sub: Any) -> None:
     add_quarantine(sub)
 
 
+def _add_benchmark(sub: Any) -> None:
+    from streamshard.cli_benchmark import add_benchmark
+
+    add_benchmark(sub)
+
+
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_plan, _add_demo, _add_explain, _add_quarantine]
+                                             _add_plan, _add_demo, _add_explain, _add_quarantine,
+                                             _add_launch, _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,8 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one redacted line: ``<what>: <file>`` for OS errors, else its class and text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    elif isinstance(exc, RecursionError):
+        text = "input nested too deeply to process"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return redact(" ".join(text.split()))[:500]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's parser, not ours
+        from streamshard.recovery.launch import main as launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
     # leaves the later positionals over, and they are appended in order.
@@ -344,11 +386,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch" or args.debug:
+            raise
+        print(f"streamshard: error: {args.command} needs PyTorch: pip install 'streamshard[torch]' "
+              f"(convert, inspect, verify and merge do not)", file=sys.stderr)
+        return EXIT_FAIL
     except StreamshardError as exc:
         if args.debug:
             raise
         print(f"streamshard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
+    except (OSError, RecursionError, MemoryError, OverflowError) as exc:
+        # Not a streamshard error but the user's environment or input (a path that is a
+        # directory, no permission, a number too large, input nested too deeply): one line.
+        if args.debug:
+            raise
+        print(f"streamshard: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

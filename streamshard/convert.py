@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import streamshard.converters as converters
 from streamshard.converters import Piece
 from streamshard.atomic import atomic_write_json
+from streamshard import lifeline
+from streamshard.destlock import DestLock, RemoteDestLock
 from streamshard.errors import (
     ConfigError, DatasetExistsError, InputError, SchemaError, StreamshardError,
 )
@@ -251,44 +253,50 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
-    done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
-    todo = [c for c in chunks if c.index not in done]
-    if on_start:
-        on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
-    jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors, dict(storage_options or {}))
-            for c in todo]
-    report = progress or (lambda s, b: None)
-    worker_cpu = 0.0
-    for result in _run(jobs, workers, report):
-        done[result["chunk"]] = result
-        worker_cpu += result.get("cpu_seconds", 0.0)
-        if on_chunk is not None:
-            on_chunk(result["chunk"])
-    if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
+    # one writer per destination (docs/FORMAT.md "Writing and atomicity")
+    lock = DestLock(root) if loc.local else RemoteDestLock(fs, root, dest)
+    try:
+        done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
+        todo = [c for c in chunks if c.index not in done]
+        if on_start:
+            on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
+        jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors,
+                     dict(storage_options or {})) for c in todo]
+        report = progress or (lambda s, b: None)
         worker_cpu = 0.0
+        for result in _run(jobs, workers, report):
+            done[result["chunk"]] = result
+            worker_cpu += result.get("cpu_seconds", 0.0)
+            if on_chunk is not None:
+                on_chunk(result["chunk"])
+        if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
+            worker_cpu = 0.0
 
-    from streamshard.merge import merge_datasets
+        from streamshard.merge import merge_datasets
 
-    results = [done[c.index] for c in chunks]
-    counters = dict(sum((Counter(r["counters"]) for r in results), Counter()))
-    skipped = sum(r["skipped"] for r in results)
-    meta = {"converter": {"format": format, "options": opts, "chunk_size": chunk_bytes,
-                          "chunks": len(chunks), "skipped_records": skipped, **counters}}
-    index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
-                           overwrite=True, metadata=meta, storage_options=storage_options)
-    _remove(fs, f"{root}/{MARKER}")
-    if identities and input_cache is None:
-        inputs.remove_cache(cache)
-    return ConvertSummary(
-        samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
-        reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),
-        converted_bytes=sum(c.nbytes for c in todo),
-        raw_bytes=sum(s.raw_bytes for s in index.shards),
-        stored_bytes=sum(s.bytes for s in index.shards), seconds=time.perf_counter() - t0,
-        cpu_seconds=time.process_time() - cpu0 + worker_cpu,
-        skipped=skipped,
-        skipped_examples=tuple(e for r in results for e in r["examples"])[:MAX_EXAMPLES],
-        counters=counters, fingerprint=index.fingerprint)
+        results = [done[c.index] for c in chunks]
+        counters = dict(sum((Counter(r["counters"]) for r in results), Counter()))
+        skipped = sum(r["skipped"] for r in results)
+        meta = {"converter": {"format": format, "options": opts, "chunk_size": chunk_bytes,
+                              "chunks": len(chunks), "skipped_records": skipped, **counters}}
+        index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
+                               overwrite=True, metadata=meta, storage_options=storage_options)
+        _remove(fs, f"{root}/{MARKER}")
+        if identities and input_cache is None:
+            inputs.remove_cache(cache)
+        return ConvertSummary(
+            samples=index.num_samples, shards=index.num_shards, chunks=len(chunks),
+            reused_chunks=len(chunks) - len(todo), input_bytes=sum(c.nbytes for c in chunks),
+            converted_bytes=sum(c.nbytes for c in todo),
+            raw_bytes=sum(s.raw_bytes for s in index.shards),
+            stored_bytes=sum(s.bytes for s in index.shards), seconds=time.perf_counter() - t0,
+            cpu_seconds=time.process_time() - cpu0 + worker_cpu,
+            skipped=skipped,
+            skipped_examples=tuple(e for r in results for e in r["examples"])[:MAX_EXAMPLES],
+            counters=counters, fingerprint=index.fingerprint)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _prepare_dest(fs: Any, root: str, dest: str, live: dict, chunks: Sequence[Chunk],
@@ -374,10 +382,13 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
         mp = multiprocessing.get_context("fork")
     else:
         mp = multiprocessing.get_context("forkserver")
-        mp.set_forkserver_preload(["streamshard.convert", "streamshard.converters"])
+        # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (streamshard/lifeline.py)
+        os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
+        mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
+                                   "streamshard.converters"])
     q = mp.Queue()
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
-                               initializer=_init_worker, initargs=(q,))
+                               initializer=_init_worker, initargs=(q, os.getpid()))
     pending = {pool.submit(_worker_run, job) for job in jobs}
     error: BaseException | None = None
     try:
@@ -404,9 +415,10 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
 _QUEUE: Any = None
 
 
-def _init_worker(q: Any) -> None:
+def _init_worker(q: Any, owner: int) -> None:
     global _QUEUE
     _QUEUE = q
+    lifeline.arm(owner)  # a worker dies with the converting process, also on its SIGKILL
 
 
 def _worker_run(job: _Job) -> dict:

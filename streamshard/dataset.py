@@ -9,15 +9,14 @@ save and resume. Three ways to drive it (docs/LOADER.md):
 - ``StreamingDataLoader(ds)``: one line; counts consumed batches, owns the checkpoint state.
 - ``DataLoader(ds, batch_sampler=ds.batch_sampler(), collate_fn=...)``, or torchdata's
   ``StatefulDataLoader`` the same way: its state holds the sampler's, so resume is arithmetic.
-- ``DataLoader(ds, batch_size=ds.batch_size)``: indices ``0..len(ds)-1`` of ``ds.set_epoch(e)``'s
-  epoch, cut in this rank's batches; another batch size is a ``ConfigError`` at the first batch.
+- ``DataLoader(ds, batch_size=None, collate_fn=...)``: item ``i`` is rank batch ``i`` of
+  ``ds.set_epoch(e)``'s epoch; a ``DataLoader`` that batches again (``batch_size`` >= 1) gets a
+  ``ConfigError`` naming these forms.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,42 +26,18 @@ from streamshard import blockshuffle, fastpath
 from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
-from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key, sample_rng
-from streamshard.sampler.order import default_lanes
+from streamshard.reader import Dataset
+from streamshard.streams import (  # noqa: F401 (Stream re-exported)
+    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+)
+from streamshard.sampler import EpochOrder, Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
 
-@dataclass(frozen=True)
-class Stream:
-    """One dataset of a weighted mixture. ``weight`` is relative; it need not sum to 1."""
-
-    source: str
-    weight: float = 1.0
-    storage_options: dict | None = field(default=None, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source:
-            raise ConfigError(f"Stream source must be a path or URL string, got {self.source!r}")
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)) or self.weight <= 0:
-            raise ConfigError(f"Stream weight must be a positive number, got {self.weight!r}")
-
-
-def _resolve_batch(batch_size: int | None, global_batch_size: int | None, world: World) -> int:
-    if (batch_size is None) == (global_batch_size is None):
-        raise ConfigError(
-            "give exactly one of batch_size (per device) and global_batch_size, "
-            f"got batch_size={batch_size!r}, global_batch_size={global_batch_size!r}"
-        )
-    if batch_size is not None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        return batch_size * world.world_size
-    if not isinstance(global_batch_size, int) or global_batch_size <= 0:
-        raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    return global_batch_size  # any world size: rank batches differ by at most one sample
+# Stream and the batch rule live in streams.py (no torch); re-exported here.
+_resolve_batch = resolve_batch
 
 
 class StreamingDataset(torch.utils.data.Dataset):
@@ -98,11 +73,10 @@ class StreamingDataset(torch.utils.data.Dataset):
         block_shuffle: bool | None = None,
         blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
+        verify_blocks: bool = True,
     ):
         super().__init__()
-        streams = [Stream(source, 1.0, storage_options)] if isinstance(source, str) else list(source)
-        if not streams or not all(isinstance(s, Stream) for s in streams):
-            raise ConfigError(f"source must be a path/URL or a non-empty list of Stream, got {source!r}")
+        streams = as_streams(source, storage_options)
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.world = world if world is not None else detect_world()
@@ -113,49 +87,15 @@ class StreamingDataset(torch.utils.data.Dataset):
         self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
         # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
         self.pin_memory = False
-        self.streams = tuple(streams)
-        self.datasets: tuple[Dataset, ...] = tuple(
-            open_dataset(
-                s.source,
-                cache_dir=cache_dir,
-                cache_limit=cache_limit,
-                storage_options=s.storage_options if s.storage_options is not None else storage_options,
-                block_cache=DEFAULT_BLOCK_CACHE if block_cache is None else block_cache,
-            )
-            for s in streams
-        )
-        if block_shuffle is not None and not isinstance(block_shuffle, bool):
-            raise ConfigError(f"block_shuffle must be a bool or None, got {block_shuffle!r}")
-        # The block-aware shuffle (docs/SAMPLER.md) is the default for compressed shards only:
-        # uncompressed shards are mmapped, a random sample costs no more than a sequential one.
-        groups = [
-            blockshuffle.block_groups(ds.index, blocks_per_group)
-            if shuffle and (block_shuffle if block_shuffle is not None
-                            else ds.index.compression is not None) else None
-            for ds in self.datasets
-        ]
-        orders = [
-            EpochOrder(
-                [info.samples for info in ds.index.shards],
-                # One stream keeps the user's seed; mixture members get distinct derived keys so
-                # two copies of one dataset in a mixture are not read in lockstep.
-                seed=seed if len(streams) == 1 else derive_key(seed, i),
-                shuffle=shuffle,
-                # One stream: lanes sized for locality at any world size (fixed into the state
-                # by the first run); a mixture's streams keep EpochOrder's default.
-                lanes=(default_lanes(len(ds.index.shards), self.global_batch_size)
-                       if lanes is None and len(streams) == 1 else lanes),
-                window=window,
-                blocks=groups[i],
-            )
-            for i, ds in enumerate(self.datasets)
-        ]
-        if len(orders) == 1 and epoch_size is None:
-            order: EpochOrder | MixtureOrder = orders[0]
-        else:
-            order = MixtureOrder(
-                orders, [s.weight for s in streams], seed=seed, block=mixture_block, epoch_size=epoch_size
-            )
+        self.streams = streams
+        self.datasets: tuple[Dataset, ...] = open_streams(
+            streams, cache_dir=cache_dir, cache_limit=cache_limit,
+            storage_options=storage_options, block_cache=block_cache,
+            verify_blocks=verify_blocks)
+        order, orders = build_order(
+            self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
+            epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
+            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size)
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
@@ -166,13 +106,7 @@ class StreamingDataset(torch.utils.data.Dataset):
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         ))
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
-            for ds, stream_order in zip(self.datasets, orders):
-                if stream_order.blocks is not None:
-                    lanes_read = (self.sequence.assignment(
-                        self.world.world_size, self.world.local_world_size).lanes_read(self.world.rank)
-                        if stream_order is order else stream_order.lanes)
-                    ds.reserve_block_cache(blockshuffle.cache_bytes_needed(
-                        ds.index, stream_order.blocks, lanes_read))
+            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
@@ -214,7 +148,8 @@ class StreamingDataset(torch.utils.data.Dataset):
         return StreamingBatchSampler(self, columnar=columnar)
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch that plain integer indices (``DataLoader(ds, batch_size=B)``) refer to."""
+        """The epoch that integer indices (``DataLoader(ds, batch_size=None)``) and
+        ``for batch in ds`` read, as with ``DistributedSampler``."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = epoch
@@ -233,22 +168,24 @@ class StreamingDataset(torch.utils.data.Dataset):
         return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
-        """Samples this rank reads per epoch (``steps_per_epoch * batch_size``): the indices a
-        plain ``DataLoader(ds, batch_size=ds.batch_size)`` draws."""
-        return self.steps_per_epoch * self.batch_size
+        """Rank batches per epoch (every rank serves the same number of steps)."""
+        return self.steps_per_epoch
 
     # -- random access ------------------------------------------------------------------------
     def __getitem__(self, index: Any) -> Any:
-        """A :class:`BatchKey`'s rank batch. A single integer is refused with a ``ConfigError``
-        naming the fix: items of this dataset are whole rank batches (a plain
-        ``DataLoader(ds, batch_size=None)`` would otherwise yield unbatched samples)."""
+        """Rank batch ``index`` of ``set_epoch``'s epoch (a list of samples, transformed): the
+        item a plain ``DataLoader(ds, batch_size=None, collate_fn=...)`` reads. A
+        :class:`BatchKey` gives its batch."""
         if isinstance(index, BatchKey):
             return self.__getitems__(index)
-        raise ConfigError(
-            f"StreamingDataset[{index!r}]: this dataset serves whole rank batches, not single "
-            f"indices: use StreamingDataLoader(ds), DataLoader(ds, batch_size={self.batch_size}) "
-            "or DataLoader(ds, batch_sampler=ds.batch_sampler()); one sample of the data is "
-            "ds.datasets[stream][sample_id]")
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ConfigError(f"StreamingDataset index must be an int or a BatchKey, got {index!r}")
+        if not 0 <= index < self.steps_per_epoch:
+            raise IndexError(f"rank batch {index} out of range [0, {self.steps_per_epoch})")
+        step = self._epoch * self.steps_per_epoch + int(index)
+        w = self.world
+        streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
+        return self.fetch(step, streams, samples)
 
     # -- iteration ----------------------------------------------------------------------------
     def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
@@ -264,20 +201,30 @@ class StreamingDataset(torch.utils.data.Dataset):
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
-        out = []
-        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
-            item = self.datasets[stream][sample]
-            if self.transform is not None:
-                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
-            out.append(item)
+        if len(self.datasets) == 1:  # read in block order (fastpath.read_samples)
+            out = fastpath.read_samples(self.datasets[0], sample_ids)
+        else:
+            out = [None] * len(sample_ids)
+            for stream in np.unique(stream_ids).tolist():
+                where = np.flatnonzero(stream_ids == stream)
+                for i, item in zip(where.tolist(),
+                                   fastpath.read_samples(self.datasets[stream], sample_ids[where])):
+                    out[i] = item
+        if self.transform is not None:
+            out = [self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+                   for item, stream, sample in zip(out, stream_ids.tolist(), sample_ids.tolist())]
         return out
 
     def __getitems__(self, key: Any) -> Any:
-        """One rank batch: for a :class:`BatchKey`, its samples (or columns when ``columnar``,
-        ``(step, batch)`` when ``tagged``); for a list of ints from ``DataLoader(ds,
-        batch_size=B)``, the rank batch those indices cut out of ``set_epoch``'s epoch."""
+        """One rank batch for a :class:`BatchKey`: its samples (or columns when ``columnar``,
+        ``(step, batch)`` when ``tagged``). A list of indices (a ``DataLoader`` that batches
+        again, ``batch_size`` >= 1) is a ``ConfigError`` naming the fix."""
         if not isinstance(key, BatchKey):
-            key = self._key_of_indices(key)
+            raise ConfigError(
+                f"DataLoader(ds, batch_size={len(key)}) would batch this dataset's rank batches "
+                f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
+                "DataLoader(ds, batch_size=None) or DataLoader(ds, "
+                "batch_sampler=ds.batch_sampler())")
         for stream, shard in key.prefetch:
             ds = self.datasets[stream]
             ds.source.prefetch([ds.index.shards[shard]])
@@ -298,22 +245,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         sampler.set_epoch(self._epoch)
         for key in sampler:
             yield self.__getitems__(key)
-
-    def _key_of_indices(self, indices: Any) -> BatchKey:
-        idx = [int(i) for i in indices]
-        size = self.batch_size
-        if not idx or len(idx) != size or idx[0] % size or idx != list(range(idx[0], idx[0] + size)):
-            raise ConfigError(
-                f"a DataLoader batch of {len(idx)} indices starting at {idx[0] if idx else None} is "
-                f"not one of this rank's batches of {size}: pass the dataset's batch size to the "
-                f"DataLoader (batch_size={size}) or use batch_sampler=ds.batch_sampler()")
-        if idx[-1] >= len(self):
-            raise IndexError(f"index {idx[-1]} out of range [0, {len(self)})")
-        step = self._epoch * self.steps_per_epoch + idx[0] // size
-        world = self.world
-        streams, samples = self.sequence.batch(step, world.rank, world.world_size,
-                                               world.local_world_size)
-        return BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()))
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)

@@ -7,9 +7,24 @@ naturally catch (``ValueError`` for bad input, ``OSError`` for storage), so
 
 from __future__ import annotations
 
+import re
+
+# "scheme://user:password@host" -> "scheme://***@host" (RFC 3986 user info: no "/", "@", space)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info of every URL in it replaced by ``***`` (credentials never
+    appear in a repr, a message or a file streamshard writes)."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
+
 
 class StreamshardError(Exception):
-    """Base class of every error raised by streamshard."""
+    """Base class of every error raised by streamshard. String arguments are redacted
+    (``redact``): a URL's user:password never reaches a message or a log."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(StreamshardError, ValueError):
@@ -43,12 +58,16 @@ class DatasetExistsError(StreamshardError, FileExistsError):
     """The destination already holds a dataset and ``overwrite`` was not requested."""
 
 
+class DestinationLockedError(StreamshardError, BlockingIOError):
+    """Another writer holds the destination's lock; the message names it (pid, host, command)."""
+
+
 class StorageError(StreamshardError, OSError):
     """Remote or local storage failed. ``transient`` says whether retrying may help."""
 
     def __init__(self, message: str, *, url: str | None = None, transient: bool = False):
         super().__init__(message)
-        self.url = url
+        self.url = None if url is None else redact(url)
         self.transient = transient
 
 

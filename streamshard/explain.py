@@ -14,8 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError, StateMismatchError
-from streamshard.sampler import EpochOrder, Ledgers, MixtureOrder, SampleSequence
-from streamshard.sampler.blockorder import BlockGroups
+from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, MixtureOrder, SampleSequence
 from streamshard.state import KEY_FINGERPRINTS, KEY_SEQUENCE, KEY_STEP, KEY_STEPS_PER_EPOCH
 
 # Columns read as a sample's key when present (scalars or short strings): what a data team needs
@@ -124,6 +123,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
     if not isinstance(state, Mapping) or KEY_SEQUENCE not in state:
         raise StateMismatchError("not a streamshard loader state: no 'sequence' key")
     fields = state[KEY_SEQUENCE]
+    if not isinstance(fields, Mapping):
+        raise StateMismatchError(f"loader state's 'sequence' must be an object, got {fields!r:.80}")
     saved_fps = list(state.get(KEY_FINGERPRINTS, []))
     live_fps = [ds.fingerprint for ds in datasets]
     if saved_fps != live_fps:
@@ -139,8 +140,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
             order = _order(fields, datasets[0])
         seq = SampleSequence(order, global_batch_size=fields["global_batch_size"],
                              drop_last=fields["drop_last"]).with_ledgers(Ledgers.from_state(state))
-    except (KeyError, TypeError) as e:
-        raise StateMismatchError(f"loader state's sequence is incomplete ({e!r})") from None
+    except (KeyError, TypeError, ConfigError) as e:
+        raise StateMismatchError(f"loader state's sequence is incomplete or invalid ({e})") from None
     live = seq.state_fields()
     problems = [f"sequence.{k}: saved={fields.get(k)!r}, live={live.get(k)!r}"
                 for k in sorted(set(fields) | set(live))
@@ -154,7 +155,12 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
 
 
 def _order(fields: Mapping[str, Any], ds) -> EpochOrder:
-    blocks = fields.get("blocks")  # the block-aware shuffle's [samples per block, blocks per group]
+    blocks = fields.get("blocks")  # the block-aware shuffle's [samples_per_block, blocks_per_group]
+    if blocks is not None:
+        if not (isinstance(blocks, list) and len(blocks) == 2):
+            raise StateMismatchError(f"sequence.blocks must be [samples_per_block, blocks_per_group], "
+                                     f"got {blocks!r:.80}")
+        blocks = BlockGroups(*blocks)
     return EpochOrder([info.samples for info in ds.index.shards], seed=fields["seed"],
                       shuffle=fields["shuffle"], lanes=fields["lanes"], window=fields["window"],
-                      blocks=BlockGroups(*blocks) if blocks is not None else None)
+                      blocks=blocks)

@@ -9,6 +9,7 @@ UTF-8) of every top-level field except ``fingerprint`` itself. See docs/FORMAT.m
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError, FormatError, SchemaError
+from streamshard.indexcheck import check_document, loads_strict
 from streamshard.locate import locate, shard_starts
 from streamshard.schema import Schema
 
@@ -40,6 +42,9 @@ class ShardInfo(NamedTuple):
     bytes: int
     raw_bytes: int
     xxh64: str
+    # XXH64 of the shard's block table (16 hex digits), the identity a reader checks at open;
+    # None for datasets written before it was recorded (docs/FORMAT.md "Migration").
+    table_xxh64: str | None = None
 
 
 def fingerprint_of(doc: Mapping[str, Any]) -> str:
@@ -133,8 +138,9 @@ class DatasetIndex:
     def _from_document(cls, doc: dict, schema: Schema, fingerprint: str) -> "DatasetIndex":
         sh = doc["shards"]
         files, samples = sh["files"], sh["samples"]
+        idents = sh.get("table_xxh64") or itertools.repeat(None, len(files))
         shards = tuple(map(ShardInfo, range(len(files)), files, samples, sh["bytes"],
-                           sh["raw_bytes"], sh["xxh64"]))
+                           sh["raw_bytes"], sh["xxh64"], idents))
         offsets = shard_starts(samples)
         return cls(schema=schema, shards=shards, num_samples=doc["num_samples"],
                    fingerprint=fingerprint, compression=doc["compression"],
@@ -177,8 +183,8 @@ class DatasetIndex:
     @classmethod
     def _parse(cls, data: bytes, source_name: str, check_fingerprint: bool) -> "DatasetIndex":
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = loads_strict(data)
+        except (UnicodeDecodeError, ValueError) as exc:
             raise FormatError(f"{source_name}: not a streamshard index (not JSON: {exc}). "
                               f"{_HINT}") from None
         if not isinstance(doc, dict) or doc.get("magic") != INDEX_MAGIC:
@@ -190,6 +196,7 @@ class DatasetIndex:
             raise FormatError(f"{source_name}: index version {version!r} is not supported by this "
                               f"reader (supports {', '.join(map(str, SUPPORTED_INDEX_VERSIONS))}); "
                               f"upgrade streamshard")
+        check_document(doc, source_name)
         fp = doc.get("fingerprint")
         actual = fingerprint_of(doc)
         if fp != actual and check_fingerprint:
@@ -234,5 +241,9 @@ def _document(schema: Schema, shards: Sequence[ShardInfo], compression: str | No
             "bytes": [s.bytes for s in shards],
             "raw_bytes": [s.raw_bytes for s in shards],
             "xxh64": [s.xxh64 for s in shards],
+            # written only when known for some shard, so indexes of old datasets keep their
+            # fingerprint when rebuilt (merge of old parts)
+            **({"table_xxh64": [s.table_xxh64 for s in shards]}
+               if any(s.table_xxh64 for s in shards) else {}),
         },
     }

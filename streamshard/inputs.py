@@ -28,17 +28,20 @@ import json
 import logging
 import os
 import posixpath
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import xxhash
 
 from streamshard.atomic import atomic_write
-from streamshard.errors import ConfigError, InputError, StorageError
+from streamshard.errors import ConfigError, InputError, StorageError, redact
 from streamshard.location import local_path, resolve
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
+DOWNLOAD_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -137,34 +140,51 @@ def stage(source: str, files: Sequence[RemoteFile], cache_dir: str,
     except (OSError, ValueError):
         manifest = {}
     fs = resolve(source, storage_options).fs
-    fetched = 0
+    todo = []
     for rf in files:
         dest = os.path.join(root, *rf.name.split("/"))
-        entry = manifest.get(rf.name)
-        if entry == [rf.size, rf.version] and os.path.isfile(dest) and \
+        if manifest.get(rf.name) == [rf.size, rf.version] and os.path.isfile(dest) and \
                 os.path.getsize(dest) == rf.size:
             continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-{os.getpid()}")
+        todo.append((rf, dest))
+    fetched = 0
+    # A few downloads at once: object stores serve one connection at a fraction of their
+    # bandwidth, and many inputs are small. Results are recorded in this thread, in order.
+    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, max(1, len(todo)))) as pool:
+        futures = [pool.submit(_download, fs, rf, dest) for rf, dest in todo]
         try:
-            fs.get_file(rf.path, tmp)
-            got = os.path.getsize(tmp)
-            if got != rf.size:
-                raise StorageError(f"{rf.url}: downloaded {got} bytes, the listing said {rf.size}")
-            os.replace(tmp, dest)
-        except FileNotFoundError:
-            raise ConfigError(f"input {rf.url} disappeared while downloading") from None
-        except (PermissionError, OSError) as exc:
-            raise StorageError(f"downloading input {rf.url}: {exc}") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        manifest[rf.name] = [rf.size, rf.version]
-        atomic_write(manifest_path, json.dumps(manifest, sort_keys=True).encode("utf-8"))
-        fetched += rf.size
-    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files), source,
-             fetched, root)
+            for (rf, _), future in zip(todo, futures):
+                future.result()
+                manifest[rf.name] = [rf.size, rf.version]
+                atomic_write(manifest_path, json.dumps(manifest, sort_keys=True).encode("utf-8"))
+                fetched += rf.size
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    log.info("staged %d input files of %s (%d bytes downloaded) in %s", len(files),
+             redact(source), fetched, root)
     return root
+
+
+def _download(fs: Any, rf: RemoteFile, dest: str) -> None:
+    """``rf`` to ``dest`` through a temporary name in the same directory, size checked."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(dest),
+                       f".{os.path.basename(dest)}.partial-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fs.get_file(rf.path, tmp)
+        got = os.path.getsize(tmp)
+        if got != rf.size:
+            raise StorageError(f"{rf.url}: downloaded {got} bytes, the listing said {rf.size}")
+        os.replace(tmp, dest)
+    except FileNotFoundError:
+        raise ConfigError(f"input {rf.url} disappeared while downloading") from None
+    except (PermissionError, OSError) as exc:
+        raise StorageError(f"downloading input {rf.url}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def discover_inputs(sources: Sequence[str], extensions: tuple[str, ...] | None, *,
@@ -188,15 +208,23 @@ def discover_inputs(sources: Sequence[str], extensions: tuple[str, ...] | None, 
             found = discover([src], extensions, exclude=exclude)
         else:
             kind, remote = list_remote(src, extensions, storage_options)
+            if exclude and is_remote(exclude):  # never read the destination as input
+                prefix = exclude.rstrip("/") + "/"
+                remote = [rf for rf in remote if not rf.url.startswith(prefix)]
+            # A directory stages every file (hf, mds and megatron inputs have siblings) and
+            # takes those with the format's extensions, like a local directory.
+            inputs = [rf for rf in remote if kind != "dir" or extensions is None
+                      or posixpath.basename(rf.name).endswith(extensions)]
+            if not inputs:
+                raise ConfigError(f"no input files found in {src}"
+                                  + (f" (looked for {', '.join(extensions)})" if extensions else ""))
             root = stage(src, remote, cache_dir, storage_options)
-            by_name = {rf.name: rf for rf in remote}
-            if kind == "dir":
-                found = discover([root], extensions)
-            else:
-                found = [(os.path.join(root, *rf.name.split("/")), rf.name) for rf in remote]
-            for path, name in found:
-                rf = by_name[name]
-                identities[os.path.abspath(path)] = [rf.url, rf.size, rf.version]
+            found = []
+            for rf in inputs:
+                path = os.path.abspath(os.path.join(root, *rf.name.split("/")))
+                # redacted: the identity lands in the conversion marker (a file in dest)
+                identities[path] = [redact(rf.url), rf.size, rf.version]
+                found.append((path, rf.name))
         for path, name in found:
             if path not in seen:
                 seen.add(path)

@@ -17,7 +17,8 @@ from streamshard.errors import missing_dependency
 
 # fsspec protocol -> the package that implements it (for the install hint).
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-             "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+             "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp",
+             "hf": "huggingface_hub"}
 
 
 def local_path(url: str | os.PathLike) -> str | None:

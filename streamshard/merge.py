@@ -56,7 +56,7 @@ def merge_datasets(parts: Sequence[str], dest: str, *, overwrite: bool = False,
                               f"{parts[0]} uses {first.compression!r}")
         for s in idx.shards:
             shards.append(ShardInfo(len(shards), posixpath.join(rel, s.file), s.samples,
-                                    s.bytes, s.raw_bytes, s.xxh64))
+                                    s.bytes, s.raw_bytes, s.xxh64, s.table_xxh64))
     assert first is not None
     merged = DatasetIndex.build(first.schema, shards, compression=first.compression,
                                 compression_level=first.compression_level,

@@ -20,6 +20,7 @@ from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import local_path
 from streamshard.lru import LRU
 from streamshard.schema import Schema
+from streamshard.shardcheck import open_regular
 from streamshard.shardfile import ReadStats, ShardFileReader
 from streamshard.sizes import parse_size
 
@@ -52,13 +53,12 @@ class LocalSource:
 
     def read_index(self) -> bytes:
         path = os.path.join(self.root, INDEX_FILE)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+        if not os.path.exists(path):
             hint = "" if os.path.isdir(self.root) else " (the directory does not exist)"
             raise StorageError(f"{path}: no index file{hint}. Are you passing a streamshard "
-                               f"directory?", url=path) from None
+                               f"directory?", url=path)
+        with open_regular(path, INDEX_FILE) as f:  # a FIFO or device is refused, never read
+            return f.read()
 
     def shard_path(self, shard: ShardInfo) -> str:
         path = os.path.join(self.root, *shard.file.split("/"))
@@ -96,7 +96,7 @@ class Dataset:
 
     def __init__(self, source: ShardSource, index: DatasetIndex | None = None, *,
                  max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
-                 block_cache: int | str = DEFAULT_BLOCK_CACHE):
+                 block_cache: int | str = DEFAULT_BLOCK_CACHE, verify_blocks: bool = True):
         if not isinstance(max_open_shards, int) or max_open_shards < 1:
             raise ConfigError(f"max_open_shards must be positive, got {max_open_shards!r}")
         self.block_cache_bytes = 0 if block_cache in (0, "0") else parse_size(block_cache, name="block_cache")
@@ -105,6 +105,9 @@ class Dataset:
             index = DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}")
         self.index = index
         self.max_open_shards = max_open_shards
+        if not isinstance(verify_blocks, bool):
+            raise ConfigError(f"verify_blocks must be True or False, got {verify_blocks!r}")
+        self.verify_blocks = verify_blocks
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -120,13 +123,14 @@ class Dataset:
     # -- pickling: drop open files and maps ------------------------------------------------
     def __getstate__(self) -> dict:
         return {"source": self.source, "index": self.index, "max_open_shards": self.max_open_shards,
-                "block_cache_bytes": self.block_cache_bytes}
+                "block_cache_bytes": self.block_cache_bytes, "verify_blocks": self.verify_blocks}
 
     def __setstate__(self, state: dict) -> None:
         self.source = state["source"]
         self.index = state["index"]
         self.max_open_shards = state["max_open_shards"]
         self.block_cache_bytes = state["block_cache_bytes"]
+        self.verify_blocks = state.get("verify_blocks", True)
         self._init_runtime()
 
     # -- properties ------------------------------------------------------------------------
@@ -161,10 +165,10 @@ class Dataset:
         sizes it to the blocks its lanes keep in flight); never shrinks it."""
         if nbytes > self.block_cache_bytes:
             self.block_cache_bytes = int(nbytes)
-            if self._blocks is None:
-                self._blocks = BlockCache(self.block_cache_bytes)
+            if self._blocks is None:  # readers opened before keep reading uncached
+                self._blocks = LRU(self.block_cache_bytes, size=_block_bytes)
             else:
-                self._blocks.max_bytes = self.block_cache_bytes
+                self._blocks.capacity = self.block_cache_bytes
 
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, samples={self._len}, shards={self.num_shards}, "
@@ -236,8 +240,8 @@ class Dataset:
             path = self.source.shard_path(info)
             try:
                 r = ShardFileReader(path, decode=self._decode, stats=self._stats,
-                                    block_cache=self._blocks,
-                                    name=f"shard {s} ({info.file})", expected_samples=info.samples)
+                                    block_cache=self._blocks, name=f"shard {s} ({info.file})",
+                                    expected=info, verify_blocks=self.verify_blocks)
             except BaseException:
                 self.source.unpin(info)
                 raise
@@ -269,10 +273,12 @@ class Dataset:
 def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit: Any = None,
                  storage_options: dict | None = None, source: ShardSource | None = None,
                  max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
-                 block_cache: int | str = DEFAULT_BLOCK_CACHE) -> Dataset:
+                 block_cache: int | str = DEFAULT_BLOCK_CACHE, verify_blocks: bool = True) -> Dataset:
     """Open a dataset. Local path or ``file://`` -> ``LocalSource``; any other URL ->
     ``streamshard.remote.CachedSource`` (needs ``cache_dir`` or the cache's default).
-    ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index."""
+    ``source`` overrides both. Raises ``FormatError`` for a foreign or newer index.
+    ``verify_blocks=False`` skips the first-touch xxh64 check of uncompressed blocks (only for
+    data checked offline with ``streamshard verify``)."""
     if source is None:
         local = local_path(path_or_url)
         if local is not None:
@@ -282,7 +288,8 @@ def open_dataset(path_or_url: str, *, cache_dir: str | None = None, cache_limit:
 
             source = CachedSource(os.fspath(path_or_url), cache_dir=cache_dir,
                                   cache_limit=cache_limit, storage_options=storage_options)
-    return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache)
+    return Dataset(source, max_open_shards=max_open_shards, block_cache=block_cache,
+                   verify_blocks=verify_blocks)
 
 
 def _block_bytes(entry: tuple[bytes, int]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from streamshard.errors import CorruptionError, SchemaError
+from streamshard.indexcheck import loads_strict
 
 # struct codes double as the scalar encoders; numpy dtypes are always little-endian on disk.
 _STRUCT_CODES = {
@@ -174,7 +176,7 @@ def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
             try:
                 return json.dumps(v, separators=(",", ":"), ensure_ascii=False,
                                   allow_nan=False).encode("utf-8")
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise SchemaError(f"{_where(column, n)}: not JSON-serializable: {exc}") from None
     elif ct.kind == "scalar":
         packer = struct.Struct("<" + _STRUCT_CODES[ct.dtype])
@@ -222,19 +224,59 @@ def _encoder(ct: ColumnType, column: str) -> Callable[[Any, int | None], bytes]:
     return enc
 
 
+def _decode_str(buf: Any, pos: int, size: int) -> str:
+    try:
+        return str(buf[pos:pos + size], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptionError(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _decode_json(buf: Any, pos: int, size: int) -> Any:
+    # The writer never stores NaN/Infinity (allow_nan=False), so stored ones are damage.
+    try:
+        return loads_strict(str(buf[pos:pos + size], "utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CorruptionError(f"invalid UTF-8 at byte {exc.start}") from None
+    except ValueError as exc:
+        raise CorruptionError(f"invalid JSON: {exc}") from None
+
+
 def _decoder(ct: ColumnType, column: str) -> Callable[[Any, int, int], Any]:
     """Decoder of one column payload ``buf[pos:pos+size]`` (size already bounds-checked)."""
     if ct.kind == "bytes" or ct.kind in MEDIA_KINDS:
         return lambda buf, pos, size: bytes(buf[pos:pos + size])
     if ct.kind == "str":
-        return lambda buf, pos, size: str(buf[pos:pos + size], "utf-8")
+        return _decode_str
     if ct.kind == "json":
-        return lambda buf, pos, size: json.loads(str(buf[pos:pos + size], "utf-8"))
+        return _decode_json
     dtype = np.dtype(ct.dtype).newbyteorder("<")
     if ct.kind == "scalar":
         unpack = struct.Struct("<" + _STRUCT_CODES[ct.dtype]).unpack_from
+        if ct.dtype == "bool":
+            return partial(_decode_bool, column)
         return lambda buf, pos, size: unpack(buf, pos)[0]
     itemsize = dtype.itemsize
+    if ct.dtype == "bool":  # the encoding is 0/1 bytes; anything else is damage (checked)
+        inner = _array_decoder(ct, column, dtype, itemsize)
+        return partial(_checked_bool_array, inner, column)
+    return _array_decoder(ct, column, dtype, itemsize)
+
+
+def _decode_bool(column: str, buf: Any, pos: int, size: int) -> bool:
+    byte = buf[pos]
+    if byte > 1:
+        raise CorruptionError(f"column {column!r}: bool byte is {byte}, expected 0 or 1")
+    return byte == 1
+
+
+def _checked_bool_array(inner: Callable, column: str, buf: Any, pos: int, size: int) -> np.ndarray:
+    arr = inner(buf, pos, size)
+    if arr.size and arr.view(np.uint8).max() > 1:
+        raise CorruptionError(f"column {column!r}: bool array holds bytes other than 0 and 1")
+    return arr
+
+
+def _array_decoder(ct: ColumnType, column: str, dtype: np.dtype, itemsize: int) -> Callable:
     if ct.dims is not None and None not in ct.dims:
         shape, count = ct.dims, math.prod(ct.dims)
         if len(shape) == 1:

@@ -24,7 +24,11 @@ import numpy as np
 import xxhash
 import zstandard
 
+from streamshard import blockcheck
 from streamshard.errors import CorruptionError, FormatError
+from streamshard.shardcheck import (
+    check_against_index, check_frame, open_regular, report_fatal_signals,
+)
 
 MAGIC = b"SSHARD\r\n"
 END_MAGIC = b"SSHEND\r\n"
@@ -39,6 +43,10 @@ TABLE_DTYPE = np.dtype([("offset", "<u8"), ("stored", "<u8"), ("raw", "<u8"),
                         ("first", "<u8"), ("xxh64", "<u8")])
 assert HEADER.size == 32 and TABLE_ENTRY.size == 40 and TRAILER.size == 40
 _U64 = struct.Struct("<Q")
+# Largest raw (decompressed) block a reader accepts, whatever table, frame header or index claim:
+# a block is one allocation, so a hostile 100 GB claim must fail before it (docs/FORMAT.md).
+# The writer refuses to produce a larger block (a sample that large is a block of one).
+MAX_BLOCK_BYTES = 1 << 31
 _U64x2 = struct.Struct("<QQ")
 
 
@@ -108,6 +116,10 @@ def parse_table(data: bytes, trailer: Trailer, name: str) -> np.ndarray:
         raise CorruptionError(f"{name}: block table is inconsistent (offsets or sample counts)")
     if trailer.num_blocks == 0 and (trailer.num_samples or trailer.table_offset != HEADER.size):
         raise CorruptionError(f"{name}: no blocks but {trailer.num_samples} samples")
+    if trailer.num_blocks and int(table["raw"].max()) > MAX_BLOCK_BYTES:
+        b = int(np.argmax(table["raw"]))
+        raise CorruptionError(f"{name} block {b}: raw size {int(table['raw'][b])} exceeds the "
+                              f"{MAX_BLOCK_BYTES}-byte block limit")
     return table
 
 
@@ -149,12 +161,15 @@ class ShardFileWriter:
         self.raw_bytes += raw_size
 
     def finish(self) -> tuple[int, str]:
-        """Write table and trailer; return ``(file size, xxh64 hex of the whole file)``."""
+        """Write table and trailer; return ``(file size, xxh64 hex of the whole file)``.
+        ``table_xxh64`` (16 hex digits) is then the shard's identity recorded in the index."""
         table = b"".join(self._entries)
         table_offset = self._pos
         self._put(table)
+        table_hash = xxhash.xxh64_intdigest(table)
+        self.table_xxh64 = f"{table_hash:016x}"
         self._put(TRAILER.pack(table_offset, len(self._entries), 0, self.num_samples,
-                               xxhash.xxh64_intdigest(table), END_MAGIC))
+                               table_hash, END_MAGIC))
         return self._pos, self._hash.hexdigest()
 
 
@@ -204,20 +219,24 @@ class ShardFileReader:
 
     ``read(k) -> dict`` decodes sample ``k`` of the shard. Compressed shards: one ``pread`` of
     the block, xxh64 check, decompress; the last decoded block is kept (in-order reads decode
-    each block once). Uncompressed shards are mmapped and read without checksum checks
-    (``verify_dataset`` checks them); their absolute sample offsets are computed on open.
-    Thread-safe for reads. ``name`` is used in every error message.
+    each block once). Uncompressed shards are mmapped; each block's xxh64 is checked the first
+    time this process touches it (``verify_blocks=False`` skips that, for data verified
+    offline). ``expected`` (the index's ``ShardInfo``) is checked at open: file size, sample
+    count, raw bytes and identity. Thread-safe for reads. ``name`` is in every error message.
     """
 
     def __init__(self, path: str, *, decode: Callable[[Any, int, int], dict], name: str,
                  stats: Any = None, expected_samples: int | None = None,
-                 block_cache: Any = None):
+                 block_cache: Any = None, expected: Any = None, verify_blocks: bool = True):
         self.name = name
         self._shared = block_cache  # an LRU of blocks shared with the dataset's other shards, or None
         self._decode = decode
         self._stats = stats if stats is not None else ReadStats()
-        self._file = open(path, "rb", buffering=0)
+        self._expected = expected
+        self._verify_blocks = verify_blocks
+        self._file = open_regular(path, name)
         self._mm = None
+        self._checked: bytearray | None = None  # per-block first-touch flags (uncompressed)
         self._block = (-1, b"", 0)  # (block number, raw bytes, payload start)
         try:
             self._open(expected_samples)
@@ -230,7 +249,13 @@ class ShardFileReader:
 
     def _open(self, expected_samples: int | None) -> None:
         self._fd = self._file.fileno()
-        size = os.fstat(self._fd).st_size
+        self._stat = os.fstat(self._fd)
+        size = self._stat.st_size
+        info = self._expected
+        if info is not None and size != info.bytes:
+            raise CorruptionError(f"{self.name}: file is {size} bytes, the index says "
+                                  f"{info.bytes} ({'truncated' if size < info.bytes else 'extended'}"
+                                  f" or replaced shard)")
         self.compressed = parse_header(self._pread(HEADER.size, 0), self.name)
         if size < HEADER.size + TRAILER.size:
             raise CorruptionError(f"{self.name}: file is {size} bytes, too short for header and "
@@ -240,6 +265,8 @@ class ShardFileReader:
                                         trailer.table_offset), trailer, self.name)
         self.num_samples = trailer.num_samples
         self.num_blocks = trailer.num_blocks
+        if info is not None:
+            check_against_index(table, trailer, info, self.name)
         if expected_samples is not None and expected_samples != self.num_samples:
             raise CorruptionError(f"{self.name}: shard holds {self.num_samples} samples, the "
                                   f"index says {expected_samples}")
@@ -259,6 +286,7 @@ class ShardFileReader:
     def _map_uncompressed(self, table: np.ndarray) -> None:
         import mmap
 
+        report_fatal_signals()  # a shard truncated after this point can only end in SIGBUS
         self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         bad = np.flatnonzero((table["stored"] != table["raw"]) | (table["stored"] < 16))
         if bad.size:
@@ -270,11 +298,45 @@ class ShardFileReader:
         self._block_offsets: list[list[int] | None] = [None] * self.num_blocks
         self._offsets = table["offset"].tolist()
         self._raw = table["raw"].tolist()
+        self._hashes = table["xxh64"].tolist()
+        self._checked = (blockcheck.record_for(self._stat, self.num_blocks)
+                         if self._verify_blocks else None)
+
+    def check_blocks(self, blocks: Any) -> None:
+        """First-touch check of ``blocks`` (an int or an int array) of an uncompressed shard: what
+        a batch gather that slices the mmap itself must call for the blocks it reads. A no-op for
+        compressed shards (checked on every read), with ``verify_blocks=False``, and for blocks
+        this process checked before (one vectorized lookup)."""
+        checked = self._checked
+        if checked is None:
+            return
+        idx = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_blocks):
+            raise IndexError(f"{self.name}: block out of range (shard has {self.num_blocks})")
+        if np.frombuffer(checked, np.uint8)[idx].all():
+            return
+        for b in np.unique(idx).tolist():
+            if not checked[b]:
+                self._check_block(b)
+
+    def _check_block(self, b: int) -> None:
+        """First touch of mmapped block ``b`` in this process: check its xxh64 once."""
+        off, size = self._offsets[b], self._raw[b]
+        with memoryview(self._mm) as view:  # released at once: close() must not see an export
+            digest = xxhash.xxh64_intdigest(view[off:off + size])
+        if digest != self._hashes[b]:
+            raise CorruptionError(f"{self.name} block {b}: xxh64 checksum mismatch (corrupted "
+                                  f"data in an uncompressed shard)")
+        self._checked[b] = 1  # type: ignore[index]
+        blockcheck.count(size)
 
     def _mmap_offsets(self, b: int) -> list[int]:
         """Absolute file offsets of block ``b``'s samples and of its end (``n + 1`` ints)."""
         offs = self._block_offsets[b]
         if offs is None:
+            checked = self._checked
+            if checked is not None and not checked[b]:
+                self._check_block(b)
             first, off = self._first, self._offsets[b]
             nxt = first[b + 1] if b + 1 < self.num_blocks else self.num_samples
             rel = block_offsets(self._mm, off, self._raw[b], nxt - first[b], f"{self.name} block {b}")
@@ -344,6 +406,7 @@ class ShardFileReader:
         if xxhash.xxh64_intdigest(stored) != self._hashes[b]:
             raise CorruptionError(f"{self.name} block {b}: xxh64 checksum mismatch "
                                   f"(corrupted data)")
+        check_frame(stored, self._raw[b], f"{self.name} block {b}")
         try:
             raw = _decompressor().decompress(stored, max_output_size=self._raw[b])
         except zstandard.ZstdError as exc:

@@ -64,6 +64,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=int))
 
 
+def _count(x: Any) -> bool:
+    """A step, salt or position: an int (not a bool) in [0, 2**63)."""
+    return type(x) is int and 0 <= x < 2**63
+
+
 def _fmt(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 120 else text[:117] + "..."
@@ -108,8 +113,8 @@ def validate_state(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
                     )
     if not problems:
         step, epoch = saved[KEY_STEP], saved[KEY_EPOCH]
-        if not isinstance(step, int) or step < 0:
-            problems.append(f"{KEY_STEP} must be a non-negative int, got {step!r}")
+        if not _count(step):  # type(): a bool is not a step; 2**63: the sampler's int64 range
+            problems.append(f"{KEY_STEP} must be an int in [0, 2**63), got {step!r}")
         elif epoch != step // int(live[KEY_STEPS_PER_EPOCH]):
             problems.append(
                 f"{KEY_EPOCH}={epoch!r} does not match {KEY_STEP}={step} with "

@@ -20,14 +20,17 @@ from typing import Any, Mapping
 
 import zstandard
 
-from streamshard.atomic import put_atomic
+from streamshard.atomic import create_exclusive, put_atomic, temp_name
+from streamshard.destlock import DestLock, RemoteDestLock, clean_stale_temps
 from streamshard.errors import ConfigError, DatasetExistsError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
+from streamshard.indexcheck import shard_name_problem
 from streamshard.location import resolve
 from streamshard.schema import ColumnType, Schema
 from streamshard.shardfile import TABLE_ENTRY, ShardFileWriter, pack_raw_block
 from streamshard.sizes import format_size, parse_size
 
+log = logging.getLogger(__name__)
 SHARD_SUFFIX = ".sss"
 log = logging.getLogger(__name__)
 # False while a caller that already warned about the sizes (convert's driver) runs its writers.
@@ -64,8 +67,10 @@ class WriterConfig:
                                   f"{_MAX_LEVEL}], got {lvl!r}")
         warn_small_shards(self.shard_size, self.block_size)
         p = self.shard_prefix
-        if not isinstance(p, str) or p.startswith("/") or "\\" in p or ".." in p.split("/"):
-            raise ConfigError(f"shard_prefix must be a relative posix prefix, got {p!r}")
+        problem = shard_name_problem(f"{p}shard-000000.sss") if isinstance(p, str) else "is not a str"
+        if problem is not None:
+            raise ConfigError(f"shard_prefix must be a relative posix prefix of safe characters "
+                              f"([A-Za-z0-9._-+=,@~] and '/'), got {p!r}: the shard name {problem}")
 
 
 def warn_small_shards(shard_size: int, block_size: int) -> None:
@@ -135,12 +140,24 @@ class ShardWriter:
         self._shards: list[ShardInfo] = []
         self._written: list[str] = []  # final paths this writer created (removed on abort)
         self._closed = False
-        self._open_dest(overwrite, storage_options or {})
+        self._lock: DestLock | RemoteDestLock | None = None
+        try:
+            self._open_dest(overwrite, storage_options or {})
+        except BaseException:
+            self._release()
+            raise
 
     # -- destination -----------------------------------------------------------------------
     def _open_dest(self, overwrite: bool, storage_options: dict) -> None:
         self._loc = resolve(self.dest, storage_options)
         self._fs, self._root, self._local = self._loc.fs, self._loc.root, self._loc.local
+        if not self._local:  # a conditional create where the store has one (docs/FORMAT.md)
+            self._lock = RemoteDestLock(self._fs, self._root, self.dest)
+        else:  # one writer per destination
+            self._lock = DestLock(self._root)
+            prefix_dir = os.path.dirname(self._join(self.config.shard_prefix + "x"))
+            for path in clean_stale_temps(self._root, prefix_dir):
+                log.info("removed %s, left by a writer that died", path)
         index_path = self._join(INDEX_FILE)
         if self._fs.exists(index_path):
             if not overwrite:
@@ -194,11 +211,12 @@ class ShardWriter:
         if self._local:
             final = self._join(name)
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            self._shard_tmp = f"{final}.tmp-{os.getpid()}"
+            self._shard_tmp = temp_name(final)
         else:
             self._shard_tmp = os.path.join(self._tmpdir, f"shard-{len(self._shards):06d}.tmp")
         self._shard_name = name
-        self._shard_file = open(self._shard_tmp, "wb")
+        # O_EXCL|O_NOFOLLOW: never write through a symlink planted at the temp name
+        self._shard_file = os.fdopen(create_exclusive(self._shard_tmp), "wb")
         self._shard = ShardFileWriter(self._shard_file, compressed=self._cctx is not None)
         return self._shard
 
@@ -216,7 +234,7 @@ class ShardWriter:
             os.remove(self._shard_tmp)
         self._written.append(final)
         self._shards.append(ShardInfo(len(self._shards), self._shard_name, shard.num_samples,
-                                      size, shard.raw_bytes, digest))
+                                      size, shard.raw_bytes, digest, shard.table_xxh64))
         self._shard = self._shard_file = None
         self._shard_tmp = ""
 
@@ -236,6 +254,7 @@ class ShardWriter:
                                    metadata=self.metadata)
         write_index(index, self._fs, self._join(INDEX_FILE))
         self._cleanup_tmpdir()
+        self._release()
         self._closed = True
         self.summary = WriteSummary(
             samples=self._count, shards=len(self._shards),
@@ -263,6 +282,12 @@ class ShardWriter:
             except OSError:
                 pass  # best effort: without an index the leftovers are not a dataset
         self._cleanup_tmpdir()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _cleanup_tmpdir(self) -> None:
         if self._tmpdir is not None:

@@ -80,6 +80,7 @@ def test_cache_is_sized_to_the_units_in_flight(zstd_path):
     order = ds.sequence.order
     need = cache_bytes_needed(ds.datasets[0].index, order.blocks, order.lanes)
     assert ds.datasets[0].block_cache_bytes >= need > 0
+    assert ds.datasets[0]._blocks.capacity >= need  # the LRU itself grew, not just the field
     fixed, _ = loader(zstd_path, block_cache="1MiB")
     assert fixed.datasets[0].block_cache_bytes == 2**20  # an explicit size is kept
 

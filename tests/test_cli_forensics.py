@@ -96,3 +96,35 @@ def test_state_of_another_dataset_is_refused(run, id_dataset_factory, tmp_path, 
     assert "neither a loader state" in capsys.readouterr().err
     assert main(["quarantine", "add", str(state), "0-3"]) == 2
     assert "STREAM:ID[@FROM_STEP]" in capsys.readouterr().err
+
+
+def test_explain_decodes_tokens_with_a_tokenizer(run, tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+
+    tok = tokenizers.Tokenizer(WordLevel({f"w{i}": i for i in range(400)}, unk_token="w0"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path, loader, state = run
+    first = loader.samples_at(7, keys=False)[0].sample_id  # tokens of sample i: i, i+7, i+14, i+21
+    assert main(["explain", path, "--state", str(state), "--steps", "7", "--show", "tokens",
+                 "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].strip() == f'tokens="w{first} w{first + 7} w{first + 14} w{first + 21}"'
+
+
+def test_explain_a_mixture_state(id_dataset_factory, tmp_path, capsys):
+    from streamshard.dataset import Stream
+
+    a, b = id_dataset_factory(60), id_dataset_factory(45)
+    ds = StreamingDataset([Stream(a, 0.6), Stream(b, 0.4)], global_batch_size=10, seed=3, world=World(0, 1))
+    loader = StreamingDataLoader(ds)
+    loader.quarantine([(1, 7, 0)])
+    state = tmp_path / "mix.json"
+    state.write_text(json.dumps(loader.state_dict()))
+    out = explain_json(capsys, a, b, "--state", str(state), "--steps", "0-9", "--no-keys")
+    for row in out:
+        want = [(r.stream, r.sample_id) for r in loader.samples_at(row["step"], keys=False)]
+        assert [(s["stream"], s["sample_id"]) for s in row["samples"]] == want
+        assert (1, 7) not in want
+    assert main(["explain", b, a, "--state", str(state)]) == 1  # streams in the wrong order
+    assert "fingerprints: saved=" in capsys.readouterr().err

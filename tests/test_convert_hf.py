@@ -79,7 +79,7 @@ def test_image_structs_are_flattened_to_bytes(tmp_path):
                                                            "y": datasets.Value("int8")})
                                ).save_to_disk(str(src))
     cols, rows, _ = read_all("hf", [str(src / "state.json")])
-    assert cols == {"image.bytes": "bytes", "image.path": "json", "y": "int8"}
+    assert cols == {"image.bytes": "image", "image.path": "json", "y": "int8"}
     for i, row in enumerate(rows):
         assert np.array_equal(np.asarray(image.open(io.BytesIO(row["image.bytes"]))),
                               np.asarray(pics[i]))

@@ -109,7 +109,7 @@ def test_image_encodings_keep_the_stored_bytes(tmp_path):
         for i, p in enumerate(pics):
             w.write({"png": p, "label": i})
     cols, got, _ = read_all("mds", [src + "/index.json"])
-    assert cols == {"label": "int64", "png": "bytes"}
+    assert cols == {"label": "int64", "png": "image"}
     for i, s in enumerate(got):
         back = image.open(io.BytesIO(s["png"]))
         assert back.format == "PNG" and np.array_equal(np.asarray(back), np.asarray(pics[i]))

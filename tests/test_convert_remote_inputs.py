@@ -155,3 +155,17 @@ def test_cli_with_fsspec_environment_options(s3, corpus, tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "converted 300 samples" in proc.stdout
+
+
+def test_rerun_with_a_kept_cache_follows_the_remote_listing(s3, tmp_path):
+    fs = s3.fs()
+    s3.make_bucket("listing")
+    for name in ("a", "b", "c"):
+        fs.pipe_file(f"listing/d/{name}.jsonl", b'{"x": 1}\n{"x": 2}\n')
+    cache = str(tmp_path / "cache")
+    first = convert(["s3://listing/d"], str(tmp_path / "one"), format="jsonl", input_cache=cache,
+                    input_storage_options=s3.options())
+    fs.rm_file("listing/d/b.jsonl")  # its staged copy stays in the cache
+    second = convert(["s3://listing/d"], str(tmp_path / "two"), format="jsonl",
+                     input_cache=cache, input_storage_options=s3.options())
+    assert (first.samples, second.samples) == (6, 4)

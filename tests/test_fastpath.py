@@ -139,3 +139,27 @@ def test_pin_memory_without_cuda_falls_back(tokens_path, caplog):
     with caplog.at_level(logging.WARNING, logger="streamshard.fastpath"):
         batch = fastpath.read_batch(ds, fastpath.layout(ds.schema), [3, 4], pin_memory=True)
     assert not batch["tok"].is_pinned() and batch["tok"].shape == (2, 64)
+
+
+def test_read_samples_equals_per_sample_reads_in_order(tmp_path):
+    # Variable-size samples, zstd, several shards and blocks; ids unsorted, repeated, spanning.
+    out = str(tmp_path / "v")
+    with ShardWriter(out, columns={"t": "bytes", "n": "int64"}, shard_size="4KB",
+                     block_size="1KiB") as w:
+        for i in range(300):
+            w.write({"t": bytes([i % 251]) * (i % 97), "n": i})
+    ds = open_dataset(out)
+    assert ds.num_shards >= 2
+    ids = np.random.default_rng(2).integers(0, 300, 90).tolist() + [0, 299, 0]
+    got = fastpath.read_samples(ds, ids)
+    assert [g["n"] for g in got] == ids
+    assert all(g["t"] == ds[i]["t"] for g, i in zip(got, ids))
+    # Each block of the batch is fetched once (the reader keeps its last block), no LRU needed.
+    fresh = open_dataset(out, block_cache=0)
+    fastpath.read_samples(fresh, ids)
+    blocks = {(s, b) for s, k in zip(*fresh.index.locate(np.asarray(ids)))
+              for b in [np.searchsorted(fresh.shard_reader(int(s))._first, k, "right") - 1]}
+    assert fresh.stats["blocks_read"] == len(blocks)
+    assert fastpath.read_samples(ds, []) == []
+    with pytest.raises(IndexError, match="sample index 300 out of range"):
+        fastpath.read_samples(ds, [5, 300])

@@ -55,20 +55,21 @@ def test_plain_dataloader_with_the_batch_sampler(path, workers):
     assert [ids(b) for b in loader][:3] == reference(path, 36)[33:]  # the next epoch
 
 
-def test_plain_dataloader_with_the_same_batch_size(path):
+def test_plain_dataloader_with_batch_size_none(path):
     ds = dataset(path)
-    assert ds.batch_size == 3 and len(ds) == 33 * 3
-    loader = torch.utils.data.DataLoader(ds, batch_size=3)  # torch's default_collate
+    assert ds.batch_size == 3 and len(ds) == 33
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=BatchCollate())
     assert [ids(b) for b in loader] == reference(path, 33)
     ds.set_epoch(1)
     assert [ids(b) for b in loader][:2] == reference(path, 35)[33:]
 
 
-def test_a_different_batch_size_is_a_clear_error(path):
+def test_batching_again_is_a_clear_error_and_the_loader_takes_the_same_size(path):
     ds = dataset(path)
-    with pytest.raises(ConfigError, match=r"not one of this rank's batches of 3: pass the "
-                                          r"dataset's batch size to the DataLoader \(batch_size=3\)"):
-        next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    for size in (3, 4):  # a DataLoader that batches rank batches again, whatever the size
+        with pytest.raises(ConfigError, match=r"use StreamingDataLoader\(ds\) \(it accepts "
+                                              r"batch_size=3\), DataLoader\(ds, batch_size=None\)"):
+            next(iter(torch.utils.data.DataLoader(ds, batch_size=size)))
     assert len(take(StreamingDataLoader(ds, batch_size=3), 2)) == 2  # the same value is accepted
     with pytest.raises(ConfigError, match="batch_size=4 differs from the StreamingDataset's batch of 3"):
         StreamingDataLoader(ds, batch_size=4)
@@ -104,5 +105,6 @@ def test_iterating_the_dataset_itself_serves_this_ranks_batches(path):
     assert [[s["id"] for s in batch] for batch in ds] == reference(path, 33)
     ds.set_epoch(1)
     assert [[s["id"] for s in batch] for batch in ds][:2] == reference(path, 35)[33:]
-    with pytest.raises(ConfigError, match=r"StreamingDataset\[0\]: this dataset serves whole rank"):
-        ds[0]
+    assert [s["id"] for s in ds[0]] == reference(path, 34)[33]  # item i: rank batch i of the epoch
+    with pytest.raises(IndexError, match=r"rank batch 33 out of range \[0, 33\)"):
+        ds[33]

@@ -95,3 +95,17 @@ def test_state_carries_the_ledger_and_old_states_load(path):
     assert other.ledgers.quarantine == ()
     with pytest.raises(StateMismatchError, match="quarantine must be a list of"):
         other.load_state_dict({**state, "quarantine": [[0, 1]]})
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_of_match_the_sequence_device_rule_also_on_the_padded_step(drop_last):
+    from streamshard.explain import ranks_of
+    from streamshard.sampler import EpochOrder, SampleSequence
+
+    seq = SampleSequence(EpochOrder([9, 14, 6], seed=2), global_batch_size=12, drop_last=drop_last)
+    for step in (0, seq.steps_per_epoch - 1):  # the last step of a drop_last=False epoch is padded
+        _, samples = seq.global_batch(step)
+        for world in (1, 2, 3, 4):
+            ranks = ranks_of(seq, step, world)
+            for r in range(world):
+                assert seq.batch(step, r, world)[1].tolist() == samples[ranks == r].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_round_trip_with_loader_and_rng(tmp_path, data):
     loader = make_loader(data)
     take(loader, 7)
     loader.skip(20, 22)
-    mgr = CheckpointManager(tmp_path)
+    mgr = CheckpointManager(str(tmp_path))
     saved_loader_state = loader.state_dict()
     torch.manual_seed(1234), random.seed(5), np.random.seed(6)
     mgr.save(5, model=model, optimizer=opt, scheduler=sched, loader=loader, data_step=loader.step, extra={"k": [1]})
@@ -82,32 +83,31 @@ def test_round_trip_with_loader_and_rng(tmp_path, data):
 
 def test_loader_mismatch_is_refused(tmp_path, data, id_dataset_factory):
     model, opt, sched = make_model()
-    mgr = CheckpointManager(tmp_path)
+    mgr = CheckpointManager(str(tmp_path))
     mgr.save(1, model=model, optimizer=opt, loader=make_loader(data), data_step=0)
     other = StreamingDataLoader(StreamingDataset(id_dataset_factory(150), global_batch_size=4, seed=3, world=World()))
     with pytest.raises(StateMismatchError):
         mgr.load(1, model=model, optimizer=opt, loader=other)
 
 
-def test_incomplete_and_stale_dirs_are_ignored(tmp_path):
+def test_unfinished_saves_are_ignored_and_cleaned(tmp_path):
     model, opt, _ = make_model()
-    mgr = CheckpointManager(tmp_path, keep=5)
+    mgr = CheckpointManager(str(tmp_path), keep=5)
     mgr.save(10, model=model, optimizer=opt, data_step=10)
-    # a save killed before the rename: temp dir left behind
-    (tmp_path / ".tmp-step-000000020").mkdir()
-    # a directory with the final name but no COMPLETE marker (e.g. copied by hand, interrupted)
-    (tmp_path / "step-000000030").mkdir()
+    # a save killed before its manifest was written (files present, no MANIFEST.json)
+    mgr.save(30, model=model, optimizer=opt, data_step=30)
+    (tmp_path / "step-000000030" / "MANIFEST.json").unlink()
     assert [c.step for c in mgr.list()] == [10]
     assert mgr.latest().step == 10
-    with pytest.raises(CorruptionError, match="COMPLETE"):
+    with pytest.raises(CorruptionError, match="no manifest"):
         mgr.load(30, model=model)
-    mgr.save(20, model=model, optimizer=opt, data_step=20)  # the next save clears its stale temp dir
-    assert not (tmp_path / ".tmp-step-000000020").exists() and mgr.latest().step == 20
+    mgr.save(40, model=model, optimizer=opt, data_step=40)  # the next save clears the older unfinished one
+    assert not (tmp_path / "step-000000030").exists() and mgr.latest().step == 40
 
 
 def test_keep_last_k_and_prune_invalidated(tmp_path):
     ledger = Ledger()
-    mgr = CheckpointManager(tmp_path, keep=2, valid=lambda r: ledger.is_valid(r))
+    mgr = CheckpointManager(str(tmp_path), keep=2, valid=lambda r: ledger.is_valid(r))
     model, opt, _ = make_model()
     for s in (10, 20, 30, 40):
         mgr.save(s, model=model, optimizer=opt, data_step=s)
@@ -135,12 +135,12 @@ def _save_two_ranks(rank, world_size, port, root, data):
 def test_saved_at_two_ranks_loads_at_one(tmp_path, data):
     mp.start_processes(_save_two_ranks, args=(2, free_port(), str(tmp_path), data), nprocs=2,
                        start_method="spawn", join=True)
-    info = CheckpointManager(tmp_path).latest()
+    info = CheckpointManager(str(tmp_path)).latest()
     assert (info.step, info.world_size) == (6, 2)
-    assert sorted(p.name for p in info.path.glob("rng-rank*.json")) == ["rng-rank0.json", "rng-rank1.json"]
+    assert sorted(p.name for p in Path(info.path).glob("rng-rank*.json")) == ["rng-rank0.json", "rng-rank1.json"]
     model, opt, sched = make_model(seed=42)
     loader = make_loader(data)  # world size 1, same global batch size
-    CheckpointManager(tmp_path).load(6, model=model, optimizer=opt, scheduler=sched, loader=loader)
+    CheckpointManager(str(tmp_path)).load(6, model=model, optimizer=opt, scheduler=sched, loader=loader)
     # every rank trained the same replicated model; the same 3 steps here give the same tensors
     ref_model, ref_opt, ref_sched = make_model()
     train(ref_model, ref_opt, ref_sched, 3)
@@ -154,7 +154,7 @@ def test_saved_at_two_ranks_loads_at_one(tmp_path, data):
 
 def test_model_only_checkpoint(tmp_path):
     model, _, _ = make_model()
-    mgr = CheckpointManager(tmp_path)
+    mgr = CheckpointManager(str(tmp_path))
     mgr.save(1, model=model, data_step=0)
     other, _, _ = make_model(seed=7)
     assert mgr.load(1, model=other) == {}

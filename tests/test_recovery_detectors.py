@@ -163,6 +163,8 @@ STRAGGLER_TABLE = [
     ("two_ranks", 2, [[0.05, 0.2]] * 10, (1,)),
     # a window not yet full: no verdict
     ("not_full", 4, [[0.1, 0.1, 0.5, 0.1]] * 3, ()),
+    # noisy ranks (+-80 ms per report) and rank 2 50 ms slower on median: within the measured noise
+    ("noisy", 4, [[0.2, 0.28, 0.25, 0.12], [0.2, 0.12, 0.25, 0.28]] * 5, ()),
 ]
 
 
@@ -171,6 +173,18 @@ def test_straggler_table(name, world, rows, expect):
     det = StragglerDetector(world, StragglerConfig(window=10, ratio=1.3, min_delta=0.01))
     result = [det.observe(r) for r in rows][-1]
     assert result.ranks == expect
+
+
+def test_persistent_straggler_after_persist_reports():
+    det = StragglerDetector(4, StragglerConfig(window=3, persist=4))
+    rows = [[0.1, 0.1, 0.1, 0.3]] * 6
+    results = [det.observe(r) for r in rows]
+    assert [r.ranks for r in results] == [(), (), (3,), (3,), (3,), (3,)]
+    assert [r.persistent for r in results] == [(), (), (), (), (), (3,)]
+    assert det.observe([0.1, 0.1, 0.1, 0.1]).persistent == (3,)  # the median still says slow
+    for _ in range(3):
+        last = det.observe([0.1, 0.1, 0.1, 0.1])
+    assert last.ranks == () and last.persistent == ()  # recovered: the streak resets
 
 
 def test_straggler_wrong_length():

@@ -77,9 +77,22 @@ def test_a_whole_bad_batch_is_not_forensics_business():
     assert d.verdict == UNDECIDED and d.culprits == ()
 
 
-def test_flagger_needs_a_warm_detector():
-    with pytest.raises(ConfigError, match="warmed-up"):
-        Flagger([1.0, 2.0], CFG)
+def test_a_cold_detector_only_blames_non_finite_samples():
+    cold = Flagger([4.1, 4.0], CFG)  # fewer than min_samples=8 values: flags NaN/Inf only
+    assert cold(float("nan")) and not cold(400.0)
+    nan = [4.0, float("nan"), 4.1, 4.2]
+    d = investigate(flag=cold, local_losses=[float("nan")], local_counts=[4], keys=KEYS, same=nan, other=None)
+    assert d.verdict == DATA and d.culprits == ((0, 101),) and d.evidence["baseline"] is None
+    json.dumps(d.evidence, allow_nan=False)  # journal-safe
+    huge = [4.0, 900.0, 4.1, 4.2]  # no baseline yet: a finite outlier is not judged
+    d = investigate(flag=cold, local_losses=[228.0], local_counts=[4], keys=KEYS, same=huge, other=None)
+    assert d.verdict == UNDECIDED and "does not flag" in d.evidence["reason"]
+
+
+def test_a_step_flagged_for_its_grad_norm_only_is_not_judged():
+    calm = [2.0, 2.01, 2.02, 2.0]  # the loss is normal: another detector fired
+    d = investigate(flag=flag(), local_losses=[2.01, 2.0], local_counts=[4, 4], keys=KEYS, same=calm, other=calm)
+    assert d.verdict == UNDECIDED and d.exit_code is None
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,3 +145,58 @@ def test_hardware_verdicts_are_listed_for_the_launcher(tmp_path):
     Recovery(GuardConfig(), journal=journal).record(verdict_event(d, step=9, data_step=9, host="gpu-7"))
     assert excluded_devices(journal.records()) == [("gpu-7", 1)]
     assert Recovery(GuardConfig(), journal=Journal(journal.path)).ledger.quarantine == ()
+
+
+def test_a_batch_of_merely_hard_samples_costs_no_innocent_sample():
+    hard = [5.0, 5.5, 5.2, 5.8]  # all below 3 x baseline (~6.06): reproduces, but no outlier
+    d = investigate(flag=flag(), local_losses=[2.0, 5.375], local_counts=[4, 4], keys=KEYS, same=hard,
+                    other=hard)
+    assert d.verdict == UNDECIDED and d.culprits == () and "3.0 x baseline" in d.evidence["reason"]
+    with pytest.raises(ConfigError, match="min_culprit_ratio"):
+        ForensicsConfig(min_culprit_ratio=0.5)
+
+
+def test_investigate_step_and_act_quarantine_rewind_and_retrain(tmp_path, id_dataset_factory):
+    from streamshard.recovery.forensics import act, investigate_step
+    from streamshard.recovery.policy import SkipUpdate
+    from streamshard.recovery import PolicyConfig
+
+    loader = StreamingDataLoader(StreamingDataset(id_dataset_factory(203), global_batch_size=6,
+                                                  world=World(0, 1)))
+    guard = Recovery(GuardConfig(loss=CFG, grad_norm=None, policy=PolicyConfig()),
+                     journal=Journal(tmp_path / "j.jsonl"))
+    it = iter(loader)
+    for step in range(12):
+        next(it)
+        assert not isinstance(guard.observe(step, data_step=loader.last_step, loss=2.0 + 0.01 * (step % 3)),
+                              SkipUpdate)
+    batch = next(it)
+    data_step = loader.last_step
+    victim = batch["id"].tolist()[4]
+    assert isinstance(guard.observe(12, data_step=data_step, loss=9.0), SkipUpdate)
+
+    def rerun(keys):  # the model: sample `victim` is a bad document
+        return [40.0 if i == victim else 2.0 for _, i in keys]
+
+    d = investigate_step(guard=guard, loader=loader, data_step=data_step, local_loss=9.0, local_count=6,
+                         rank=0, world_size=1, host="h", rerun=rerun, gather=lambda v: [v])
+    assert d.verdict == DATA and d.culprits == ((0, victim),) and d.evidence["rerun_ranks"] == [0]
+    assert act(d, guard=guard, loader=loader, step=12, data_step=data_step) == "retrain"
+    again = next(it)["id"].tolist()  # the same step, served again with the fill
+    assert loader.last_step == data_step and victim not in again
+    assert [x for k, x in enumerate(again) if k != 4] == [x for k, x in enumerate(batch["id"].tolist()) if k != 4]
+    assert guard.healthy and guard.ledger.quarantine == ((0, victim, data_step),)
+    assert [r["event"] for r in guard._journal.records()][-2:] == ["forensics", "quarantine"]
+
+
+@pytest.mark.parametrize("suspect, hosts, want", [
+    (0, ["a"], None),  # one rank: no witness
+    (1, ["a", "a", "a"], 2),  # one host: the next rank
+    (1, ["a", "a", "b", "b"], 2),  # the next rank already sits on another host
+    (0, ["a", "a", "b", "b"], 2),  # skip the suspect's node mate
+    (3, ["a", "a", "b", "b"], 0),  # wrap around
+])
+def test_witness_prefers_another_host(suspect, hosts, want):
+    from streamshard.recovery.forensics import pick_witness
+
+    assert pick_witness(suspect, hosts) == want

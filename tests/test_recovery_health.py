@@ -34,8 +34,8 @@ XID_LINES = [
     # row remapping event
     ("NVRM: Xid (PCI:0000:3b:00): 63, pid=1, Row Remapper: New row marked for remapping", 63, "PCI:0000:3b:00",
      REPLACE_NODE),
-    # an XID not in our table: the node is suspect
-    ("NVRM: Xid (PCI:0000:3b:00): 999, something new", 999, "PCI:0000:3b:00", REPLACE_NODE),
+    # an XID not in our table: journaled, restart in place (does not drain the node by default)
+    ("NVRM: Xid (PCI:0000:3b:00): 999, something new", 999, "PCI:0000:3b:00", RESTART_HERE),
 ]
 
 
@@ -61,6 +61,9 @@ def test_xid_table_covers_the_usual_suspects():
         assert xid in XID_TABLE and XID_TABLE[xid][1]  # every row carries a reason
     assert classify_xid(79).exit_code == exitcodes.REPLACE_NODE
     assert classify_xid(13).exit_code == exitcodes.RESTART_HERE
+    # an XID we have no row for does not drain a node by default; a site can choose to
+    assert classify_xid(999).exit_code == exitcodes.RESTART_HERE
+    assert classify_xid(999, unknown=REPLACE_NODE).exit_code == exitcodes.REPLACE_NODE
 
 
 # (message, expected verdict or None)
@@ -81,6 +84,18 @@ MESSAGES = [
     ("ncclInvalidUsage: This usually reflects invalid usage of NCCL library.", DO_NOT_REQUEUE),
     # the device vanished
     ("RuntimeError: No CUDA GPUs are available / no CUDA-capable device is detected", REPLACE_NODE),
+    # NCCL's heartbeat monitor: the watchdog thread itself is stuck
+    ("[PG 0 Rank 1] Heartbeat monitor timed out! Process will be terminated after dumping debug info.", RESTART_HERE),
+    # RDMA: a remote failure restarts, a local HCA fault drains
+    ("NET/IB : Got completion from peer 10.0.0.2<5555> with error 12, opcode 0, len 0, vendor err 129 "
+     "(transport retry counter exceeded)", RESTART_HERE),
+    ("NET/IB : Got completion with error 4, opcode 1 (IBV_WC_LOC_PROT_ERR: Local protection error)", REPLACE_NODE),
+    ("RuntimeError: CUDA error: the launch timed out and was terminated", RESTART_HERE),
+    # the kernel's OOM killer (dmesg / a worker's exit record)
+    ("Out of memory: Killed process 4242 (python) total-vm:1234kB, anon-rss:999kB", DO_NOT_REQUEUE),
+    # gloo on CPU: a peer died
+    ("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+     "[127.0.0.1]:1234", RESTART_HERE),
     # not an error we know
     ("ValueError: shapes (3,4) and (5,6) not aligned", None),
 ]
@@ -173,8 +188,23 @@ class FakeNvml:
         def __init__(self, xid):
             self.eventData, self.device = xid, "handle0"
 
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 180
+
+    class FieldValue:
+        class V:
+            def __init__(self, v):
+                self.uiVal = v
+
+        def __init__(self, v):
+            self.nvmlReturn, self.value = 0, self.V(v)
+
     def __init__(self, init_error=None):
         self.init_error, self.xids, self.ecc, self.throttle, self.shut = init_error, [], 0, 0, False
+        self.action = 0
+
+    def nvmlDeviceGetFieldValues(self, handle, fields):
+        assert fields == [self.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION]
+        return [self.FieldValue(self.action)]
 
     def nvmlInit(self):
         if self.init_error:
@@ -227,6 +257,22 @@ def test_nvml_probe_translates_events():
     assert probe.poll() == []  # nothing new: same ECC count, same throttle state
     probe.close()
     assert nv.shut
+
+
+def test_nvml_recommended_action_decides_over_the_xid_table():
+    nv = FakeNvml()
+    probe = NvmlProbe(nvml=nv)
+    nv.xids, nv.action = [13], 1  # XID 13 is an application error in our table, but NVML says: reset the GPU
+    (xid,) = probe.poll()
+    assert xid.classification.verdict == REPLACE_NODE and "NVML recommends GPU reset" in xid.classification.reason
+    assert probe.poll() == []  # the same action is reported once
+    nv.action = 0
+    nv.xids = [13]
+    (again,) = probe.poll()
+    assert again.classification.verdict == RESTART_HERE
+    nv.action = 2  # a recommendation without an XID event still drains the node
+    (ev,) = probe.poll()
+    assert ev.kind == "recovery-action" and ev.classification.verdict == REPLACE_NODE
 
 
 def test_nvml_init_failure_is_a_streamshard_error():

@@ -177,6 +177,23 @@ def test_global_batches_identical_for_every_world_size(world):
         assert np.array_equal(merged, whole)
 
 
+@SETTINGS
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=8).filter(lambda s: sum(s) >= 24),
+       lanes=st.integers(1, 9), k=st.integers(1, 6), g=st.integers(1, 4),
+       world=st.sampled_from([1, 2, 3, 4, 6, 12]), seed=st.integers(0, 2**32))
+def test_any_world_size_reassembles_the_global_batches(sizes, lanes, k, g, world, seed):
+    order = EpochOrder(sizes, seed=seed, lanes=lanes, blocks=BlockGroups(k, g))
+    seq = SampleSequence(order, global_batch_size=12, drop_last=False)
+    for step in range(seq.steps_per_epoch + 1):
+        whole = seq.global_batch(step)[1]
+        merged = np.empty_like(whole)
+        first = seq.step_positions(step)[0]
+        for r in range(world):  # each rank's samples at its positions (the rank split)
+            merged[(seq.device_positions(step, r, world) - first) % seq.epoch_size] = \
+                seq.batch(step, r, world)[1]
+        assert np.array_equal(merged, whole)
+
+
 def test_state_fields_repr_pickle_and_reseeded():
     order = EpochOrder([20, 30], seed=1, blocks=BlockGroups(5, 2))
     assert order.state_fields()["blocks"] == [5, 2]

@@ -50,12 +50,12 @@ def test_drop_last_fill_keeps_exactly_once_and_never_serves_quarantined(sizes, g
         assert repeats <= len(ids) - tail
 
 
-@SETTINGS
-@given(sizes=sizes_st, g=st.integers(1, 9), drop_last=st.booleans(), data=st.data())
+@settings(max_examples=25, deadline=None)
+@given(sizes=sizes_st, g=st.integers(3, 9), drop_last=st.booleans(), data=st.data())
 def test_adding_an_entry_changes_only_steps_from_its_from_step(sizes, g, drop_last, data):
     n = sum(sizes)
     base = make(sizes, g, drop_last=drop_last)
-    horizon = 3 * base.steps_per_epoch
+    horizon = 2 * base.steps_per_epoch
     old = data.draw(st.lists(st.tuples(st.just(0), st.integers(0, n - 1), st.integers(0, horizon)),
                              max_size=4))
     new = (0, data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, horizon)))
@@ -71,7 +71,7 @@ def test_adding_an_entry_changes_only_steps_from_its_from_step(sizes, g, drop_la
             assert new[1] not in b.global_batch(step)[1].tolist()
 
 
-@SETTINGS
+@settings(max_examples=15, deadline=None)
 @given(sizes=sizes_st, g=st.sampled_from([4, 6, 12]), data=st.data())
 def test_world_sizes_agree_on_filled_batches(sizes, g, data):
     n = sum(sizes)
@@ -79,7 +79,7 @@ def test_world_sizes_agree_on_filled_batches(sizes, g, data):
     if g > n:
         return
     seq = make(sizes, g, quarantine=q)
-    for step in range(2 * seq.steps_per_epoch):
+    for step in list(range(seq.steps_per_epoch)) + [seq.steps_per_epoch + 1]:
         want = seq.global_batch(step)[1]
         for world in (2, 3, 4, 6):
             if g % world:
@@ -149,7 +149,7 @@ def test_ledgers_merge_is_commutative_and_idempotent(a, b, skips):
 @pytest.mark.parametrize("state, message", [
     ({"skips": [], "reseeds": [], "quarantine": [[0, 1]]}, "quarantine must be a list of"),  # short row
     ({"skips": [], "reseeds": [], "quarantine": [[0, 1, True]]}, "quarantine must be"),  # bool is no int
-    ({"skips": [], "reseeds": [], "quarantine": [[0, -1, 2]]}, "sample_id"),  # negative id
+    ({"skips": [], "reseeds": [], "quarantine": [[0, -1, 2]]}, r"ints in \[0, 2\*\*63\)"),  # negative id
     ({"skips": []}, "no 'reseeds' ledger"),  # a required ledger missing
 ])
 def test_ledger_state_is_validated(state, message):

@@ -88,7 +88,7 @@ def test_device_positions_partition_the_step_and_pad_wraps():
     assert sorted(sum(parts, [])) == list(range(12, 24))
     assert all(p == sorted(p) and len(p) == 4 for p in parts)
     last = seq.steps_per_epoch - 1  # positions 324..335 of E = 325 wrap to 324, 0..10
-    assert seq.device_positions(last, 0, 1).tolist() == list(range(11)) + [324]
+    assert seq.device_positions(last, 0, 1).tolist() == [324] + list(range(11))
     assert seq.step_positions(last).tolist() == [324] + list(range(11))
 
 

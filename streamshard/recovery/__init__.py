@@ -23,6 +23,11 @@ from streamshard.recovery.slowdown import (  # noqa: F401
     SlowdownConfig, SlowdownDetector, StragglerConfig, StragglerDetector,
 )
 from streamshard.recovery.watchdog import Watchdog, WatchdogConfig  # noqa: F401
+from streamshard.recovery.classify import classify_exception, exit_on_fault  # noqa: F401
+from streamshard.recovery.goodput import EffectiveTime  # noqa: F401
+from streamshard.recovery.heartbeat import Heartbeat, HeartbeatConfig, HeartbeatMonitor  # noqa: F401
+from streamshard.recovery.lr import install_lr_scale  # noqa: F401
+from streamshard.recovery.policy import Anomaly, Rung  # noqa: F401
 
 
 def __getattr__(name: str):
@@ -40,5 +45,6 @@ __all__ = [
     "available_probes", "classify_message", "classify_xid", "parse_xid_line", "tail_file", "Journal", "last_exit",
     "PROCEED", "Action", "CheckpointRef", "Exit", "Ledger", "PolicyConfig", "Proceed", "Rollback", "SkipUpdate",
     "SlowdownConfig", "SlowdownDetector", "StragglerConfig", "StragglerDetector", "Watchdog", "WatchdogConfig",
-    "CheckpointManager", "CheckpointInfo",
+    "CheckpointManager", "CheckpointInfo", "classify_exception", "exit_on_fault", "EffectiveTime", "Heartbeat",
+    "HeartbeatConfig", "HeartbeatMonitor", "install_lr_scale", "Anomaly", "Rung",
 ]

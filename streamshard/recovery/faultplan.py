@@ -14,8 +14,13 @@ Grammar of one comma-separated item: ``KIND@STEP[-STOP][:rankR][=VALUE]``
              by ``VALUE`` (default 50). Tied to the data, like a real bad batch: it recurs when
              the same data is served again and disappears once that data is skipped.
 - ``nan``    the loss of the batch at data steps STEP..STOP becomes NaN (tied to data as well).
+- ``corrupt`` flip one byte of the newest checkpoint's tensor file, then SIGKILL this process at
+             STEP (fires once): the restart must quarantine that checkpoint and use the one before.
 - ``slow``   sleep ``VALUE`` seconds (default 0.2) in the compute of every training step
              STEP..STOP (inclusive) on that rank.
+- ``flaky``  a flaky device: multiply this rank's local loss, hence its gradients, by ``VALUE``
+             (default 50) at training step STEP (fires once). Tied to the rank, not the data:
+             spike forensics must call it hardware (recovery/forensics.py).
 
 No rank means every rank. The plan is a frozen value; firing bookkeeping is the caller's.
 """
@@ -29,10 +34,11 @@ from dataclasses import dataclass
 from streamshard.errors import ConfigError
 
 ENV_VAR = "STREAMSHARD_FAULTS"
-KINDS = ("kill", "hang", "xid", "spike", "nan", "slow")
-ONCE_KINDS = frozenset({"kill", "hang", "xid"})  # process-level faults fire once per job
+KINDS = ("kill", "hang", "xid", "spike", "nan", "slow", "corrupt", "flaky")
+ONCE_KINDS = frozenset({"kill", "hang", "xid", "corrupt", "flaky"})  # process-level faults fire once per job
 DATA_KINDS = frozenset({"spike", "nan"})  # keyed by absolute data step, recur with the data
-DEFAULT_VALUES = {"kill": 0.0, "hang": 0.0, "xid": 79.0, "spike": 50.0, "nan": 0.0, "slow": 0.2}
+DEFAULT_VALUES = {"kill": 0.0, "hang": 0.0, "xid": 79.0, "spike": 50.0, "nan": 0.0, "slow": 0.2,
+                  "corrupt": 0.0, "flaky": 50.0}
 
 _ITEM = re.compile(
     r"^(?P<kind>[a-z]+)@(?P<start>\d+)(?:-(?P<stop>\d+))?(?::rank(?P<rank>\d+))?(?:=(?P<value>[-+0-9.eE]+))?$"

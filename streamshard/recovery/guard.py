@@ -31,8 +31,8 @@ from streamshard.recovery.forensics import ForensicsConfig
 from streamshard.recovery.health import HealthEvent
 from streamshard.recovery.journal import Journal
 from streamshard.recovery.policy import (
-    PROCEED, Action, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, SkipUpdate, apply_event,
-    decide_persistent,
+    DEFAULT_RUNGS, PROCEED, Action, Anomaly, CheckpointRef, Exit, Ledger, PolicyConfig, Rollback, Rung, SkipUpdate,
+    apply_event, climb,
 )
 from streamshard.recovery.slowdown import (
     SlowdownConfig, SlowdownDetector, StragglerConfig, StragglerDetector, Stragglers,
@@ -58,8 +58,9 @@ class Recovery:
 
     def __init__(self, cfg: GuardConfig = GuardConfig(), *, journal: Journal | None = None,
                  checkpoints: Callable[[], Iterable[CheckpointRef]] = tuple, writer: bool = True,
-                 world_size: int = 1, log: Callable[[str], None] = print):
+                 world_size: int = 1, log: Callable[[str], None] = print, rungs: Sequence[Rung] = DEFAULT_RUNGS):
         self.cfg = cfg
+        self._rungs = tuple(rungs)  # consulted in order on a persistent anomaly; rollback is always last
         self._journal = journal
         self._writer = writer
         self._checkpoints = checkpoints
@@ -69,7 +70,7 @@ class Recovery:
         self._run = PersistenceCounter(cfg.persistence)
         self._slow = SlowdownDetector(cfg.slowdown)
         self._stragglers = StragglerDetector(world_size, cfg.straggler)
-        self._reported_stragglers: tuple[int, ...] = ()
+        self._reported_stragglers: tuple = ((), ())
         self._was_slow = False
         self._data_of: dict[int, int] = {}
         self.ledger = journal.ledger() if journal is not None else Ledger()
@@ -160,9 +161,8 @@ class Recovery:
             return SkipUpdate(step, reason)
         first = self._run.first
         refs = list(self._checkpoints())
-        action, self.ledger, event = decide_persistent(
-            self.ledger, self.cfg.policy, first=(first, self._data_of.get(first, data_step)),
-            last=(step, data_step), checkpoints=refs, reason=reason)
+        anomaly = Anomaly((first, self._data_of.get(first, data_step)), (step, data_step), reason, tuple(refs))
+        action, self.ledger, event = climb(self._rungs, self.ledger, self.cfg.policy, anomaly)
         self._decision(event.pop("event"), step=step, **event)
         self._run.reset()
         if isinstance(action, Rollback):
@@ -183,9 +183,9 @@ class Recovery:
         """Feed per-rank busy times (all ranks gathered by the caller); journals a change in the
         set of stragglers (writer rank only) and returns the verdict."""
         result = self._stragglers.observe(busy_times)
-        if result.ranks != self._reported_stragglers:
-            self._reported_stragglers = result.ranks
-            self._decision("straggler", step=step, ranks=list(result.ranks),
+        if (result.ranks, result.persistent) != self._reported_stragglers:
+            self._reported_stragglers = (result.ranks, result.persistent)
+            self._decision("straggler", step=step, ranks=list(result.ranks), persistent=list(result.persistent),
                            per_rank=list(result.per_rank), typical=result.typical)
             if result.ranks:
                 self._log(f"streamshard.recovery: straggler rank(s) {list(result.ranks)} at step {step}: "

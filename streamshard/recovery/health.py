@@ -24,8 +24,10 @@ DO_NOT_REQUEUE = "do-not-requeue"
 EXIT_CODES = {RESTART_HERE: exitcodes.RESTART_HERE, REPLACE_NODE: exitcodes.REPLACE_NODE,
               DO_NOT_REQUEUE: exitcodes.DO_NOT_REQUEUE}
 
-# XID -> (verdict, reason). Unknown XIDs: REPLACE_NODE (the hardware reported something we cannot
-# vouch for; a wrongly drained node costs a swap, a wrongly kept one costs every restart after).
+# XID -> (verdict, reason). Unknown XIDs: RESTART_HERE by default (``UNKNOWN_XID``): NVIDIA's
+# catalogue has ~150 codes, most of them application-caused; draining a node on every new code would
+# empty a 1,000-GPU cluster's spare pool on driver updates. Where NVML gives a recommended recovery
+# action for the device (``NvmlProbe``), that action decides instead of this table.
 XID_TABLE: dict[int, tuple[str, str]] = {
     13: (RESTART_HERE, "graphics engine exception: usually an application error (bad index, illegal instruction)"),
     31: (RESTART_HERE, "GPU memory page fault: usually an application illegal address"),
@@ -56,6 +58,10 @@ MESSAGE_RULES: tuple[tuple[re.Pattern, str, str], ...] = tuple(
         (r"no CUDA-capable device|CUDA driver version is insufficient|cudaErrorDevicesUnavailable"
          r"|CUDA error: unknown error", REPLACE_NODE, "driver or device unusable on this node"),
         (r"NVLink|nvlink", REPLACE_NODE, "NVLink failure"),
+        (r"the launch timed out and was terminated|cudaErrorLaunchTimeout|CUDA_ERROR_LAUNCH_TIMEOUT", RESTART_HERE,
+         "CUDA launch timeout: a kernel ran past the watchdog (display GPU or a hung kernel); restart"),
+        (r"Out of memory: Killed process|oom-kill|oom_reaper|Memory cgroup out of memory", DO_NOT_REQUEUE,
+         "host out of memory (kernel OOM killer): deterministic for this config, fix memory use"),
         (r"device-side assert", DO_NOT_REQUEUE, "device-side assert: a bug, restarting repeats it"),
         (r"CUDA out of memory|OutOfMemoryError", DO_NOT_REQUEUE, "out of memory: deterministic, fix the config"),
         (r"ncclInvalidUsage|ncclInvalidArgument", DO_NOT_REQUEUE, "NCCL invalid usage: a bug"),
@@ -63,6 +69,14 @@ MESSAGE_RULES: tuple[tuple[re.Pattern, str, str], ...] = tuple(
          "CUDA kernel fault: most often software; restart (XIDs tell if it is hardware)"),
         (r"Watchdog caught collective operation timeout|collective operation timeout", RESTART_HERE,
          "collective timeout: a peer hung or died"),
+        (r"Heartbeat monitor timed out|ProcessGroupNCCL's watchdog got stuck|heartbeat timeout", RESTART_HERE,
+         "NCCL heartbeat monitor timeout: the NCCL watchdog itself hung (a stuck CUDA call)"),
+        (r"IBV_WC_LOC_|Local protection error|ibv_open_device failed|mlx5\S*: .*(fatal|catastrophic)",
+         REPLACE_NODE, "InfiniBand/RDMA error on the local HCA or link"),
+        (r"NET/IB|IBV_WC_|transport retry counter exceeded|RDMA", RESTART_HERE,
+         "RDMA transfer error: usually the remote side failed; restart (local HCA faults drain instead)"),
+        (r"gloo.*(Timed out|Connection closed by peer|Connection reset)|Gloo connectFullMesh failed",
+         RESTART_HERE, "gloo peer failure or timeout: a peer died or hung"),
         (r"ncclRemoteError|remote process exited|Connection reset by peer|Connection closed by peer",
          RESTART_HERE, "a peer failed; this node is fine"),
         (r"ncclSystemError|ncclInternalError|ncclUnhandledCudaError|NCCL error|NCCL communicator was aborted",
@@ -84,9 +98,21 @@ class Classification:
         return EXIT_CODES[self.verdict]
 
 
-def classify_xid(xid: int) -> Classification:
-    verdict, reason = XID_TABLE.get(xid, (REPLACE_NODE, f"unknown XID {xid}: treat the node as suspect"))
+UNKNOWN_XID = RESTART_HERE
+
+
+def classify_xid(xid: int, unknown: str = UNKNOWN_XID) -> Classification:
+    """Verdict for an XID; ``unknown`` (default restart-here) for codes not in ``XID_TABLE``."""
+    if unknown not in EXIT_CODES:
+        raise ValueError(f"unknown must be one of {sorted(EXIT_CODES)}, got {unknown!r}")
+    verdict, reason = XID_TABLE.get(xid, (unknown, f"XID not in our table: {unknown} (journaled for review)"))
     return Classification(verdict, f"XID {xid}: {reason}", xid)
+
+
+# NVML's recommended recovery action (``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION``, driver R550+):
+# 0 none, 1 GPU reset, 2 node reboot, 3 drain peer-to-peer, 4 drain and reset. A job cannot reset
+# or reboot what it runs on, so every action but "none" means: leave this node.
+NVML_RECOVERY_ACTIONS = {1: "GPU reset", 2: "node reboot", 3: "drain P2P", 4: "drain and reset"}
 
 
 def classify_message(text: str) -> Classification | None:
@@ -218,6 +244,7 @@ class NvmlProbe:
             except pynvml.NVMLError:  # not supported on this GPU: ECC/throttle still polled
                 pass
         self._ecc = [self._uncorrected(h) for h in self._handles]
+        self._action = [0 for _ in self._handles]
         self._throttled = [0 for _ in self._handles]
 
     def _uncorrected(self, h) -> int:
@@ -234,11 +261,22 @@ class NvmlProbe:
                 ev = nv.nvmlEventSetWait(self._events, 0)
             except nv.NVMLError:  # NVML_ERROR_TIMEOUT: queue empty
                 break
-            xid = int(ev.eventData)
-            out.append(HealthEvent("nvml", "xid", f"gpu{self._index(ev.device)}", f"XID {xid}", classify_xid(xid)))
+            xid, i = int(ev.eventData), self._index(ev.device)
+            c = classify_xid(xid)
+            action = self._recovery_action(self._handles[i]) if 0 <= i < len(self._handles) else 0
+            if action:  # NVML's recommendation for this device decides over our table
+                c = Classification(REPLACE_NODE, f"XID {xid}: NVML recommends {NVML_RECOVERY_ACTIONS[action]}", xid)
+                self._action[i] = action
+            out.append(HealthEvent("nvml", "xid", f"gpu{i}", f"XID {xid}", c))
         slow_bits = nv.nvmlClocksThrottleReasonHwSlowdown | nv.nvmlClocksThrottleReasonHwThermalSlowdown \
             | nv.nvmlClocksThrottleReasonHwPowerBrakeSlowdown
         for i, h in enumerate(self._handles):
+            action = self._recovery_action(h)
+            if action and action != self._action[i]:
+                out.append(HealthEvent("nvml", "recovery-action", f"gpu{i}", f"NVML recovery action {action}",
+                                       Classification(REPLACE_NODE,
+                                                      f"NVML recommends {NVML_RECOVERY_ACTIONS[action]}")))
+            self._action[i] = action
             ecc = self._uncorrected(h)
             if ecc > self._ecc[i]:
                 out.append(HealthEvent("nvml", "ecc", f"gpu{i}", f"uncorrected ECC errors {self._ecc[i]} -> {ecc}",
@@ -252,6 +290,21 @@ class NvmlProbe:
                 out.append(HealthEvent("nvml", "throttle", f"gpu{i}", f"hardware slowdown reasons 0x{reasons:x}"))
             self._throttled[i] = reasons
         return out
+
+    def _recovery_action(self, h) -> int:
+        """NVML's recommended recovery action (0 none); 0 where the driver or binding lacks the field."""
+        nv = self._nv
+        field = getattr(nv, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None)
+        if field is None:
+            return 0
+        try:
+            (value,) = nv.nvmlDeviceGetFieldValues(h, [field])
+        except nv.NVMLError:
+            return 0
+        if getattr(value, "nvmlReturn", 0) != 0:
+            return 0
+        action = int(value.value.uiVal)
+        return action if action in NVML_RECOVERY_ACTIONS else 0
 
     def _index(self, device) -> int:
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from streamshard.errors import ConfigError
 from streamshard.recovery import exitcodes
@@ -261,3 +262,46 @@ def decide_persistent(
                       f"{reason} persisted over steps {first_step}..{last_step}")
     event = rollback_event(action, ledger, region, prev)
     return action, apply_event(ledger, event), event
+
+
+# ---- the ladder as rungs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """A persistent anomaly over training steps ``first[0]..last[0]`` (absolute data steps
+    ``first[1]``, ``last[1]``), what a rung decides about."""
+
+    first: tuple[int, int]
+    last: tuple[int, int]
+    reason: str
+    checkpoints: tuple[CheckpointRef, ...]
+
+
+class Rung(Protocol):
+    """One rung of the ladder: a pure function of the ledger, the config and the anomaly.
+
+    Returns ``(action, new_ledger, event)`` to decide, or None to pass to the next rung. ``event``
+    is the journal record (``{"event": kind, ...}``) from which :func:`apply_event` rebuilds the new
+    ledger on a restart (a rung that adds ledger state must extend ``apply_event`` for its kind).
+    Rungs hold no mutable state (they run again, identically, on every rank)."""
+
+    def __call__(self, ledger: Ledger, cfg: PolicyConfig, anomaly: Anomaly) -> tuple[Action, Ledger, dict] | None: ...
+
+
+def rollback_rung(ledger: Ledger, cfg: PolicyConfig, anomaly: Anomaly) -> tuple[Action, Ledger, dict]:
+    """Rungs 2-4 (rollback, rollback + LR cut + reseed, exit 78): the built-in last rung."""
+    return decide_persistent(ledger, cfg, first=anomaly.first, last=anomaly.last,
+                             checkpoints=anomaly.checkpoints, reason=anomaly.reason)
+
+
+DEFAULT_RUNGS: tuple[Rung, ...] = (rollback_rung,)
+
+
+def climb(rungs: Sequence[Rung], ledger: Ledger, cfg: PolicyConfig, anomaly: Anomaly) -> tuple[Action, Ledger, dict]:
+    """The first rung that decides; the built-in rollback rung when none of ``rungs`` does."""
+    for rung in rungs:
+        decided = rung(ledger, cfg, anomaly)
+        if decided is not None:
+            return decided
+    return rollback_rung(ledger, cfg, anomaly)

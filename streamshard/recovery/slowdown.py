@@ -9,7 +9,11 @@
   it every rank waits for the slowest and all step times are equal). Gathered by the caller with
   ``torch.distributed.all_gather_object`` on one float per rank. A rank whose median over the last
   ``window`` (10) reports exceeds ``ratio`` (1.3) x the median of all ranks' medians and by at least
-  ``min_delta`` (10 ms) is a straggler.
+  ``min_delta`` (10 ms) is a straggler. Calibration: no verdict before a full window (the baseline);
+  ``min_delta`` then grows to ``noise_factor`` (3) x the median absolute spread of the ranks
+  around the typical rank measured over that window, so a job whose ranks are naturally noisy is
+  not flagged for noise. A rank named in ``persist`` (5) consecutive reports is *persistent*:
+  ``streamshard launch --exclude-stragglers`` then drops its node at the next restart.
 """
 
 from __future__ import annotations
@@ -71,10 +75,12 @@ class StragglerConfig:
     window: int = 10
     ratio: float = 1.3
     min_delta: float = 0.010
+    noise_factor: float = 3.0
+    persist: int = 5
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ConfigError(f"window must be >= 1, got {self.window}")
+        if self.window < 1 or self.persist < 1:
+            raise ConfigError(f"window and persist must be >= 1, got {self.window} and {self.persist}")
         if self.ratio <= 1 or self.min_delta < 0:
             raise ConfigError(f"need ratio > 1 and min_delta >= 0, got {self.ratio} and {self.min_delta}")
 
@@ -84,6 +90,7 @@ class Stragglers:
     ranks: tuple[int, ...]
     per_rank: tuple[float, ...]  # median busy time per rank over the window
     typical: float  # median over ranks
+    persistent: tuple[int, ...] = ()  # named in ``persist`` consecutive reports
 
 
 class StragglerDetector:
@@ -93,6 +100,7 @@ class StragglerDetector:
         self.cfg = cfg
         self.world_size = world_size
         self._rows: deque[tuple[float, ...]] = deque(maxlen=cfg.window)
+        self._streak = [0] * world_size
 
     def observe(self, times: Sequence[float]) -> Stragglers:
         if len(times) != self.world_size:
@@ -102,8 +110,10 @@ class StragglerDetector:
         typical = median(per_rank)
         if len(self._rows) < self.cfg.window or self.world_size < 2:
             return Stragglers((), per_rank, typical)
-        slow = tuple(
-            r for r, t in enumerate(per_rank)
-            if t > self.cfg.ratio * typical and t - typical >= self.cfg.min_delta
-        )
-        return Stragglers(slow, per_rank, typical)
+        # noise: how far a typical rank's single report strays from its own median (robust)
+        noise = median([abs(row[r] - per_rank[r]) for row in self._rows for r in range(self.world_size)])
+        delta = max(self.cfg.min_delta, self.cfg.noise_factor * noise)
+        slow = tuple(r for r, t in enumerate(per_rank) if t > self.cfg.ratio * typical and t - typical >= delta)
+        self._streak = [s + 1 if r in slow else 0 for r, s in enumerate(self._streak)]
+        persistent = tuple(r for r, s in enumerate(self._streak) if s >= self.cfg.persist)
+        return Stragglers(slow, per_rank, typical, persistent)

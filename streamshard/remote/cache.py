@@ -22,7 +22,9 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -36,10 +38,14 @@ import xxhash
 from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError
 
+log = logging.getLogger(__name__)
 MARKER = ".streamshard-cache"
 _META_MAGIC = "streamshard-cache-entry"
 _META_VERSION = 1
 _TMP = "#tmp-"
+# What the cache's own temp names look like: "<entry>#tmp-<pid>-<8 hex>". Cleaners match the
+# whole name so a foreign file that merely contains "#tmp-" is never deleted.
+_TMP_NAME = re.compile(r".+#tmp-\d+-[0-9A-Za-z]{1,16}")
 _CHUNK = 4 << 20  # hashing reads 4 MiB at a time: ~1 ms each at xxh64 speed
 
 
@@ -120,7 +126,8 @@ class ShardCache:
         self._pins: dict[tuple[str, str], list[int]] = {}  # key -> [fd, count, size]
         self._counts = dict.fromkeys(
             ("hits", "misses", "waits", "prefetched", "prefetch_skipped", "bytes_fetched",
-             "evictions", "bytes_evicted", "corrupt_downloads", "temp_cleaned"), 0)
+             "evictions", "bytes_evicted", "corrupt_downloads", "temp_cleaned", "bad_meta"), 0)
+        self._reported: set[str] = set()  # malformed meta files already logged by this process
         self._seconds = 0.0
 
     # ---- paths and pins -------------------------------------------------------------------
@@ -286,7 +293,7 @@ class ShardCache:
                 if self.limit is None or self._make_room(size, exclude=paths.meta):
                     os.makedirs(os.path.dirname(paths.meta), exist_ok=True)
                     os.makedirs(os.path.dirname(paths.data), exist_ok=True)
-                    atomic_write_json(paths.meta, meta, fsync=False)
+                    atomic_write_json(paths.meta, meta, fsync=False, mode=0o600)
                     self._touch(paths.meta)
                     return True
             pinned_here = self.pinned_bytes()  # includes this entry
@@ -311,6 +318,10 @@ class ShardCache:
             meta = self._read_meta(meta_path)
             if meta is None:
                 continue
+            problem = self._meta_problem(meta_path, meta)
+            if problem is not None:
+                self._report_bad(meta_path, problem)
+                continue
             try:
                 found.append((os.stat(meta_path).st_mtime, meta_path, meta))
             except FileNotFoundError:
@@ -333,10 +344,9 @@ class ShardCache:
         return used + size <= self.limit
 
     def _evict(self, meta_path: str, meta: dict) -> bool:
-        """Delete one unpinned, idle entry; False when some process is using or fetching it."""
+        """Delete one unpinned, idle entry; False when some process is using or fetching it.
+        ``meta`` passed ``_meta_problem`` (it describes its own location)."""
         paths = self.paths(meta["ns"], meta["file"])
-        if paths.meta != meta_path:  # a meta file that does not describe itself is not ours
-            return False
         with _flock(self._ensure(paths.pin), fcntl.LOCK_EX | fcntl.LOCK_NB) as pinned_free:
             if not pinned_free:
                 return False
@@ -358,6 +368,8 @@ class ShardCache:
         removed = 0
         pattern = os.path.join(glob.escape(self.root), "*", "*", "data", f"*{_TMP}*")
         for tmp in glob.glob(pattern):
+            if not _TMP_NAME.fullmatch(os.path.basename(tmp)):
+                continue  # not a name this cache gives its temp files
             base = tmp.rsplit(_TMP, 1)[0]
             dl = os.path.join(os.path.dirname(os.path.dirname(base)), "locks",
                               os.path.basename(base) + ".dl")
@@ -370,7 +382,8 @@ class ShardCache:
 
     def _clean_temps(self, data: str) -> None:
         """Caller holds the entry's download lock, so every temp file of it is stale."""
-        stale = glob.glob(glob.escape(data) + _TMP + "*")
+        stale = [p for p in glob.glob(glob.escape(data) + _TMP + "*")
+                 if _TMP_NAME.fullmatch(os.path.basename(p))]
         for tmp in stale:
             _remove(tmp)
         self._count_n("temp_cleaned", len(stale))
@@ -381,18 +394,47 @@ class ShardCache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
-    @staticmethod
-    def _read_meta(path: str) -> dict | None:
+    def _read_meta(self, path: str) -> dict | None:
+        """The meta file's content, or None when it vanished (evicted meanwhile) or is not
+        ours (reported once per process, never deleted)."""
         try:
             with open(path, "rb") as f:
-                meta = json.loads(f.read())
-        except (FileNotFoundError, ValueError):
+                meta = json.loads(f.read(1 << 16))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:
+            self._report_bad(path, f"unreadable ({type(exc).__name__}: {exc})")
             return None
         if not isinstance(meta, dict) or meta.get("magic") != _META_MAGIC:
-            return None
-        if meta.get("version") != _META_VERSION or not isinstance(meta.get("size"), int):
+            self._report_bad(path, "not a streamshard cache entry")
             return None
         return meta
+
+    def _meta_problem(self, path: str, meta: dict) -> str | None:
+        """Why a meta file cannot be trusted for accounting or eviction, or None."""
+        if meta.get("version") != _META_VERSION:
+            return f"version {meta.get('version')!r}"
+        size = meta.get("size")
+        if type(size) is not int or not 0 <= size < 2**63:
+            return f"size {size!r} is not a byte count"
+        ns, file = meta.get("ns"), meta.get("file")
+        if not isinstance(ns, str) or not isinstance(file, str):
+            return "ns/file missing"
+        try:
+            if self.paths(ns, file).meta != path:
+                return "it does not describe its own location"
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    def _report_bad(self, path: str, problem: str) -> None:
+        with self._lock:
+            self._counts["bad_meta"] += 1
+            if path in self._reported:
+                return
+            self._reported.add(path)
+        log.warning("streamshard cache: skipping %s: %s (not written by this cache; left in "
+                    "place and never counted or evicted)", path, problem)
 
     def _touch(self, path: str) -> None:
         """Stamp ``path``'s mtime with ``now()``: the entry's last access, what eviction orders by."""

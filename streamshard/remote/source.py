@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import xxhash
 
-from streamshard.errors import ConfigError, CorruptionError
+from streamshard.errors import ConfigError, CorruptionError, redact
 from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
 from streamshard.remote.prefetch import Prefetcher
@@ -26,6 +26,13 @@ from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, ver
 from streamshard.sizes import parse_size
 
 INDEX_FILE = "index.json"  # mirrors streamshard.index.INDEX_FILE (imported lazily below)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def default_cache_dir() -> str:
@@ -36,10 +43,11 @@ def default_cache_dir() -> str:
 
 def url_key(url: str, storage_options: dict | None = None) -> str:
     """The cache directory name of a dataset URL (fingerprint-free: stable across rewrites).
-    A custom endpoint is part of it: ``s3://b/ds`` on two S3-compatible servers are two datasets."""
+    A custom endpoint is part of it: ``s3://b/ds`` on two S3-compatible servers are two datasets.
+    User info is not (redacted first): no hash of a password lands in a directory name."""
     opts = storage_options or {}
     endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
-    name = url.rstrip("/") + (f"|{endpoint}" if endpoint else "")
+    name = redact(url.rstrip("/")) + (f"|{redact(str(endpoint))}" if endpoint else "")
     return xxhash.xxh64(name.encode()).hexdigest()
 
 
@@ -66,7 +74,8 @@ class CachedSource:
                  prefetch_bytes: int | str | None = None, prefetch_workers: int = 2,
                  space_timeout: float = 60.0):
         if not isinstance(url, str) or "://" not in url:
-            raise ConfigError(f"CachedSource needs a URL like 's3://bucket/ds', got {url!r}")
+            raise ConfigError(f"CachedSource needs a URL like 's3://bucket/ds', got "
+                              f"{redact(str(url))!r}")
         if not isinstance(min_resident_shards, int) or min_resident_shards < 1:
             raise ConfigError(f"min_resident_shards must be an int >= 1, got {min_resident_shards!r}")
         if not isinstance(retry, RetryPolicy):
@@ -107,7 +116,7 @@ class CachedSource:
         self._init_runtime()
 
     def __repr__(self) -> str:
-        return f"CachedSource({self.url!r}, cache_dir={self.cache_dir!r}, cache_limit={self.cache_limit!r})"
+        return f"CachedSource({redact(self.url)!r}, cache_dir={self.cache_dir!r}, cache_limit={self.cache_limit!r})"
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():  # forked DataLoader worker: parent's threads/pins are not ours
@@ -141,16 +150,18 @@ class CachedSource:
         os.makedirs(base, exist_ok=True)
         cached, meta_path = os.path.join(base, INDEX_FILE), os.path.join(base, "index.meta.json")
         with _flock(os.path.join(base, "index.lock"), fcntl.LOCK_EX):
-            for stale in glob.glob(os.path.join(glob.escape(base), f"*{TMP_MARK}*")):
-                os.remove(stale)  # left by a writer killed mid-write; writers hold this lock
+            for name in (INDEX_FILE, "index.meta.json"):  # atomic_write's temp names
+                for stale in glob.glob(os.path.join(glob.escape(base), f"{name}{TMP_MARK}*")):
+                    _remove_file(stale)  # left by a writer killed mid-write; writers hold this lock
             info = self._retrying(lambda: self._remote.info(INDEX_FILE), INDEX_FILE, "stat")
             token = version_token(info)
             data = self._cached_index(cached, meta_path, token)
             if data is None:
                 data = self._retrying(lambda: self._remote.cat(INDEX_FILE), INDEX_FILE, "read")
                 atomic_write(cached, data, fsync=False)
-                atomic_write_json(meta_path, {"url": self.url, "token": token,
-                                              "xxh64": xxhash.xxh64(data).hexdigest()})
+                atomic_write_json(meta_path, {"url": redact(self.url), "token": token,
+                                              "xxh64": xxhash.xxh64(data).hexdigest()},
+                                  mode=0o600)
                 self._count("index_fetches")
             else:
                 self._count("index_hits")
@@ -158,7 +169,7 @@ class CachedSource:
         self._largest = max((s.bytes for s in index.shards), default=0)
         if self.fingerprint is not None and self.fingerprint != index.fingerprint:
             raise CorruptionError(
-                f"remote dataset {self.url} changed while in use: fingerprint {self.fingerprint} "
+                f"remote dataset {redact(self.url)} changed while in use: fingerprint {self.fingerprint} "
                 f"became {index.fingerprint}; reopen the dataset to read the new version")
         self.fingerprint = index.fingerprint
         self.check_budget()
@@ -186,7 +197,7 @@ class CachedSource:
         need = k * self._largest
         if self.cache_limit is not None and self.cache_limit < need:
             raise ConfigError(
-                f"cache_limit {self.cache_limit} bytes is too small for {self.url}: {k} shard(s) "
+                f"cache_limit {self.cache_limit} bytes is too small for {redact(self.url)}: {k} shard(s) "
                 f"must be resident at once and the largest shard is {self._largest} bytes, so "
                 f"cache_limit must be at least {need} bytes")
 

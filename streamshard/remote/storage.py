@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from streamshard.errors import ConfigError, StorageError
+from streamshard.errors import ConfigError, StorageError, redact
 from streamshard.location import resolve
 
 T = TypeVar("T")
@@ -223,7 +223,8 @@ class Remote:
         return f"{self._root}/{rel}" if self._root else rel
 
     def url_of(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        """The URL of ``rel`` for messages and cache metadata (user info redacted)."""
+        return redact(f"{self.url}/{rel}")
 
     def info(self, rel: str) -> dict[str, Any]:
         path = self.path(rel)

@@ -22,7 +22,7 @@ the shards at any world size:
    take it). When ``L`` divides ``G`` every step holds ``G/L`` positions of every lane, so the
    stretches, and who feeds whom, are the same every step.
 4. **Local ranks.** A node's positions, in line order, are cut into its ranks' sizes in order, so
-   a rank reads few lanes. Each rank's positions are returned ascending.
+   a rank reads few lanes. Each rank's positions come in the step's order.
 
 Everything is a pure function of ``(G, L, u, D, K)`` and the step's positions: identical on all
 ranks, nothing to store in the state, O(G log G) per step (cached per lane phase).
@@ -154,7 +154,8 @@ class Assignment:
         return out
 
     def split(self, positions: np.ndarray, rank: int) -> np.ndarray:
-        """Rank ``rank``'s positions among a step's ``G`` epoch positions, ascending.
+        """Rank ``rank``'s positions among a step's ``G`` epoch positions, in the step's order
+        (ascending, except the wrapped pad step of a ``drop_last=False`` epoch).
 
         Steps whose positions are ``p0 .. p0+G-1`` share one pattern per lane phase
         ``p0 mod L`` (cached); wrapped pad steps are computed as they come.
@@ -166,8 +167,8 @@ class Assignment:
         g = self.global_batch_size
         contiguous = pos.size == g and g > 0 and pos[-1] - pos[0] == g - 1 and (
             g == 1 or bool((np.diff(pos) == 1).all()))
-        if not contiguous:
-            return np.sort(pos[self.rank_of(pos) == rank])
+        if not contiguous:  # a pad step wraps: keep the step's own order
+            return pos[self.rank_of(pos) == rank]
         phase = int(pos[0] % self.lanes)
         pattern = self._patterns.get(phase)
         if pattern is None:

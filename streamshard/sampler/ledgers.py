@@ -48,7 +48,8 @@ def normalize_reseeds(entries: Iterable) -> tuple[tuple[int, int], ...]:
     pairs = set()
     for item in entries:
         step, salt = item
-        pairs.add((check_int(step, "reseed step", minimum=0), check_int(salt, "reseed salt")))
+        pairs.add((check_int(step, "reseed step", minimum=0),
+                   check_int(salt, "reseed salt", minimum=0)))  # salts are keys: never negative
     return tuple(sorted(pairs))
 
 
@@ -116,10 +117,12 @@ class Ledgers:
             rows = state[name]
             if not isinstance(rows, list) or not all(
                 isinstance(r, (list, tuple)) and len(r) == _WIDTH[name]
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows
+                # type(): a bool is not a step; < 2**63: steps, salts and ids are int64s (each
+                # ledger's normalizer names a negative value by what it is)
+                and all(type(x) is int and x < 2**63 for x in r) for r in rows
             ):
                 text = repr(rows)
-                raise ConfigError(f"{name} must be a list of [{', '.join(['int'] * _WIDTH[name])}], "
-                                  f"got {text[:100]}")
+                raise ConfigError(f"{name} must be a list of [{', '.join(['int'] * _WIDTH[name])}] "
+                                  f"with ints below 2**63, got {text[:100]}")
             values[name] = tuple(tuple(r) for r in rows)
         return cls(**values)

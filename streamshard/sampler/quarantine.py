@@ -113,17 +113,23 @@ class _Epoch:
                           f"all {self.served} served samples are quarantined")
 
 
+def table_of(entries: tuple[Entry, ...]) -> np.ndarray:
+    """The sorted codes of a ledger's ids (built once per sequence: see ``fill``'s ``table``)."""
+    return np.sort(np.fromiter(((s << _STREAM_SHIFT) | i for s, i, _ in entries), dtype=np.int64,
+                               count=len(entries)))
+
+
 def fill(entries: tuple[Entry, ...], epoch: int, positions: np.ndarray, streams: np.ndarray,
-         samples: np.ndarray, *, steps: int, g: int, e: int, drop_last: bool,
-         raw: RawMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         samples: np.ndarray, *, steps: int, g: int, e: int, drop_last: bool, raw: RawMap,
+         table: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply the fill rule to mapped epoch ``positions``; returns ``(streams, samples, filled)``
     where ``filled`` marks the substituted positions. ``raw`` maps epoch positions without
-    quarantine (the sequence's own mapping)."""
+    quarantine (the sequence's own mapping); ``table`` is ``table_of(entries)`` if cached."""
     filled = np.zeros(positions.shape, dtype=bool)
     if not entries or positions.size == 0:
         return streams, samples, filled
     have = codes(streams, samples)
-    table = np.fromiter(((s << _STREAM_SHIFT) | i for s, i, _ in entries), dtype=np.int64, count=len(entries))
+    table = table_of(entries) if table is None else table
     hit = np.isin(have, table) & (positions < min(steps * g, e))
     if not hit.any():
         return streams, samples, filled

@@ -19,12 +19,12 @@ import numpy as np
 from streamshard.errors import ConfigError
 from streamshard.lru import LRU
 from streamshard.sampler.assign import Assignment
+from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips  # noqa: F401
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
 from streamshard.sampler.quarantine import fill as fill_quarantine
-from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips
-from streamshard.sampler.quarantine import normalize_quarantine
+from streamshard.sampler.quarantine import normalize_quarantine, table_of
 
 Order = Union[EpochOrder, MixtureOrder]
 # Derived (reseeded) EpochOrders kept per sequence; one per distinct set of earlier salts.
@@ -59,6 +59,7 @@ class SampleSequence:
         self._skip_starts = [start for start, _ in self._skips]
         self._reseeds = normalize_reseeds(reseeds)
         self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
+        self._quarantine_table = table_of(self._quarantine)
         self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
         self._assignments: dict[tuple[int, int], Assignment] = {}
 
@@ -190,7 +191,8 @@ class SampleSequence:
 
     def device_positions(self, step: int, rank: int, world_size: int,
                          local_world_size: int = 1) -> np.ndarray:
-        """Epoch positions rank ``rank`` reads in step ``step`` (ascending, before reseeds).
+        """Epoch positions rank ``rank`` reads in step ``step`` (in the step's order, before
+        reseeds).
 
         ``G // D`` or ``G // D + 1`` of them (:func:`streamshard.sampler.assign.rank_sizes`);
         the ranks' positions partition the step's ``G`` positions."""
@@ -220,7 +222,8 @@ class SampleSequence:
         pos = np.asarray(positions, dtype=np.int64)
         streams, samples = self._map_raw(epoch, pos)
         return fill_quarantine(self._quarantine, epoch, pos, streams, samples, steps=self._steps,
-                               g=self._g, e=self._e, drop_last=self._drop_last, raw=self._map_raw)
+                               g=self._g, e=self._e, drop_last=self._drop_last, raw=self._map_raw,
+                               table=self._quarantine_table)
 
     def _map_raw(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
         epoch = check_int(epoch, "epoch", minimum=0)

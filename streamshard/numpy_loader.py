@@ -1,0 +1,316 @@
+"""``NumpyBatchIterator``: the loader's batches as numpy arrays, without torch (JAX, NumPy, ...).
+
+Same arguments, same global order and the same ``state_dict()`` as ``StreamingDataset`` +
+``StreamingDataLoader``: a state saved by one restores into the other. Each process (JAX host)
+gets its device batch of every global batch through ``world=World(rank, world_size)`` (default:
+the environment, as for PyTorch), so the hosts together read each global batch exactly once::
+
+    from streamshard import NumpyBatchIterator, World
+    import jax
+
+    it = NumpyBatchIterator("data/tokens", global_batch_size=256, seed=17,
+                            world=World(jax.process_index(), jax.process_count()))
+    for batch in it:                                  # {"tokens": np.ndarray [64, 2048], ...}
+        state = train_step(state, batch)
+    checkpoint["data"] = it.state_dict()              # JSON-able, identical on every host
+    it.load_state_dict(checkpoint["data"])            # O(1): the next batch is the saved one
+
+Batches are read in this process (one block read per sample, no worker processes). Collation:
+columns of equal-shape arrays and scalars are stacked into one array in their stored dtype
+(token ids stay ``uint16``/``uint32``; the PyTorch loader widens them to int64);
+``str``/``bytes``/``json`` columns and ragged arrays stay lists. ``collate_fn(samples)``
+replaces that.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from streamshard.errors import ConfigError
+from streamshard.blockshuffle import DEFAULT_BLOCKS_PER_GROUP
+from streamshard.sampler import Ledgers, SampleSequence, sample_rng
+from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.streams import (
+    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+)
+from streamshard.world import World, detect_world
+
+Transform = Callable[[dict, np.random.Generator], Any]
+
+
+# The dtype collate_numpy gives the Python scalars the per-sample decoder returns.
+_SCALAR_OUT = {"b": np.dtype(np.bool_), "i": np.dtype(np.int64), "u": np.dtype(np.int64),
+               "f": np.dtype(np.float64)}
+
+
+def row_dtype(schema: Any) -> np.dtype | None:
+    """A numpy structured dtype of a fixed-size schema's encoded row (its columns' little-endian
+    bytes back to back, docs/FORMAT.md), or ``None`` when a column varies in size."""
+    if schema.fixed_size is None:
+        return None
+    fields = [(name, np.dtype(ct.dtype).newbyteorder("<"),
+               () if ct.kind == "scalar" else tuple(ct.dims))
+              for name, ct in schema.columns.items()]
+    dtype = np.dtype(fields)
+    return dtype if dtype.itemsize == schema.fixed_size else None
+
+
+class RowGather:
+    """The batches of one fixed-size dataset as numpy columns, equal to ``collate_numpy`` of the
+    samples. Uncompressed shards with uniform blocks are gathered with one fancy-index per shard
+    from a strided view of the mmap (``streamshard.gather.ShardRows``, which checks each block
+    on first touch); other shards copy each row out of its block (``Dataset.read_rows``)."""
+
+    def __init__(self, ds: Any, dtype: np.dtype):
+        self.ds, self.dtype = ds, dtype
+        self._rows: dict[int, tuple[Any, Any]] = {}  # shard -> (reader, ShardRows | None)
+
+    def _shard_rows(self, shard: int) -> Any:
+        from streamshard.gather import ShardRows
+
+        reader = self.ds.shard_reader(shard)
+        cached = self._rows.get(shard)
+        if cached is None or cached[0] is not reader:  # (re)opened: rebuild its layout
+            cached = self._rows[shard] = (reader, ShardRows.of(reader, self.dtype.itemsize))
+        return cached[1]
+
+    def __call__(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        out = np.empty((len(ids), self.dtype.itemsize), dtype=np.uint8)
+        if self.ds.index.compression is None:
+            shards, offsets = self.ds.index.locate(ids)
+            rest = np.ones(len(ids), dtype=bool)
+            for shard in np.unique(shards).tolist():
+                rows = self._shard_rows(shard)
+                here = shards == shard
+                if rows is not None:
+                    out[here] = rows.byte_rows()[rows.starts(offsets[here])]
+                    rest &= ~here
+            if rest.any():  # shards whose blocks are not uniform: row by row
+                tmp = np.empty((int(rest.sum()), self.dtype.itemsize), dtype=np.uint8)
+                self.ds.read_rows(ids[rest].tolist(), memoryview(tmp).cast("B"))
+                out[rest] = tmp
+        else:
+            self.ds.read_rows(ids.tolist(), memoryview(out).cast("B"))
+        rows = out.reshape(-1).view(self.dtype)
+        columns = {}
+        for name in self.dtype.names:
+            col = rows[name]
+            if col.ndim == 1:  # a scalar column: the dtype the per-sample path gives numbers
+                columns[name] = col.astype(_SCALAR_OUT[col.dtype.kind])
+            else:
+                columns[name] = np.ascontiguousarray(col).astype(col.dtype.newbyteorder("="),
+                                                                 copy=False)
+        return columns
+
+
+def collate_numpy(samples: Sequence[Any]) -> Any:
+    """Stack a device batch column by column (see the module docstring)."""
+    if not samples or not isinstance(samples[0], dict):
+        return list(samples)
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        first = values[0]
+        if isinstance(first, np.ndarray) and all(
+                isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype
+                for v in values):
+            out[key] = np.stack(values)
+        elif isinstance(first, (bool, int, float, np.generic)) and all(
+                type(v) is type(first) for v in values):
+            out[key] = np.asarray(values)
+        else:
+            out[key] = values
+    return out
+
+
+class NumpyBatchIterator:
+    """Device batches of one dataset or a weighted mixture as numpy, with exact O(1) resume.
+
+    Arguments as :class:`streamshard.StreamingDataset` (``source`` is a path/URL or a list of
+    :class:`Stream`; exactly one of ``batch_size`` per device and ``global_batch_size``).
+    Iterating serves the rest of the current epoch; the next ``iter()`` starts the next one.
+    ``state_dict`` / ``load_state_dict`` / ``skip`` / ``reseed_from`` / ``quarantine`` behave as
+    on ``StreamingDataLoader``. Not thread-safe.
+    """
+
+    def __init__(self, source: str | Sequence[Stream], *, batch_size: int | None = None,
+                 global_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
+                 lanes: int | None = None, window: int | None = None, drop_last: bool = True,
+                 world: World | None = None, transform: Transform | None = None,
+                 collate_fn: Callable[[list], Any] | None = None, cache_dir: str | None = None,
+                 cache_limit: int | str | None = None, storage_options: dict | None = None,
+                 epoch_size: int | None = None, mixture_block: int | None = None,
+                 block_cache: int | str | None = None, block_shuffle: bool | None = None,
+                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP, lookahead: int = 16,
+                 verify_blocks: bool = True):
+        streams = as_streams(source, storage_options)
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+        self.world = world if world is not None else detect_world()
+        self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
+        self.seed, self.transform = seed, transform
+        self.collate_fn = collate_fn or collate_numpy
+        self.streams = streams
+        self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
+                                     storage_options=storage_options, block_cache=block_cache,
+                                     verify_blocks=verify_blocks)
+        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
+                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
+                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group,
+                            global_batch_size=self.global_batch_size)
+        self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
+                                       drop_last=drop_last)
+        self.steps_per_epoch = self.sequence.steps_per_epoch
+        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+            raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
+        self.lookahead = lookahead
+        if block_cache is None:
+            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self._step = 0
+        self._last_step: int | None = None
+        self._ledgers = Ledgers()
+        self._seq = self.sequence
+        self._generation = 0  # bumped by load_state_dict and ledger changes
+        # One fixed-size stream, default collation, no transform: rows gathered as columns.
+        rows = (row_dtype(self.datasets[0].schema) if len(self.datasets) == 1
+                and transform is None and collate_fn is None else None)
+        self._rows = RowGather(self.datasets[0], rows) if rows is not None else None
+
+    # -- position -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
+        w = self.world
+        return int(self.sequence.assignment(w.world_size, w.local_world_size).rank_sizes()[w.rank])
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [ds.fingerprint for ds in self.datasets]
+
+    @property
+    def step(self) -> int:
+        """Absolute data step of the next batch (global batch index from epoch 0)."""
+        return self._seq.next_served_step(self._step)
+
+    @property
+    def last_step(self) -> int | None:
+        return self._last_step
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    # -- iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        generation = -1
+        mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        while True:
+            if generation != self._generation:  # first batch, or the state changed under us
+                generation = self._generation
+                stop = (self.step // self.steps_per_epoch + 1) * self.steps_per_epoch
+                mapped.clear()
+            step = self.step
+            if step >= stop:  # the epoch is over: the next iter() starts the next one
+                self._step = max(self._step, stop)
+                return
+            if step not in mapped:
+                mapped.clear()
+                mapped.update(self._map_ahead(step, stop))
+            batch = self._read(step, *mapped.pop(step))
+            self._last_step, self._step = step, step + 1
+            yield batch
+
+    def _map_ahead(self, step: int, stop: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """``(stream_ids, sample_ids)`` of this device for the next ``lookahead`` served steps
+        from ``step`` (same epoch): one sampler call for all of them, whose fixed cost (~100 us
+        of numpy) would otherwise exceed the cost of reading a small batch."""
+        seq, world = self._seq, self.world
+        steps = list(itertools.islice(seq.served_steps(step, stop), self.lookahead))
+        positions = np.concatenate([seq.device_positions(s, world.rank, world.world_size,
+                                                         world.local_world_size) for s in steps])
+        stream_ids, sample_ids = seq.map_positions(step // self.steps_per_epoch, positions)
+        per = len(positions) // len(steps)
+        return {s: (stream_ids[i * per:(i + 1) * per], sample_ids[i * per:(i + 1) * per])
+                for i, s in enumerate(steps)}
+
+    def batch_at(self, step: int) -> Any:
+        """This device's batch of absolute step ``step`` (with the current ledgers), collated."""
+        seq = self._seq
+        w = self.world
+        positions = seq.device_positions(step, w.rank, w.world_size, w.local_world_size)
+        return self._read(step, *seq.map_positions(step // self.steps_per_epoch, positions))
+
+    def _read(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> Any:
+        if self._rows is not None:
+            return self._rows(sample_ids)
+        epoch = step // self.steps_per_epoch
+        samples = []
+        for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
+            item = self.datasets[stream][sample]
+            if self.transform is not None:
+                item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
+            samples.append(item)
+        return self.collate_fn(samples)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The same small JSON-able state as ``StreamingDataLoader.state_dict()``."""
+        return build_state(fingerprints=self.fingerprints, sequence=self.sequence.state_fields(),
+                           steps_per_epoch=self.steps_per_epoch, step=self.step,
+                           ledgers=self._ledgers)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore strictly (a mismatch shows the saved and the live value side by side)."""
+        validate_state(state_dict, self.state_dict())
+        self._set_ledgers(Ledgers.from_state(state_dict))
+        self._step = int(state_dict[KEY_STEP])
+        self._last_step = None
+        self._generation += 1
+
+    def skip(self, start_step: int, stop_step: int) -> None:
+        """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
+        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or \
+                not 0 <= start_step <= stop_step:
+            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, "
+                              f"{stop_step})")
+        if start_step < stop_step:
+            self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
+
+    def reseed_from(self, step: int, salt: int) -> None:
+        """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``."""
+        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
+            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, "
+                              f"{salt!r}")
+        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+
+    def quarantine(self, entries) -> None:
+        """Never serve these ``(stream, sample_id, from_step)`` samples again (see
+        ``StreamingDataLoader.quarantine``)."""
+        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
+        self._set_ledgers(self._ledgers.merged(more))
+
+    @property
+    def ledgers(self) -> Ledgers:
+        return self._ledgers
+
+    def _set_ledgers(self, ledgers: Ledgers) -> None:
+        if ledgers != self._ledgers:
+            self._ledgers = ledgers
+            self._seq = self.sequence.with_ledgers(ledgers)
+            self._generation += 1
+
+    def close(self) -> None:
+        for ds in self.datasets:
+            ds.close()
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        return (f"NumpyBatchIterator([{names}], global_batch_size={self.global_batch_size}, "
+                f"steps_per_epoch={self.steps_per_epoch}, {self.world})")
