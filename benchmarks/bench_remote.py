@@ -5,10 +5,16 @@ and from local files; and bytes fetched per simulated node when D nodes read the
     python benchmarks/bench_remote.py --mb 40 --nodes 4,3
 
 moto's S3 runs in a separate ``python -m moto.server`` process on 127.0.0.1 (a server in this
-process would compete with the reader for the GIL). Epochs run through ``StreamingDataset`` in
-the sampler's order; the benchmark hands the cache the epoch's shard order as a prefetch hint,
-which is what a loader does with ``CachedSource.prefetch``. Targets (issue 4): cold >= 70% of
-warm throughput; bytes per node <= 1.2x its share when D divides the lanes.
+process would compete with the reader for the GIL), behind ``tests/latency_proxy.py`` (another
+process) that makes it look like a far object store: ``--latency`` first-byte latency per request
+and ``--bandwidth`` bytes/s per connection (defaults 20 ms, 50 MB/s). Epochs run through
+``StreamingDataset`` in the sampler's order with the loader's own prefetch hints (``--hint epoch``
+instead hands the cache the whole epoch's shard order at once). Each repeat uses a fresh cache:
+cold, then warm from that cache, then local files; cold/warm is a ratio within one repeat, and the
+median and spread over ``--repeat`` repeats are printed. ``--backends`` also times a plain
+parallel download of every shard through each fsspec backend (s3fs; obstore through fsspec when
+installed). Targets: cold/warm >= 0.9 (issue 12); bytes per node <= 1.2x its share when D
+divides the lanes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import shutil
 import socket
 import subprocess
@@ -44,10 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start(argv: list[str], port: int, what: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -56,7 +64,53 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit("moto server did not start within 30 s")
+    raise SystemExit(f"{what} did not start within 30 s")
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    return _start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
+                  "moto server")
+
+
+def start_proxy(upstream: str, latency: float, bandwidth: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    return _start([sys.executable, "-m", "tests.latency_proxy", "--upstream-port",
+                   upstream.rsplit(":", 1)[1], "--port", str(port), "--latency", str(latency),
+                   "--bandwidth", str(bandwidth)], port, "latency proxy")
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f} on {os.cpu_count()} CPUs"
+
+
+def backend_fs(name: str, endpoint: str):
+    """An fsspec filesystem for ``s3://`` on ``endpoint``: ``s3fs`` or ``obstore``."""
+    if name == "s3fs":
+        import s3fs
+
+        return s3fs.S3FileSystem(key=KEY, secret=SECRET, skip_instance_cache=True,
+                                 client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"})
+    from obstore.fsspec import FsspecStore
+
+    return FsspecStore("s3", endpoint=endpoint, region="us-east-1", access_key_id=KEY,
+                       secret_access_key=SECRET, client_options={"allow_http": True},
+                       skip_instance_cache=True)
+
+
+def time_backend(name: str, endpoint: str, files: list[tuple[str, int]], connections: int) -> float:
+    """MB/s of ranged GETs of every shard (8 MiB parts), ``connections`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs = backend_fs(name, endpoint)
+    jobs = [(f, s, min(size, s + (8 << 20))) for f, size in files for s in range(0, size, 8 << 20)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(connections) as pool:
+        got = sum(pool.map(lambda j: len(fs.cat_file(j[0], start=j[1], end=j[2])), jobs))
+    seconds = time.perf_counter() - t0
+    assert got == sum(size for _, size in files)
+    return got / seconds / 1e6
 
 
 def write_dataset(path: str, mb: int, shard_size: str) -> int:
@@ -133,11 +187,25 @@ def main() -> None:
     ap.add_argument("--lanes", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32, help="per-device batch size")
     ap.add_argument("--nodes", default="4", help="comma-separated node counts, e.g. 4,3")
-    ap.add_argument("--repeat", type=int, default=2, help="epochs of each kind; the best counts")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats of cold, warm and local")
+    ap.add_argument("--latency", type=float, default=0.02, help="first-byte latency, s (0: no proxy)")
+    ap.add_argument("--bandwidth", type=float, default=50e6, help="bytes/s per connection")
+    ap.add_argument("--hint", choices=("loader", "epoch"), default="loader",
+                    help="prefetch hints: the loader's own, or the whole epoch at once")
+    ap.add_argument("--client", choices=("s3fs", "obstore"), default="s3fs",
+                    help="storage_options backend of the cold/warm epochs")
+    ap.add_argument("--backends", default="s3fs,obstore",
+                    help="fsspec backends to time on the same server ('' to skip)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-remote-")
-    proc, endpoint = start_moto()
+    proc, upstream = start_moto()
+    proxy = None
+    endpoint = upstream
+    if args.latency > 0 or args.bandwidth > 0:
+        proxy, endpoint = start_proxy(upstream, args.latency, args.bandwidth)
+        print(f"server: moto at {upstream} behind a proxy at {endpoint}: {args.latency * 1e3:.0f} ms "
+              f"first byte, {args.bandwidth / 1e6:.0f} MB/s per connection")
     try:
         t = time.perf_counter()
         local = os.path.join(work, "ds")
@@ -151,30 +219,52 @@ def main() -> None:
 
         options = {"key": KEY, "secret": SECRET,
                    "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY,
+        boto3.client("s3", endpoint_url=upstream, region_name="us-east-1", aws_access_key_id=KEY,
                      aws_secret_access_key=SECRET).create_bucket(Bucket="bench")
         t = time.perf_counter()
-        s3fs.S3FileSystem(**options).put(local + "/", "bench/ds/", recursive=True)
+        s3fs.S3FileSystem(**{**options, "client_kwargs": {"endpoint_url": upstream,
+                                                          "region_name": "us-east-1"}}).put(
+            local + "/", "bench/ds/", recursive=True)
         print(f"uploaded to {endpoint} in {time.perf_counter() - t:.1f}s")
         url, raw_mb = "s3://bench/ds", n * 2 * TOKENS / 1e6
+        options = {**options, "backend": args.client}
+        print(f"client: {args.client}")
 
-        runs: dict[str, float] = {}
-        for rep in range(args.repeat):  # best of N: the machine is shared, the best is the signal
+        for name in [b for b in args.backends.split(",") if b]:
+            try:
+                rates = [time_backend(name, endpoint, [(f"bench/ds/{sh.file}", sh.bytes)
+                                                        for sh in index.shards], 16)
+                         for _ in range(args.repeat)]
+            except ImportError as exc:
+                print(f"backend {name}: not installed ({exc})")
+                continue
+            print(f"backend {name:8s}: ranged GETs of every shard, 16 connections: median "
+                  f"{statistics.median(rates):,.0f} MB/s (min {min(rates):,.0f}, max {max(rates):,.0f}) "
+                  f"[{load()}]")
+
+        rows: list[dict[str, float]] = []
+        for rep in range(args.repeat):
             cache = os.path.join(work, f"cache{rep}")  # cold means a fresh cache every repeat
-            for name, kw in [("cold", dict(cache_dir=cache, options=options, prefetch=True)),
-                             ("warm", dict(cache_dir=cache, options=options, prefetch=True)),
+            row = {}
+            for name, kw in [("cold", dict(cache_dir=cache, options=options, prefetch=args.hint == "epoch")),
+                             ("warm", dict(cache_dir=cache, options=options, prefetch=args.hint == "epoch")),
                              ("local", dict(cache_dir=None, options=None, prefetch=False))]:
                 seconds, count, stats = run_epoch(local if name == "local" else url,
                                                   batch=args.batch, lanes=args.lanes, **kw)
-                runs[name] = max(runs.get(name, 0.0), count / seconds)
+                row[name] = count / seconds
                 print(f"{name:5s} epoch {rep}: {count} samples in {seconds:.2f}s = "
-                      f"{count / seconds:,.0f} samples/s, {raw_mb / seconds:,.0f} MB/s (raw)")
-                if rep == args.repeat - 1:
+                      f"{count / seconds:,.0f} samples/s, {raw_mb / seconds:,.0f} MB/s (raw) [{load()}]")
+                if rep == args.repeat - 1 and name != "local":
                     print(f"      stats: {json.dumps(stats)}")
-        for name, rate in runs.items():
-            print(f"best {name:5s}: {rate:,.0f} samples/s, {rate * 2 * TOKENS / 1e6:,.0f} MB/s (raw)")
-        print(f"cold/warm = {runs['cold'] / runs['warm']:.2f} (target >= 0.70), "
-              f"warm/local = {runs['warm'] / runs['local']:.2f}")
+            rows.append(row)
+        ratios = [r["cold"] / r["warm"] for r in rows]
+        for name in ("cold", "warm", "local"):
+            rates = [r[name] for r in rows]
+            print(f"{name:5s}: median {statistics.median(rates):,.0f} samples/s "
+                  f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
+        print(f"cold/warm = median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max "
+              f"{max(ratios):.2f}, {len(ratios)} repeats; target >= 0.90), warm/local = median "
+              f"{statistics.median(r['warm'] / r['local'] for r in rows):.2f} [{load()}]")
 
         for nodes in [int(x) for x in args.nodes.split(",") if x]:
             t = time.perf_counter()
@@ -185,6 +275,9 @@ def main() -> None:
                   f"bytes fetched / share per node = {[r['ratio'] for r in rows]}, worst {worst:.3f}"
                   f"{' (target <= 1.2)' if divides else ''}  [{time.perf_counter() - t:.1f}s]")
     finally:
+        if proxy is not None:
+            proxy.kill()
+            proxy.wait(timeout=10)
         proc.kill()
         proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)

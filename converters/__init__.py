@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 from streamshard.errors import ConfigError, InputError
 
-__all__ = [
-    "Converter", "Option", "Piece", "ReadContext", "register", "get", "available", "REGISTRY",
-    "option_values", "resolve_options", "parse_fields", "typed_fields", "discover", "CountingContext",
-]
+# What a converter plugin and its users need; the conversion driver's helpers (discover,
+# resolve_options, option_values, CountingContext) are importable but not exported.
+__all__ = ["Converter", "Option", "Piece", "REGISTRY", "ReadContext", "available", "get",
+           "parse_fields", "register", "typed_fields"]
+assert sorted(__all__) == __all__
 
 
 @dataclass(frozen=True)

@@ -25,20 +25,17 @@ import datetime
 import decimal
 import json
 import os
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from streamshard.converters import Piece, ReadContext, register
+from streamshard.converters.arrow import plain_type
 from streamshard.errors import ConfigError, InputError, missing_dependency
 
 STATE_FILE = "state.json"
 DICT_FILE = "dataset_dict.json"
-_NUMERIC = {"bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-            "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-            "halffloat": "float16", "float": "float32", "double": "float64"}
-
-
 def _pa():
     try:
         import pyarrow as pa
@@ -64,42 +61,35 @@ def data_files(state_path: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def _batches(path: str) -> Iterator[Any]:
+@contextmanager
+def _arrow_errors(path: str) -> Iterator[None]:
+    """Opening or reading one Arrow data file: its failures as InputErrors naming the file."""
     pa = _pa()
     try:
-        reader = pa.ipc.open_stream(pa.memory_map(path, "r"))
-        yield from reader
+        yield
     except FileNotFoundError:
         raise InputError(f"{path}: Arrow data file listed in state.json is missing") from None
     except pa.ArrowInvalid as exc:
         raise InputError(f"{path}: not a readable Arrow stream file: {exc}") from None
+
+
+def _batches(path: str) -> Iterator[Any]:
+    pa = _pa()
+    with _arrow_errors(path):
+        yield from pa.ipc.open_stream(pa.memory_map(path, "r"))
 
 
 def _schema(path: str) -> Any:
     pa = _pa()
-    try:
+    with _arrow_errors(path):
         return pa.ipc.open_stream(pa.memory_map(path, "r")).schema
-    except FileNotFoundError:
-        raise InputError(f"{path}: Arrow data file listed in state.json is missing") from None
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"{path}: not a readable Arrow stream file: {exc}") from None
 
 
 def _plain_type(t: Any) -> str | None:
-    """The streamshard type of a non-null Arrow type, or ``None`` (json / flattened)."""
-    pa = _pa()
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        return "bytes"
-    if str(t) in _NUMERIC:
-        return _NUMERIC[str(t)]
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        inner = str(t.value_type)
-        if inner in _NUMERIC and inner != "bool":
-            shape = str(t.list_size) if pa.types.is_fixed_size_list(t) else ""
-            return f"{_NUMERIC[inner]}[{shape}]"
-    return None
+    """The streamshard type of a non-null Arrow type, or ``None`` (json / flattened). Lists of
+    bool are not arrays here (datasets stores them as JSON lists)."""
+    _pa()  # a missing pyarrow says what to install
+    return plain_type(t, bool_arrays=False)
 
 
 def _has_binary(t: Any) -> bool:

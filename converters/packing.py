@@ -24,7 +24,6 @@ process; tokenization uses the ``tokenizers`` library's own thread pool (``encod
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError, InputError, missing_dependency
-from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_SHARD_SIZE
+from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
 # End-of-document tokens looked up in a tokenizer's vocabulary when --eod-id is not given.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -250,7 +249,7 @@ def pack_corpus(sources: Sequence[str], dest: str, *, format: str, seq_len: int,
                 doc_boundaries: bool = False, token_dtype_name: str | None = None,
                 skip_errors: bool = False, shard_size: str | int = DEFAULT_SHARD_SIZE,
                 block_size: str | int = DEFAULT_BLOCK_SIZE, compression: str | None = "zstd",
-                overwrite: bool = False,
+                compression_level: int = DEFAULT_COMPRESSION_LEVEL, overwrite: bool = False,
                 progress: Callable[[PackStats], None] | None = None) -> PackStats:
     """Tokenize (or take pre-tokenized) documents from ``sources`` and write packed sequences to
     ``dest``. Exactly one of ``tokenizer`` / ``token_field``. Returns the packing statistics;
@@ -281,7 +280,8 @@ def pack_corpus(sources: Sequence[str], dest: str, *, format: str, seq_len: int,
                         "field": token_field or text_field, "source_format": format}}
     last = time.monotonic()
     with ShardWriter(dest, columns=config.columns(), shard_size=shard_size,
-                     block_size=block_size, compression=compression, overwrite=overwrite,
+                     block_size=block_size, compression=compression,
+                     compression_level=compression_level, overwrite=overwrite,
                      metadata=meta) as writer:
         for ids, where in _token_docs(docs, tok, ctx):
             try:
@@ -326,83 +326,3 @@ def _token_docs(docs: Iterator[tuple[Any, str]], tok: Any,
 
 
 # -- command line ----------------------------------------------------------------------------------
-
-_OWN_FLAGS = ("--seq-len", "--tokenizer", "--token-field", "--text-field", "--eod-id", "--pad-id",
-              "--doc-boundaries", "--token-dtype")
-
-
-def build_parser():
-    """``python -m streamshard.converters.packing SRC... DEST --format F (--tokenizer P | --token-field N)
-    --seq-len L [...]``; the source format's own options (``--fields``, ``--mode``...) apply."""
-    import argparse
-
-    import streamshard.converters as converters
-
-    p = argparse.ArgumentParser(prog="python -m streamshard.converters.packing",
-                                description="Tokenize and pack documents into fixed-length "
-                                            "sequences (docs/CONVERTERS.md, 'Packing').")
-    p.add_argument("paths", nargs="+", metavar="SRC... DEST")
-    p.add_argument("--format", required=True, help="input format of the documents")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
-    p.add_argument("--tokenizer", help="local Hugging Face tokenizer.json (or its directory)")
-    p.add_argument("--token-field", help="field holding pre-tokenized ids (instead of --tokenizer)")
-    p.add_argument("--text-field", default="text", help="field holding the text (default text)")
-    p.add_argument("--eod-id", type=int, help="end-of-document id (default: the tokenizer's "
-                   + "/".join(EOD_TOKENS) + ")")
-    p.add_argument("--pad-id", type=int, help="pad id of the last sequence (default: eod id)")
-    p.add_argument("--doc-boundaries", action="store_true",
-                   help="add doc_starts: uint32[] (document starts within each sequence)")
-    p.add_argument("--token-dtype", choices=("uint16", "uint32"),
-                   help="default: uint16 when every id fits, else uint32")
-    p.add_argument("--shard-size", default="64MB")
-    p.add_argument("--compression", default="zstd", choices=("zstd", "none"))
-    for flag in ("--skip-errors", "--overwrite"):
-        p.add_argument(flag, action="store_true")
-    flags: dict[str, Any] = {}
-    for conv in converters.available().values():
-        for opt in conv.options:
-            if opt.flag not in _OWN_FLAGS:
-                flags.setdefault(opt.flag, opt)
-    for flag, opt in flags.items():
-        kwargs: dict[str, Any] = {"default": None, "help": opt.help, "dest": f"fmt_{opt.dest}"}
-        if opt.is_flag:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs.update(type=opt.type, choices=opt.choices)
-        p.add_argument(flag, **kwargs)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if len(args.paths) < 2:
-        print("error: give at least one SRC and a DEST", file=sys.stderr)
-        return 2
-    options = {k[4:]: v for k, v in vars(args).items()
-               if k.startswith("fmt_") and v not in (None, False)}
-
-    def show(stats: PackStats) -> None:
-        print(f"\r{stats.documents:,} docs  {stats.tokens:,} tokens  "
-              f"{stats.sequences:,} sequences", end="", file=sys.stderr, flush=True)
-
-    try:
-        stats = pack_corpus(args.paths[:-1], args.paths[-1], format=args.format,
-                            seq_len=args.seq_len, options=options, tokenizer=args.tokenizer,
-                            text_field=args.text_field, token_field=args.token_field,
-                            eod_id=args.eod_id, pad_id=args.pad_id,
-                            doc_boundaries=args.doc_boundaries,
-                            token_dtype_name=args.token_dtype, skip_errors=args.skip_errors,
-                            shard_size=args.shard_size,
-                            compression=None if args.compression == "none" else "zstd",
-                            overwrite=args.overwrite, progress=show)
-    except (ConfigError, InputError) as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 2
-    print(f"\npacked {stats.documents:,} documents ({stats.tokens:,} tokens) into "
-          f"{stats.sequences:,} sequences of {args.seq_len} in {stats.seconds:.1f} s; "
-          f"{stats.padded_tokens} pad tokens in the last one; {stats.skipped} records skipped")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,16 +19,10 @@ import numpy as np
 
 from streamshard.converters import Piece, ReadContext, parse_fields, register
 from streamshard.converters.jsonl import FIELDS
+from streamshard.converters.arrow import plain_type
 from streamshard.errors import ConfigError, InputError, missing_dependency
 
 _BATCH_ROWS = 4096
-_SCALARS = {
-    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-    "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-    "halffloat": "float16", "float": "float32", "double": "float64", "bool": "bool",
-}
-
-
 def _pq():
     try:
         import pyarrow.parquet as pq
@@ -43,18 +37,7 @@ def arrow_to_column(t) -> str:
 
     if pa.types.is_dictionary(t):
         return arrow_to_column(t.value_type)
-    if str(t) in _SCALARS:
-        return _SCALARS[str(t)]
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        return "bytes"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        inner = str(t.value_type)
-        if inner in _SCALARS:
-            size = t.list_size if pa.types.is_fixed_size_list(t) else ""
-            return f"{_SCALARS[inner]}[{size}]"
-    return "json"
+    return plain_type(t) or "json"
 
 
 def _jsonable(value: Any) -> Any:

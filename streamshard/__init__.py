@@ -3,7 +3,13 @@ and O(1) mid-epoch resume for PyTorch. See README.md and docs/API.md."""
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# Library code reports through the ``streamshard`` logger hierarchy (logging.getLogger(__name__)
+# in each module) and never prints; an application, the CLI or the demo configures handlers.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from streamshard.errors import (  # noqa: F401
     ConfigError,
@@ -55,11 +61,17 @@ def __getattr__(name: str):
         raise missing_dependency("torch", "torch", f"streamshard.{name}") from exc
 
 
-__all__ = sorted(
-    [
-        "ConfigError", "CorruptionError", "DatasetExistsError", "DestinationLockedError",
-        "FormatError", "InputError",
-        "MissingDependencyError", "SchemaError", "StateMismatchError", "StorageError",
-        "StreamshardError", "World", "detect_world", *_LAZY,
-    ]
-)
+# The public names, and only these (docs/API.md lists exactly this list; a test checks it).
+__all__ = [
+    "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "DestinationLockedError",
+    "FormatError", "InputError", "MissingDependencyError", "NumpyBatchIterator", "SchemaError",
+    "ShardWriter", "StateMismatchError", "StorageError", "Stream", "StreamingDataLoader",
+    "StreamingDataset", "StreamshardError", "World", "WriteSummary", "detect_world",
+    "merge_datasets", "open_dataset", "sample_rng", "verify_dataset",
+]
+assert sorted(__all__) == __all__
+
+
+def __dir__() -> list[str]:
+    """``dir(streamshard)`` shows the lazily imported names too."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,6 +12,7 @@ loader state (a few integers) and resumes by arithmetic, not by replaying batche
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -21,6 +22,10 @@ import numpy as np
 from streamshard.errors import ConfigError
 from streamshard.sampler.ledgers import Ledgers
 from streamshard.state import KEY_STEP, build_state, validate_state
+
+
+# Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
+HINT_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -160,20 +165,31 @@ class _KeyIterator:
         self.__dict__.update(fresh.__dict__)
 
     def _generate(self) -> Iterator[BatchKey]:
+        """Keys chunk by chunk. With a remote stream, the first key of each chunk carries the
+        shards of that chunk and of the next ``HINT_CHUNKS`` (in reading order): far enough
+        ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
+        in bytes."""
+        dataset = self._sampler.dataset
+        remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
         chunks = self._chunks()
-        current = next(chunks, None)
-        first = True
-        while current is not None:
-            upcoming = next(chunks, None)
-            hint = _shards(self._sampler.dataset, upcoming) if upcoming is not None else ()
-            if first:  # the first chunk's own shards too, before its first read
-                hint = _shards(self._sampler.dataset, current) + hint
-                first = False
+        ahead: collections.deque = collections.deque()
+
+        def fill() -> None:
+            while len(ahead) < (HINT_CHUNKS + 1 if remote else 1):
+                chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                ahead.append(chunk)
+
+        fill()
+        while ahead:
+            hint = _shards(dataset, [c for chunk in ahead for c in chunk]) if remote else ()
+            current = ahead.popleft()
             for i, (step, streams, samples) in enumerate(current):
                 yield BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()),
                                hint if i == 0 else (), self._sampler.columnar,
                                self._sampler.tagged)
-            current = upcoming
+            fill()
 
     def _chunks(self) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
         """Steps mapped ``lookahead`` at a time: one sampler call costs ~100 us of numpy
@@ -207,8 +223,6 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
     """(stream, shard) pairs a chunk reads, in reading order, for remote streams only."""
     out: list[tuple[int, int]] = []
     seen = set()
-    if not any(dataset.is_remote(s) for s in range(len(dataset.datasets))):
-        return ()
     for _, streams, samples in chunk:
         for stream in np.unique(streams).tolist():
             if not dataset.is_remote(stream):

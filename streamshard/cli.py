@@ -11,6 +11,7 @@ line (``streamshard: error: ...``); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Callable, Sequence
 
@@ -44,7 +45,7 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL)
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1); "
                    "the dataset is identical for every value")
-    p.add_argument("--chunk-size", default="64MB", help="input bytes per chunk, the unit of "
+    p.add_argument("--chunk-size", default=None, help="input bytes per chunk, the unit of "
                    "parallel work and of resume (default 64MB; part of the output layout)")
     p.add_argument("--skip-errors", action="store_true",
                    help="skip and count malformed records instead of stopping")
@@ -112,7 +113,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         s = convert(sources, dest, format=args.format, options=options,
                     shard_size=args.shard_size, block_size=args.block_size,
                     compression=args.compression, compression_level=args.compression_level,
-                    workers=args.workers, chunk_size=args.chunk_size,
+                    workers=args.workers, chunk_size=args.chunk_size or "64MB",
                     skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
                     input_cache=args.input_cache,
                     progress=lambda n, b: bar[0].update(n, b) if bar else None,
@@ -144,16 +145,24 @@ def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: 
     seq_len = options.pop("seq_len", None)
     if not seq_len:
         raise ConfigError("packing needs --seq-len (tokens per sequence)")
+    # Packing is one sequential pass (a sequence's start depends on every earlier token): the
+    # options of the parallel, resumable driver are refused rather than silently ignored.
     if args.workers != 1:
-        print("note: packing runs in one process (sequences cross document and input "
-              "boundaries); --workers is ignored", file=sys.stderr)
+        raise ConfigError(f"packing runs in one process (sequences cross document and input "
+                          f"boundaries); --workers {args.workers} does not apply")
+    if args.chunk_size is not None:
+        raise ConfigError("--chunk-size is the unit of parallel conversion; packing has none")
+    if args.resume:
+        raise ConfigError("packing cannot resume an interrupted run (it is one sequential "
+                          "pass); rerun it with --overwrite")
     stats = pack_corpus(
         sources, dest, format=args.format, seq_len=seq_len, options=options,
         tokenizer=args.pack_tokenizer, text_field=args.pack_text_field,
         token_field=args.pack_token_field, eod_id=args.pack_eod_id, pad_id=args.pack_pad_id,
         doc_boundaries=args.pack_doc_boundaries, token_dtype_name=args.pack_token_dtype,
         skip_errors=args.skip_errors, shard_size=args.shard_size, block_size=args.block_size,
-        compression=None if args.compression == "none" else "zstd", overwrite=args.overwrite)
+        compression=None if args.compression == "none" else "zstd",
+        compression_level=args.compression_level, overwrite=args.overwrite)
     print(f"packed {stats.documents:,} documents ({stats.tokens:,} tokens) into "
           f"{stats.sequences:,} sequences of {seq_len} in {stats.seconds:.2f} s; "
           f"{stats.padded_tokens:,} pad tokens in the last one; {stats.skipped:,} records skipped")
@@ -351,6 +360,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests capture it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(debug: bool = False) -> None:
+    """Show the ``streamshard`` loggers' records on stderr, one line each (INFO and up; DEBUG
+    with ``--debug``). Idempotent: the demo and tests call ``main`` many times."""
+    logger = logging.getLogger("streamshard")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("streamshard: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
 def one_line(exc: BaseException) -> str:
     """``exc`` as one redacted line: ``<what>: <file>`` for OS errors, else its class and text."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -381,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if has_paths:
         args.paths = [*args.path_sources, args.path_dest, *extra]
+    configure_logging(args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:

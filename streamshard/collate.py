@@ -20,7 +20,7 @@ from streamshard.errors import ConfigError
 import numpy as np
 import torch
 import torch.utils.data
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import default_collate
 
 # default_collate's own mapping from Python scalar types to tensor dtypes.
 _SCALARS = {bool: torch.bool, int: torch.int64, float: torch.float64}

@@ -225,9 +225,11 @@ class StreamingDataset(torch.utils.data.Dataset):
                 f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
                 "batch_sampler=ds.batch_sampler())")
-        for stream, shard in key.prefetch:
-            ds = self.datasets[stream]
-            ds.source.prefetch([ds.index.shards[shard]])
+        if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
+            for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
+                ds = self.datasets[stream]
+                ds.source.prefetch([ds.index.shards[shard]
+                                    for s, shard in key.prefetch if s == stream])
         if key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),

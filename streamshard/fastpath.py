@@ -24,7 +24,6 @@ import torch.utils.data
 from streamshard.collate import TOKEN_DTYPES, token_dtype_of
 from streamshard.errors import CorruptionError
 from streamshard.gather import ShardRows
-from streamshard.locate import locate
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -159,13 +158,8 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
     """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
     ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). One fancy index per shard on uniform
     uncompressed shards; other shards are read sample by sample."""
-    offsets = dataset.index.offsets
-    shards, within = locate(offsets, ids)
+    shards, within = dataset.index.locate(ids)  # IndexError names an id out of range
     lo, hi = int(shards.min()), int(shards.max())
-    if lo < 0 or hi >= dataset.num_shards:
-        n = dataset.index.num_samples
-        bad = ids[(ids < 0) | (ids >= n)][0]
-        raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
     g = _gatherer(dataset, row)
     if lo == hi:
         order, segments = None, [(lo, 0, len(ids))]
@@ -249,12 +243,11 @@ def read_samples(dataset, ids: Sequence[int] | np.ndarray) -> list[dict]:
     out: list = [None] * len(ids)
     if not len(ids):
         return out
-    n = dataset.index.num_samples
-    if int(ids.min()) < 0 or int(ids.max()) >= n:
-        bad = ids[(ids < 0) | (ids >= n)][0]
-        raise IndexError(f"sample index {bad} out of range for a dataset of {n} samples")
+    if int(ids.min()) < 0:  # sample ids, not list indexes: no counting from the end here
+        n = dataset.index.num_samples
+        raise IndexError(f"sample index {int(ids.min())} out of range for a dataset of {n} samples")
     order = np.argsort(ids, kind="stable")
-    shards, within = locate(dataset.index.offsets, ids[order])
+    shards, within = dataset.index.locate(ids[order])  # IndexError names an id past the end
     current, read = -1, None
     for pos, s, k in zip(order.tolist(), shards.tolist(), within.tolist()):
         if s != current:

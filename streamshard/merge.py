@@ -1,7 +1,8 @@
 """``merge_datasets``: one index over several part datasets that live inside ``dest``.
 
-Parallel conversion writes ``dest/part-00000/``, ``dest/part-00001/``, ... each a complete dataset;
-the merge writes ``dest/index.json`` whose shard files are ``part-00000/shard-000000.sss`` etc.
+Parallel conversion writes ``dest/parts/chunk-000000/``, ``dest/parts/chunk-000001/``, ... each a
+complete dataset; the merge writes ``dest/index.json`` whose shard files are
+``parts/chunk-000000/shard-000000.sss`` etc.
 No shard data is copied or rewritten; the part indexes may stay.
 """
 

@@ -185,7 +185,7 @@ class Dataset:
         return r.read(k)
 
     def read(self, shard: int, offset: int) -> dict:
-        """Sample ``offset`` of shard ``shard`` (what the loader calls after the sampler)."""
+        """Sample ``offset`` of shard ``shard`` (``ds[i]`` is ``read(*ds.locate(i))``)."""
         r = self.shard_reader(shard)
         if not 0 <= offset < r.num_samples:
             raise IndexError(f"offset {offset} out of range for shard {shard} "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -12,13 +11,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +31,14 @@ def id_dataset_factory(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long fuzz budgets run only when asked (``pytest -m fuzz``): each is the longer duplicate
-    of a short fuzz test that always runs, so the default run deselects nothing that matters."""
+    """Every ``slow`` mark says why (``@pytest.mark.slow(reason=...)``): a test over 5 s on the
+    development machine is marked, and the mark is its justification. Long fuzz budgets run
+    only when asked (``pytest -m fuzz``): each is the longer duplicate of a short fuzz test that
+    always runs, so the default run deselects nothing that matters."""
+    bare = [item.nodeid for item in items
+            for mark in item.iter_markers("slow") if not mark.kwargs.get("reason")]
+    if bare:
+        raise pytest.UsageError("slow marks without reason=...: " + ", ".join(bare[:5]))
     if "fuzz" in (config.getoption("markexpr") or ""):
         return
     keep = [it for it in items if it.get_closest_marker("fuzz") is None]

@@ -5,13 +5,14 @@
   process memory, so objects survive the restart.
 - :class:`HTTPServer`: files of a directory over HTTP/1.1 with ``Range``, ``HEAD``, ``ETag`` and a
   few fault knobs (queued status codes, always-403 paths, throttled bodies), with a request log.
+- :class:`CountingProxy`: an HTTP proxy in front of an S3 server that logs every request and can
+  answer 503 SlowDown for chosen object paths, so a test counts what the client really sent.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,24 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import xxhash
 
+from tests.net import free_port, wait_port
+
 KEY, SECRET = "testing", "testing"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def s3_options(endpoint: str, *, key: str = KEY, secret: str = SECRET, fast_fail: bool = True) -> dict:
@@ -221,21 +207,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-class HTTPServer:
-    """Serves ``root`` on 127.0.0.1; ``url`` is its base URL. Restartable on the same port."""
+class _Serving:
+    """``start()`` / ``stop()`` of a threaded HTTP server on 127.0.0.1:``port`` (restartable)."""
 
-    def __init__(self, root: str, port: int | None = None):
-        self.control = _Control(root)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+    port: int
+    _server: _Server | None = None
+    _thread: threading.Thread | None = None
 
-    def start(self) -> "HTTPServer":
-        handler = type("Handler", (_Handler,), {"control": self.control})
-        self._server = _Server(("127.0.0.1", self.port), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+    def _handler(self) -> type:
+        raise NotImplementedError
+
+    def start(self):
+        self._server = _Server(("127.0.0.1", self.port), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -247,10 +232,92 @@ class HTTPServer:
             self._server = None
 
 
+class HTTPServer(_Serving):
+    """Serves ``root`` on 127.0.0.1; ``url`` is its base URL. Restartable on the same port."""
+
+    def __init__(self, root: str, port: int | None = None):
+        self.control = _Control(root)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _handler(self) -> type:
+        return type("Handler", (_Handler,), {"control": self.control})
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: "CountingProxy"
+
+    def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
+        pass
+
+    def _forward(self) -> None:
+        import http.client
+
+        proxy = self.proxy
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        failing = any(path.endswith(suffix) for suffix in proxy.unavailable)
+        with proxy.lock:
+            proxy.log.append((self.command, path, 503 if failing else None))
+        if failing:
+            payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable'
+                       b'</Code><Message>injected by the test proxy</Message></Error>')
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            return
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        finally:
+            conn.close()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward  # noqa: N815
+
+
+class CountingProxy(_Serving):
+    """127.0.0.1 proxy to ``upstream`` (an :class:`S3Server`): ``log`` holds ``(method, path,
+    injected status or None)`` of every request; paths ending in a suffix of ``unavailable``
+    get 503 ServiceUnavailable (a transient error every S3 client retries) without reaching
+    the server."""
+
+    def __init__(self, upstream: S3Server):
+        self.upstream_port = upstream.port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, str, int | None]] = []
+        self.unavailable: set[str] = set()
+
+    def _handler(self) -> type:
+        return type("ProxyHandler", (_ProxyHandler,), {"proxy": self})
+
+    def requests_for(self, suffix: str) -> list[tuple[str, str, int | None]]:
+        with self.lock:
+            return [r for r in self.log if r[1].endswith(suffix)]
+
+
 # ---- child-process bodies (module level so that the "spawn" start method can import them) ---
 def race_for_shard(url: str, cache_dir: str, shard, barrier, results) -> None:
     """Open a CachedSource, wait for the other racers, fetch ``shard``; report hash and stats."""
-    from streamshard.remote import CachedSource, file_xxh64
+    from streamshard.remote import CachedSource
+    from streamshard.remote.cache import file_xxh64
 
     src = CachedSource(url, cache_dir=cache_dir)
     src.read_index()

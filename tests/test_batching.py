@@ -105,14 +105,14 @@ def sample_losses(model, batch) -> torch.Tensor:
     return (model(x).squeeze(1) - batch["id"].to(torch.float32) / 100) ** 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="three spawned gloo processes with DDP")
 def test_real_ddp_update_on_3_ranks_equals_the_one_process_update(id_dataset_factory, tmp_path):
     """8 samples on 3 gloo ranks (3, 3, 2): the same weights after one step as on one process."""
     import torch.multiprocessing as mp
 
     from streamshard import StreamingDataLoader, StreamingDataset, World
     from streamshard.testing import take
-    from tests.conftest import free_port
+    from tests.net import free_port
 
     data = id_dataset_factory(64)
     ds = StreamingDataset(data, global_batch_size=G, seed=2, world=World())

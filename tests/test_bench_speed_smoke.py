@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow  # ~20-40 s on 2 shared cores: writes and reads 8 small datasets
+@pytest.mark.slow(reason="~20-40 s on 2 shared cores: writes and reads 8 small datasets")
 def test_bench_speed_tiny_run(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_speed.py"),

@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamshard.converters.packing import PackingConfig, load_tokenizer, main, pack, pack_corpus, unpack
+from streamshard.cli import main as cli
+from streamshard.converters.packing import PackingConfig, load_tokenizer, pack, pack_corpus, unpack
+from streamshard.index import DatasetIndex
 from streamshard import open_dataset
 from streamshard.errors import ConfigError, InputError, MissingDependencyError
 
@@ -135,15 +137,33 @@ def test_pre_tokenized_field_and_bad_records(tmp_path):
                     seq_len=3, token_field="ids")
 
 
-def test_command_line(tmp_path, tokenizer_json, capsys):
+def test_command_line_honours_writer_flags(tmp_path, tokenizer_json, capsys):
+    """`streamshard convert --tokenizer` is the one packing command line: the writer flags
+    reach the dataset (--compression-level was ignored before)."""
     write_jsonl(tmp_path / "c.jsonl", [{"body": "the lazy dog"}] * 20)
-    rc = main([str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
-               "--tokenizer", tokenizer_json, "--text-field", "body", "--seq-len", "16",
-               "--pad-id", "0", "--fields", "body:str"])
+    rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
+              "--tokenizer", tokenizer_json, "--text-field", "body", "--seq-len", "16",
+              "--pad-id", "0", "--fields", "body:str", "--compression-level", "19",
+              "--block-size", "4KiB", "--no-resume"])
     assert rc == 0
     assert "packed 20 documents" in capsys.readouterr().out
     ds = open_dataset(str(tmp_path / "out"))
     assert ds[len(ds) - 1]["length"] <= 16 and ds.schema.to_json()["tokens"] == "uint16[16]"
+    index = DatasetIndex.from_bytes((tmp_path / "out" / "index.json").read_bytes(), "index.json")
+    assert (index.compression_level, index.block_size) == (19, 4096)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume"], "packing cannot resume"),              # one sequential pass: nothing to resume
+    (["--workers", "2"], "--workers 2 does not apply"),   # one process by nature
+    (["--chunk-size", "1MB"], "--chunk-size is the unit of parallel conversion"),
+])
+def test_command_line_refuses_flags_packing_cannot_honour(tmp_path, capsys, flags, message):
+    write_jsonl(tmp_path / "c.jsonl", [{"ids": [1, 2, 3]}] * 5)
+    rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
+              "--token-field", "ids", "--eod-id", "0", "--seq-len", "4", *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_missing_tokenizers_package_gives_install_hint(monkeypatch, tmp_path):
@@ -154,8 +174,6 @@ def test_missing_tokenizers_package_gives_install_hint(monkeypatch, tmp_path):
 
 def test_streamshard_convert_tokenizer_packs(tmp_path, tokenizer_json):
     """`streamshard convert --tokenizer` (the documented entry point) packs like pack_corpus."""
-    from streamshard.cli import main as cli
-
     write_jsonl(tmp_path / "c.jsonl", [{"body": f"the lazy dog {i}"} for i in range(30)])
     rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
               "--tokenizer", tokenizer_json, "--text-field", "body", "--seq-len", "16",

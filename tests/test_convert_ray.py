@@ -14,6 +14,7 @@ from streamshard.errors import DatasetExistsError
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
+pytestmark = pytest.mark.slow(reason="starts a local 2-CPU Ray cluster: ~19 s setup here")
 
 from streamshard.converters.ray_sink import PARTS, StreamshardDatasink, write_streamshard  # noqa: E402
 

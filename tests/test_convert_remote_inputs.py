@@ -84,6 +84,7 @@ def test_directory_url_filters_by_extension_and_temp_stage_is_removed(s3, corpus
     assert cache.startswith(tempfile.gettempdir()) and not os.path.exists(cache)
 
 
+@pytest.mark.slow(reason="writes a datasets split and stages it from moto S3: ~7 s here")
 def test_saved_hf_dataset_directory_on_s3(s3, tmp_path):
     datasets = pytest.importorskip("datasets")
     saved = tmp_path / "saved"
@@ -97,6 +98,7 @@ def test_saved_hf_dataset_directory_on_s3(s3, tmp_path):
     assert rows(tmp_path / "ds")[39] == {"text": "t39", "n": 39}
 
 
+@pytest.mark.slow(reason="two conversions from moto S3 around a rewritten object: ~7 s here")
 def test_resume_refuses_a_changed_remote_object(s3, tmp_path):
     fs = s3.fs()
     s3.make_bucket("changing")
@@ -144,7 +146,7 @@ def test_http_file_url(tmp_path):
     assert [r["json"] for r in rows(tmp_path / "ds")] == [{"a": 1}, {"a": 2}, {"a": 3}]
 
 
-@pytest.mark.slow  # a CLI subprocess (~3 s of imports)
+@pytest.mark.slow(reason="a CLI subprocess (~3 s of imports) against a moto S3 server")
 def test_cli_with_fsspec_environment_options(s3, corpus, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT,
                FSSPEC_S3=json.dumps({"endpoint_url": s3.endpoint, "key": "testing",

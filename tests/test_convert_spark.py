@@ -14,6 +14,7 @@ import pytest
 from streamshard import ShardWriter, open_dataset
 
 pyspark = pytest.importorskip("pyspark")
+pytestmark = pytest.mark.slow(reason="starts a local[2] Spark session (JVM): ~25 s setup, ~35 s run here")
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("pyspark needs Java (17+)", allow_module_level=True)
 

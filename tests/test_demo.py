@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="converts and reads the whole standard library through the real CLI in a subprocess")
 def test_demo_runs_end_to_end_on_the_stdlib(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "streamshard.cli", "demo", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 G, SEED, SAMPLES = 8, 17, 4003  # 500 steps per epoch; 3 tail samples drop_last never serves
 ARGS = ["--lr", "1e-2", "--forensics", "--global-batch", str(G), "--seed", str(SEED)]
-pytestmark = pytest.mark.slow  # two torchrun jobs of a few hundred steps each (~1 min)
+pytestmark = pytest.mark.slow(reason="two torchrun jobs of a few hundred steps each (~1 min)")
 
 
 def example():

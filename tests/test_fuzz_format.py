@@ -213,7 +213,7 @@ print("ok")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the format properties again in a subprocess with a 1 GiB address-space cap")
 def test_fuzz_under_memory_limit():
     """The short format properties again in a process whose address space is capped at 1 GiB:
     a decompression bomb or a trusted 100 GB size would end in MemoryError there."""

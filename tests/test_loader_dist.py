@@ -18,7 +18,7 @@ from streamshard.capacity import node_shards
 from streamshard.reader import open_dataset
 from streamshard.sampler import SampleSequence
 from streamshard.testing import assemble_global_batch, take
-from tests.conftest import free_port
+from tests.net import free_port
 
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "loader_job.py")
 G = 12  # divisible by 2 and 3, not by 5 (rank batches of 3 and 2 at 5 processes)
@@ -72,7 +72,7 @@ def reference(data):
     return [b["id"].tolist() for b in take(loader, 40)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="real torchrun with gloo process groups")
 @pytest.mark.parametrize("nproc, workers", [(2, 0), (3, 2), (5, 0)])
 def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, workers):
     records = torchrun(nproc, str(tmp_path / "run"), "--data", data, "--global-batch", str(G),
@@ -83,7 +83,7 @@ def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, worke
     assert batches == reference
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="real torchrun with gloo process groups")
 def test_torchrun_save_at_two_resume_at_three(tmp_path, data, reference):
     state = str(tmp_path / "state.json")
     torchrun(2, str(tmp_path / "a"), "--data", data, "--global-batch", str(G), "--steps", "17",
@@ -95,7 +95,7 @@ def test_torchrun_save_at_two_resume_at_three(tmp_path, data, reference):
     assert batches == reference[17:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two real torchrun agents of two gloo processes")
 def test_two_agents_of_two_read_what_the_planner_predicts(tmp_path, data, reference):
     """2 nodes x 2 ranks (LOCAL_WORLD_SIZE=2 from torchrun): every rank reads exactly its part
     of the split, and each node only shards the planner lists for it."""

@@ -11,7 +11,7 @@ from streamshard.reader import open_dataset
 from streamshard.testing import assert_resume_equivalent, take, write_id_dataset
 from tests.remote_servers import S3Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="real moto S3 server and DataLoader worker processes")
 
 
 @pytest.fixture(scope="module")

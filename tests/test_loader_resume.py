@@ -252,6 +252,7 @@ def test_resume_with_other_num_workers(path):
     )
 
 
+@pytest.mark.slow(reason="spawned DataLoader workers re-import torch: ~13 s here")
 def test_spawn_and_persistent_workers_across_epochs(path):
     ds = StreamingDataset(path, global_batch_size=6, seed=7, world=World())
     loader = StreamingDataLoader(ds, num_workers=2, persistent_workers=True, multiprocessing_context="spawn")

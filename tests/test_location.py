@@ -8,7 +8,7 @@ import pytest
 
 from streamshard.errors import MissingDependencyError
 from streamshard.location import local_path, resolve
-from tests.test_package_layout import modules
+from tests.layout import modules
 
 
 @pytest.mark.parametrize("url, want", [

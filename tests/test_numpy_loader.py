@@ -138,7 +138,7 @@ sys.meta_path.insert(0, _NoTorch())
 """
 
 
-@pytest.mark.slow  # one interpreter without torch running every torch-free path (~4 s)
+@pytest.mark.slow(reason="one interpreter without torch running every torch-free path (~4 s)")
 def test_everything_but_the_torch_loader_runs_without_torch(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"doc {i}", "id": i}) + "\n" for i in range(50)))

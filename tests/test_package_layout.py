@@ -6,26 +6,7 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Source folder -> the package name it installs as (pyproject's package-dir mapping).
-SOURCES = {"streamshard": "streamshard", "converters": "streamshard.converters"}
-
-
-def modules() -> dict[str, str]:
-    """Every module of the installed package, by dotted name -> file path."""
-    found = {}
-    for folder, package in SOURCES.items():
-        base = os.path.join(ROOT, folder)
-        for directory, dirs, files in os.walk(base):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            for f in files:
-                if not f.endswith(".py"):
-                    continue
-                rel = os.path.relpath(os.path.join(directory, f), base)[:-3].split(os.sep)
-                if rel[-1] == "__init__":
-                    rel = rel[:-1]
-                found[".".join([package, *rel])] = os.path.join(directory, f)
-    return found
+from tests.layout import ROOT, SOURCES, modules
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -99,3 +80,24 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "streamshard.cli" in graph and "streamshard.converters.packing" in graph
     assert cycles(graph) == []
+
+
+def test_every_package_directory_is_in_pyproject_packages():
+    """The package-dir mapping needs an explicit package list: a new subpackage missing from it
+    would be left out of the wheel."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    mapping = setuptools.get("package-dir", {})
+    found = set()
+    for folder, package in SOURCES.items():
+        base = os.path.join(ROOT, folder)
+        assert mapping.get(package, folder) == folder or package == folder
+        for directory, dirs, files in os.walk(base):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                rel = os.path.relpath(directory, base)
+                found.add(package if rel == "." else ".".join([package, *rel.split(os.sep)]))
+    assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"

@@ -18,7 +18,7 @@ from streamshard.errors import CorruptionError, StateMismatchError
 from streamshard.recovery.checkpoint import CheckpointManager
 from streamshard.recovery.policy import CheckpointRef, Ledger
 from streamshard.testing import take
-from tests.conftest import free_port
+from tests.net import free_port
 
 
 def make_model(seed=0):

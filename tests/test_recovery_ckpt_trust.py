@@ -121,7 +121,7 @@ def test_async_save_captures_the_state_at_save_time(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights(other), before))
 
 
-@pytest.mark.slow  # a moto server and ~60 S3 round trips: ~20 s on the dev box
+@pytest.mark.slow(reason="a moto server and ~60 S3 round trips: ~20 s on the dev box")
 def test_s3_checkpoints_through_moto(tmp_path):
     s3fs = pytest.importorskip("s3fs")
     from tests.remote_servers import S3Server, s3_options

@@ -14,7 +14,7 @@ from tests.test_recovery_integration import (  # noqa: F401 (data is a fixture)
     EXAMPLE, G, SEED, _env, assert_no_sample_twice, consumed, data, expected, ids_of, journal, ok,
 )
 
-pytestmark = pytest.mark.slow  # two ranks, two faults, three process starts: ~40 s on the dev box
+pytestmark = pytest.mark.slow(reason="two ranks, two faults, three process starts: ~40 s on the dev box")
 
 
 def test_kill_and_hang_cost_one_process_start_each(tmp_path, data):

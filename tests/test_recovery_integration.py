@@ -27,7 +27,7 @@ from streamshard.testing import take
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 G, SEED = 8, 17
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="real torchrun jobs of examples/train_gpt.py killed and restarted with real signals (20-110 s each)")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pytest
 
 from streamshard.recovery import exitcodes
 from streamshard.recovery.journal import Journal
-from tests.conftest import free_port
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "jobs" / "launch_worker.py"
-pytestmark = pytest.mark.slow  # real agents + workers: 10-40 s each on the 2-core box
+pytestmark = pytest.mark.slow(reason="real agents + workers: 10-40 s each on the 2-core box")
 
 
 def env(**kw) -> dict:

@@ -19,7 +19,7 @@ from streamshard.remote import CachedSource, RetryPolicy
 from streamshard.testing import write_id_dataset
 from tests.remote_servers import HTTPServer, S3Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="one suite against real servers: moto S3 and an HTTP server")
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, deadline=5)
 
 

@@ -19,7 +19,9 @@ import pytest
 import xxhash
 
 from streamshard.errors import ConfigError, CorruptionError, StorageError
-from streamshard.remote import Prefetcher, RetryPolicy, ShardCache, call_with_retry, is_transient
+from streamshard.remote import RetryPolicy, ShardCache
+from streamshard.remote.prefetch import Prefetcher
+from streamshard.remote.storage import call_with_retry, is_transient
 
 NS = "u0/fp0"
 
@@ -337,63 +339,62 @@ class FakeShard:
     bytes: int
 
 
-def test_prefetcher_order_and_byte_bound():
-    started: list[str] = []
-    fetched: list[str] = []
-    changed = threading.Condition()
-    release = threading.Event()
+class Fetches:
+    """A Prefetcher ``fetch`` that records which shards started and finished (from its worker
+    threads) and blocks each fetch until ``release`` is set; ``wait`` blocks (bounded, no sleep)
+    until a condition on the records holds."""
 
-    def fetch(shard):
-        with changed:
-            started.append(shard.file)
-            changed.notify_all()
-        release.wait(10)
-        with changed:
-            fetched.append(shard.file)
-            changed.notify_all()
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.fetched: list[str] = []
+        self.release = threading.Event()
+        self._changed = threading.Condition()
+
+    def __call__(self, shard) -> bool:
+        self._record(self.started, shard.file)
+        self.release.wait(10)
+        self._record(self.fetched, shard.file)
         return True
+
+    def _record(self, records: list[str], file: str) -> None:
+        with self._changed:
+            records.append(file)
+            self._changed.notify_all()
+
+    def wait(self, predicate) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, timeout=10)
+
+
+def test_prefetcher_order_and_byte_bound():
+    fetch = Fetches()
     p = Prefetcher(fetch, max_bytes=250, workers=4, clock=lambda: 0.0)  # nothing ever expires
     p.submit([FakeShard(f"s{i}", 100) for i in range(6)])
-    with changed:
-        assert changed.wait_for(lambda: len(started) == 2, timeout=10)
+    fetch.wait(lambda: len(fetch.started) == 2)
     # two are in flight and a third would exceed 250 bytes: it stays queued
-    assert started == ["s0", "s1"] and p.outstanding_bytes() == 200
-    release.set()
-    with changed:
-        assert changed.wait_for(lambda: len(fetched) == 2, timeout=10)
+    assert fetch.started == ["s0", "s1"] and p.outstanding_bytes() == 200
+    fetch.release.set()
+    fetch.wait(lambda: len(fetch.fetched) == 2)
     assert p.outstanding_bytes() == 200  # fetched but not yet asked for: still counts
     p.consumed("s0")
     p.consumed("s1")
-    with changed:
-        assert changed.wait_for(lambda: len(started) >= 4, timeout=10)
-    assert started[:4] == ["s0", "s1", "s2", "s3"]
+    fetch.wait(lambda: len(fetch.started) >= 4)
+    assert fetch.started[:4] == ["s0", "s1", "s2", "s3"]
     p.close()
 
 
 def test_prefetcher_merges_hints_newest_first_and_expires_stale_ahead():
-    order: list[str] = []
-    changed = threading.Condition()
-    in_flight = threading.Event()
-    gate = threading.Event()
-
-    def fetch(shard):
-        in_flight.set()
-        gate.wait(10)
-        with changed:
-            order.append(shard.file)
-            changed.notify_all()
-        return True
+    fetch = Fetches()
     # Every clock reading is 100 s after the previous one, so a shard fetched ahead is past its
     # 30 s ttl at the next check: with a wrong hint prefetch keeps going instead of stalling
     # (a prefetcher that never expired would stop after "a" and the wait below would time out).
     p = Prefetcher(fetch, max_bytes=100, workers=1, ahead_ttl=30,
                    clock=itertools.count(0, 100).__next__)
     p.submit([FakeShard("a", 100), FakeShard("b", 100), FakeShard("c", 100)])  # a long hint
-    assert in_flight.wait(10)                                # "a" is in flight
+    fetch.wait(lambda: fetch.started == ["a"])              # "a" is in flight
     p.submit([FakeShard("c", 100), FakeShard("d", 100)])   # a later, more urgent hint
-    gate.set()
-    with changed:
-        assert changed.wait_for(lambda: len(order) == 4, timeout=10)
-    assert order == ["a", "c", "d", "b"]
+    fetch.release.set()
+    fetch.wait(lambda: len(fetch.fetched) == 4)
+    assert fetch.fetched == ["a", "c", "d", "b"]
     assert p.counts["prefetch_expired"] >= 3 and p.counts["prefetch_submitted"] == 4
     p.close()

@@ -16,11 +16,12 @@ import pytest
 
 from streamshard.errors import StorageError
 from streamshard.reader import open_dataset
-from streamshard.remote import CachedSource, RetryPolicy, file_xxh64
+from streamshard.remote import CachedSource, RetryPolicy
+from streamshard.remote.cache import file_xxh64
 from streamshard.testing import write_id_dataset
 from tests.remote_servers import HTTPServer, download_forever, race_for_shard
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="real HTTP server, racing and SIGKILLed download processes")
 FAST_RETRY = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05, deadline=10)
 
 

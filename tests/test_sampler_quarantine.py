@@ -149,7 +149,7 @@ def test_ledgers_merge_is_commutative_and_idempotent(a, b, skips):
 @pytest.mark.parametrize("state, message", [
     ({"skips": [], "reseeds": [], "quarantine": [[0, 1]]}, "quarantine must be a list of"),  # short row
     ({"skips": [], "reseeds": [], "quarantine": [[0, 1, True]]}, "quarantine must be"),  # bool is no int
-    ({"skips": [], "reseeds": [], "quarantine": [[0, -1, 2]]}, r"ints in \[0, 2\*\*63\)"),  # negative id
+    ({"skips": [], "reseeds": [], "quarantine": [[0, -1, 2]]}, "sample_id"),  # negative id
     ({"skips": []}, "no 'reseeds' ledger"),  # a required ledger missing
 ])
 def test_ledger_state_is_validated(state, message):

@@ -54,7 +54,7 @@ w.close()
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a writer process holding the lock, then killed")
 def test_writer_in_another_process_is_named_and_its_death_frees_the_lock(tmp_path):
     dest = tmp_path / "ds"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(dest)], env=_env(),
@@ -121,7 +121,7 @@ def test_planted_symlink_at_temp_name_is_never_followed(tmp_path, monkeypatch):
     assert victim.read_bytes() == b"precious"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="moto S3 in server mode")
 def test_remote_destination_is_locked_by_a_conditional_create(tmp_path):
     """S3 (moto, real server mode): the lock is an If-None-Match create of the holder file."""
     from streamshard.destlock import HOLDER_FILE
@@ -149,7 +149,7 @@ def test_remote_destination_is_locked_by_a_conditional_create(tmp_path):
 
 
 # ---- 6. killed conversions --------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.slow(reason="a parallel conversion SIGKILLed and rerun in subprocesses")
 def test_kill9_of_parallel_convert_leaves_no_orphans_and_rerun_resumes(tmp_path):
     rng = np.random.default_rng(5)
     src = tmp_path / "a.npy"

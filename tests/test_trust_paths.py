@@ -119,7 +119,7 @@ def test_fifo_index_is_refused(tmp_path):
     assert isinstance(done[0], StreamshardError) and "not a regular file" in str(done[0])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a real HTTP server")
 def test_http_name_escaping_the_dataset_url_is_never_requested(base, tmp_path):
     root = tmp_path / "www"
     ds = clone(base, root)
@@ -138,7 +138,7 @@ def test_http_name_escaping_the_dataset_url_is_never_requested(base, tmp_path):
 
 
 # ---- 9. secrets ------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.slow(reason="a real HTTP server")
 def test_user_info_is_redacted_in_repr_errors_and_cache_metadata(base, tmp_path):
     root = tmp_path / "www"
     clone(base, root)

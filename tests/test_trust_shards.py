@@ -20,7 +20,7 @@ from streamshard.errors import CorruptionError, FormatError, StreamshardError
 from streamshard.index import fingerprint_of
 from streamshard.shardfile import HEADER, TABLE_ENTRY, TRAILER
 
-from tests.test_format_roundtrip import write
+from tests.format_helpers import write
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +302,7 @@ for k in range(len(ds)):
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a subprocess killed by SIGBUS")
 def test_shard_truncated_while_mapped_dies_with_a_traceback(tmp_path):
     """What remains possible (docs/FORMAT.md): SIGBUS cannot be caught, but it is not silent."""
     import signal

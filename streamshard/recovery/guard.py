@@ -19,6 +19,8 @@ events (health, hang, straggler reports, fired faults) are journaled by the rank
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ from streamshard.recovery.slowdown import (
 
 STATE_VERSION = 1
 _DATA_MAP_LIMIT = 4096  # training steps of step -> data step kept; a run of anomalies is far shorter
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,14 @@ class Recovery:
 
     def __init__(self, cfg: GuardConfig = GuardConfig(), *, journal: Journal | None = None,
                  checkpoints: Callable[[], Iterable[CheckpointRef]] = tuple, writer: bool = True,
-                 world_size: int = 1, log: Callable[[str], None] = print, rungs: Sequence[Rung] = DEFAULT_RUNGS):
+                 world_size: int = 1, log: Callable[[str], None] | None = None,
+                 rungs: Sequence[Rung] = DEFAULT_RUNGS):
         self.cfg = cfg
         self._rungs = tuple(rungs)  # consulted in order on a persistent anomaly; rollback is always last
         self._journal = journal
         self._writer = writer
         self._checkpoints = checkpoints
-        self._log = log
+        self._log = log if log is not None else _logger.warning  # no print by default
         self._loss = SpikeDetector(cfg.loss)
         self._grad = SpikeDetector(cfg.grad_norm) if cfg.grad_norm is not None else None
         self._run = PersistenceCounter(cfg.persistence)
@@ -188,7 +192,7 @@ class Recovery:
             self._decision("straggler", step=step, ranks=list(result.ranks), persistent=list(result.persistent),
                            per_rank=list(result.per_rank), typical=result.typical)
             if result.ranks:
-                self._log(f"streamshard.recovery: straggler rank(s) {list(result.ranks)} at step {step}: "
+                self._log(f"straggler rank(s) {list(result.ranks)} at step {step}: "
                           f"busy {[round(t, 4) for t in result.per_rank]} s vs typical {result.typical:.4f} s")
         return result
 

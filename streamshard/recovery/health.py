@@ -9,6 +9,7 @@ is using and the scheduler must drain the node.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -17,6 +18,8 @@ from typing import Protocol
 
 from streamshard.errors import StreamshardError, missing_dependency
 from streamshard.recovery import exitcodes
+
+_logger = logging.getLogger(__name__)
 
 RESTART_HERE = "restart-here"
 REPLACE_NODE = "replace-node"
@@ -319,14 +322,16 @@ class NvmlProbe:
             self._nv.nvmlShutdown()
 
 
-def available_probes(kernel_log: str | None = None, *, log: Callable[[str], None] = print) -> list[HealthProbe]:
+def available_probes(kernel_log: str | None = None, *,
+                     log: Callable[[str], None] | None = None) -> list[HealthProbe]:
     """NVML if it works here, plus a kernel-log probe when ``kernel_log`` names a readable file.
-    Reasons for a missing probe go to ``log``."""
+    Reasons for a missing probe go to ``log`` (default: this module's logger, level INFO)."""
+    log = log if log is not None else _logger.info
     probes: list[HealthProbe] = []
     try:
         probes.append(NvmlProbe())
     except StreamshardError as e:
-        log(f"streamshard.recovery: NVML probe disabled: {e}")
+        log(f"NVML probe disabled: {e}")
     if kernel_log and os.access(kernel_log, os.R_OK):
         probes.append(KernelLogXidProbe(tail_file(kernel_log)))
     return probes

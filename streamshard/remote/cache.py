@@ -38,7 +38,7 @@ import xxhash
 from streamshard.atomic import atomic_write_json
 from streamshard.errors import ConfigError, CorruptionError
 
-log = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 MARKER = ".streamshard-cache"
 _META_MAGIC = "streamshard-cache-entry"
 _META_VERSION = 1
@@ -277,6 +277,8 @@ class ShardCache:
                 return
             _remove(tmp)
             self._count("corrupt_downloads")
+            _logger.warning("download of %s gave %s bytes with xxh64 %s, expected %s bytes with "
+                            "xxh64 %s; downloading it again", url, actual_size, actual, size, expected)
         raise CorruptionError(
             f"remote object {url} is corrupted: the index expects {size} bytes with xxh64 "
             f"{expected}, two downloads gave {actual_size} bytes with xxh64 {actual}")
@@ -433,7 +435,7 @@ class ShardCache:
             if path in self._reported:
                 return
             self._reported.add(path)
-        log.warning("streamshard cache: skipping %s: %s (not written by this cache; left in "
+        _logger.warning("streamshard cache: skipping %s: %s (not written by this cache; left in "
                     "place and never counted or evicted)", path, problem)
 
     def _touch(self, path: str) -> None:

@@ -11,12 +11,15 @@ seconds without being asked for (a wrong hint) stops counting, so a bad hint can
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
 from streamshard.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
 
 
 class Prefetcher:
@@ -120,7 +123,8 @@ class Prefetcher:
             ok = False
             try:
                 ok = self._fetch(shard)
-            except Exception:  # noqa: BLE001 - the reader's own request will retry and report
+            except Exception as exc:  # noqa: BLE001 - the reader's own request retries and reports
+                _logger.debug("prefetch of %s failed: %s", shard.file, exc)
                 with self._cond:
                     self.counts["prefetch_errors"] += 1
             with self._cond:

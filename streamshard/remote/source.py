@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import logging
 import os
 import threading
 from typing import Any, Sequence
@@ -21,10 +22,12 @@ import xxhash
 from streamshard.errors import ConfigError, CorruptionError, redact
 from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
+from streamshard.remote.parts import PartPolicy, download_parts
 from streamshard.remote.prefetch import Prefetcher
-from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, version_token
+from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, describe, version_token
 from streamshard.sizes import parse_size
 
+_logger = logging.getLogger(__name__)
 INDEX_FILE = "index.json"  # mirrors streamshard.index.INDEX_FILE (imported lazily below)
 
 
@@ -61,6 +64,10 @@ class CachedSource:
       naming the URL at once.
     - ``prefetch_bytes``: bound of :meth:`prefetch` (default a quarter of ``cache_limit``, or
       the larger of 8 largest shards and 256 MiB without a limit); ``prefetch_workers`` threads.
+    - ``parts``: :class:`PartPolicy`: shards of ``parts.min_size`` bytes or more download as
+      parallel ranged GETs of ``parts.part_size`` bytes, ``parts.parts_in_flight`` at once.
+    - ``max_connections``: GETs in flight at once in this process (plain and ranged, prefetch
+      and reads together).
     - ``space_timeout``: how long a reader waits for another process to unpin shards when the
       budget is full, before a ``ConfigError``.
 
@@ -71,8 +78,9 @@ class CachedSource:
     def __init__(self, url: str, *, cache_dir: str | None = None,
                  cache_limit: int | str | None = None, storage_options: dict | None = None,
                  retry: RetryPolicy = RetryPolicy(), min_resident_shards: int = 1,
-                 prefetch_bytes: int | str | None = None, prefetch_workers: int = 2,
-                 space_timeout: float = 60.0):
+                 prefetch_bytes: int | str | None = None, prefetch_workers: int = 8,
+                 space_timeout: float = 60.0, parts: PartPolicy = PartPolicy(),
+                 max_connections: int = 16):
         if not isinstance(url, str) or "://" not in url:
             raise ConfigError(f"CachedSource needs a URL like 's3://bucket/ds', got "
                               f"{redact(str(url))!r}")
@@ -80,6 +88,10 @@ class CachedSource:
             raise ConfigError(f"min_resident_shards must be an int >= 1, got {min_resident_shards!r}")
         if not isinstance(retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if not isinstance(parts, PartPolicy):
+            raise ConfigError(f"parts must be a PartPolicy, got {type(parts).__name__}")
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigError(f"max_connections must be an int >= 1, got {max_connections!r}")
         self.url = url.rstrip("/")
         self.cache_dir = os.path.abspath(cache_dir or default_cache_dir())
         self.cache_limit = None if cache_limit is None else parse_size(cache_limit, name="cache_limit")
@@ -90,6 +102,8 @@ class CachedSource:
         self.min_resident_shards = min_resident_shards
         self.prefetch_workers = prefetch_workers
         self.space_timeout = space_timeout
+        self.parts = parts
+        self.max_connections = max_connections
         self.fingerprint: str | None = None
         self._largest = 0
         self._remote = Remote(self.url, self.storage_options)
@@ -100,11 +114,13 @@ class CachedSource:
         self._lock = threading.Lock()
         self._cache: ShardCache | None = None
         self._prefetcher: Prefetcher | None = None
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self._counts = {"retries": 0, "index_fetches": 0, "index_hits": 0}
 
     # ---- pickling and fork ----------------------------------------------------------------
     _CONFIG = ("url", "cache_dir", "cache_limit", "prefetch_bytes", "storage_options", "retry",
-               "min_resident_shards", "prefetch_workers", "space_timeout", "fingerprint", "_largest")
+               "min_resident_shards", "prefetch_workers", "space_timeout", "parts", "max_connections",
+               "fingerprint", "_largest")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._CONFIG}
@@ -133,13 +149,14 @@ class CachedSource:
                                          space_timeout=self.space_timeout)
             return self._cache
 
-    def _on_retry(self, exc: BaseException, delay: float) -> None:
-        with self._lock:
-            self._counts["retries"] += 1
-
     def _retrying(self, fn, rel: str, what: str):
-        return call_with_retry(fn, url=self._remote.url_of(rel), what=what, policy=self.retry,
-                               on_retry=self._on_retry)
+        url = self._remote.url_of(rel)
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            with self._lock:
+                self._counts["retries"] += 1
+            _logger.warning("%s %s failed (%s); retrying in %.2f s", what, url, describe(exc), delay)
+        return call_with_retry(fn, url=url, what=what, policy=self.retry, on_retry=on_retry)
 
     # ---- ShardSource ----------------------------------------------------------------------
     def read_index(self) -> bytes:
@@ -207,8 +224,17 @@ class CachedSource:
         return f"{url_key(self.url, self.storage_options)}/{self.fingerprint}"
 
     def _fetch(self, shard: Any, *, pin: bool, prefetch: bool) -> str | None:
+        def whole(tmp: str) -> None:
+            with self._slots:
+                self._remote.get(shard.file, tmp)
+
         def download(tmp: str) -> None:
-            self._retrying(lambda: self._remote.get(shard.file, tmp), shard.file, "download")
+            if len(self.parts.ranges(shard.bytes)) == 1:
+                self._retrying(lambda: whole(tmp), shard.file, "download")
+                return
+            download_parts(lambda start, end: self._remote.cat_range(shard.file, start, end),
+                           tmp, shard.bytes, self.parts, slots=self._slots,
+                           retrying=lambda fn: self._retrying(fn, shard.file, "ranged download"))
 
         return self.cache.get(self._namespace(), shard.file, size=shard.bytes, xxh64=shard.xxh64,
                               url=self._remote.url_of(shard.file), fetch=download, pin=pin,

@@ -66,6 +66,11 @@ def _code_of(exc: BaseException) -> str | None:
 
 def _classify_one(exc: BaseException) -> bool | None:
     """True transient, False permanent, None: this exception alone does not say."""
+    from streamshard.remote.obstore_fs import classify
+
+    verdict = classify(exc)
+    if verdict is not None:
+        return verdict
     status = _status_of(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
@@ -125,6 +130,15 @@ class RetryPolicy:
     after ``attempts`` calls or when the next sleep would end past ``deadline`` seconds from the
     first call, whichever comes first. ``sleep``, ``clock`` and ``rng`` are injectable for tests;
     the policy is picklable as long as they are (the defaults are).
+
+    This policy is the only retry that happens: a :class:`Remote` (what ``CachedSource`` reads
+    through) turns the backend's own retries off, so ``attempts`` calls are ``attempts``
+    requests. For S3 (s3fs) that is botocore's ``retries={"total_max_attempts": 1}`` and s3fs's
+    own retry loop set to one try; without that each of our attempts was up to 5 botocore
+    attempts, and s3fs retried connection errors 5 times with up to ~11 s of backoff of its own.
+    A ``retries`` entry you put in ``storage_options["config_kwargs"]`` is kept (then both
+    retry). Tools that do not retry themselves (``verify``, ``merge``, ``ShardWriter``) keep the
+    backend's defaults. docs/REMOTE.md "Retries".
     """
 
     attempts: int = 6
@@ -200,6 +214,10 @@ class Remote:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        self.protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
+        from streamshard.remote.obstore_fs import split_backend
+
+        split_backend(self.url, self.storage_options)  # a bad backend is a ConfigError now
         self._fs: Any = None
         self._root = ""
         self._pid = -1
@@ -213,8 +231,16 @@ class Remote:
     @property
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            loc = resolve(self.url, self.storage_options)
-            self._fs, self._root = loc.fs, loc.root.rstrip("/")
+            from streamshard.remote.obstore_fs import make_fs, split_backend
+
+            backend, opts = split_backend(self.url, self.storage_options)
+            if backend == "obstore":  # its own retries are off (obstore_fs); RetryPolicy retries
+                self._fs, self._root = make_fs(opts), self.url.split("://", 1)[1].rstrip("/")
+            else:
+                loc = resolve(self.url, single_attempt_options(self.protocol, opts))
+                self._fs, self._root = loc.fs, loc.root.rstrip("/")
+                if self.protocol in _S3:  # s3fs's own retry loop: a class attribute, not an argument
+                    loc.fs.retries = opts.get("retries", 1)
             self._pid = os.getpid()
         return self._fs
 
@@ -238,6 +264,29 @@ class Remote:
         """Download one whole object to ``local_path`` (one GET for objects below the
         filesystem's multipart threshold, e.g. s3fs's 50 MiB block size)."""
         self.fs.get_file(self.path(rel), local_path)
+
+    def cat_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of one object (one ranged GET)."""
+        return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+
+_S3 = ("s3", "s3a")
+
+
+def single_attempt_options(protocol: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``storage_options`` with the backend's own retries off, so :class:`RetryPolicy` is the
+    only retry (see its docstring). Options the caller set are kept. The filesystem gets its own
+    instance (``skip_instance_cache``): the retry setting must not leak into other users of an
+    fsspec-cached instance with the same options."""
+    if protocol not in _S3:
+        return dict(storage_options)
+    opts = dict(storage_options)
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    opts["config_kwargs"] = config
+    opts.setdefault("skip_instance_cache", True)
+    opts.pop("retries", None)  # not an s3fs argument: applied to the instance (Remote.fs)
+    return opts
 
 
 def version_token(info: dict[str, Any]) -> str | None:

@@ -16,3 +16,4 @@ from streamshard.sampler.sequence import SampleSequence
 
 __all__ = ["BlockGroups", "EpochOrder", "Ledgers", "MixtureOrder", "Permutation", "SampleSequence", "derive_key",
            "sample_rng"]
+assert sorted(__all__) == __all__
