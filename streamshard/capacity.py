@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                            window=args.window, epochs=args.epochs, seed=args.seed,
                            shuffle=not args.no_shuffle)
     if args.json:
-        print(json.dumps(report.to_json(), sort_keys=True))
+        sys.stdout.write(json.dumps(report.to_json(), sort_keys=True) + "\n")
         return 0
     r = report
     lines = [
@@ -223,5 +224,5 @@ def run(args: argparse.Namespace) -> int:
         f"{format_size(r.cache_working_set_bytes_max)} (cache_limit must be at least this)",
         f"method: {r.method}",
     ]
-    print("\n".join(lines))
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
