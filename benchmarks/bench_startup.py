@@ -47,10 +47,10 @@ def child(root: str, mode: str) -> None:
         print(json.dumps({"rss_kb": base_rss}))
         return
     ds = StreamingDataset(root, global_batch_size=1024, world=World(3, 8), seed=1)
-    plan = next(ds._plan_batches(0, 1))  # the first device batch's sample ids, no shard read
+    key = next(iter(ds.batch_sampler()))  # the first rank batch's sample ids, no shard read
     done = time.perf_counter()
     print(json.dumps({"samples": len(ds.datasets[0]), "shards": ds.datasets[0].num_shards,
-                      "first_ids": plan[2][:4].tolist(), "import_s": imported - start,
+                      "first_ids": list(key.sample_ids[:4]), "import_s": imported - start,
                       "startup_s": done - imported,
                       "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "rss_before_kb": base_rss}))

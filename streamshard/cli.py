@@ -296,6 +296,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
 
 
+# -- plan (streamshard/capacity.py) ------------------------------------------------------------
+
+def _add_plan(sub: Any) -> None:
+    from streamshard import capacity  # implementation and options live there
+
+    capacity.add_parser(sub)
+    sub.choices["plan"].set_defaults(func=capacity.run)
+
+
 # -- launch (streamshard/recovery/launch.py; takes torchrun's own flags, parsed there) ----------
 
 def _add_launch(sub: Any) -> None:
@@ -331,8 +340,8 @@ def _add_benchmark(sub: Any) -> None:
 
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_convert, _add_inspect, _add_verify, _add_merge,
-                                             _add_demo, _add_explain, _add_quarantine, _add_launch,
-                                             _add_benchmark]
+                                             _add_plan, _add_demo, _add_explain, _add_quarantine,
+                                             _add_launch, _add_benchmark]
 
 
 def build_parser() -> argparse.ArgumentParser:

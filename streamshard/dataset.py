@@ -1,37 +1,37 @@
-"""``StreamingDataset``: the sampler's sequence served as device batches inside PyTorch.
+"""``StreamingDataset``: the sampler's sequence served as rank batches inside PyTorch.
 
-The dataset is an ``IterableDataset`` whose items are device batches (lists of samples): item
-``k`` of worker ``w`` of ``W`` is the ``(w + k*W)``-th served step of the plan, which is exactly the
-round-robin order in which ``torch.utils.data.DataLoader`` consumes its workers. So the global
-order never depends on ``num_workers``, and ``num_workers`` may change between save and resume.
-Use it through :class:`streamshard.StreamingDataLoader`, which counts consumed batches and owns
-the checkpoint state; a plain ``DataLoader(ds, batch_size=None, collate_fn=default_collate)``
-works too, with ``ds.set_epoch(e)`` as with ``DistributedSampler``.
+A map-style dataset: ``__getitems__`` serves one rank batch. What to read comes from a batch
+sampler in the main process (:class:`streamshard.batch_keys.StreamingBatchSampler`), which owns
+the sequence and the state and hands workers :class:`~streamshard.batch_keys.BatchKey` values
+(step, sample ids, prefetch hints): workers hold no state, so ``num_workers`` may change between
+save and resume. Three ways to drive it (docs/LOADER.md):
+
+- ``StreamingDataLoader(ds)``: one line; counts consumed batches, owns the checkpoint state.
+- ``DataLoader(ds, batch_sampler=ds.batch_sampler(), collate_fn=...)``, or torchdata's
+  ``StatefulDataLoader`` the same way: its state holds the sampler's, so resume is arithmetic.
+- ``DataLoader(ds, batch_size=None, collate_fn=...)``: item ``i`` is rank batch ``i`` of
+  ``ds.set_epoch(e)``'s epoch; a ``DataLoader`` that batches again (``batch_size`` >= 1) gets a
+  ``ConfigError`` naming these forms.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import itertools
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch.utils.data
 
 from streamshard import blockshuffle, fastpath
+from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
 from streamshard.collate import collate, token_dtype_of
-from streamshard.device_batch import DeviceBatch
 from streamshard.errors import ConfigError
-from streamshard.plan import Plan, PlanBox
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
 )
-from streamshard.sampler import Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import EpochOrder, Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
-
-HINT_CHUNKS = 16  # chunks of ``lookahead`` steps whose shards are hinted to remote sources
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
@@ -40,8 +40,8 @@ Transform = Callable[[dict, np.random.Generator], Any]
 _resolve_batch = resolve_batch
 
 
-class StreamingDataset(torch.utils.data.IterableDataset):
-    """Device batches of one dataset or a weighted mixture, in the sampler's global order.
+class StreamingDataset(torch.utils.data.Dataset):
+    """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
     device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
@@ -95,59 +95,97 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         order, orders = build_order(
             self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
             epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
-            blocks_per_group=blocks_per_group)
-        self.sequence = SampleSequence(
-            order, global_batch_size=self.global_batch_size, drop_last=drop_last
-        )
-        self.steps_per_epoch = self.sequence.steps_per_epoch
+            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size)
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
-        self.working_set_shards = self.sequence.working_set_shards(self.world.rank, self.world.world_size)
-        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
-            reserve_block_caches(self.datasets, orders, self.world)
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
+        # Lanes left to the default are fixed by the first run: a saved state's lanes win.
+        self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
+        self._set_sequence(SampleSequence(
+            order, global_batch_size=self.global_batch_size, drop_last=drop_last
+        ))
+        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
+        # Batches of a single fixed-size-schema stream without a transform can be read as
+        # columns straight into tensors (streamshard.fastpath); None when that does not apply.
+        self._columns = (fastpath.layout(self.datasets[0].schema)
+                         if len(self.datasets) == 1 and transform is None else None)
+
+    def _set_sequence(self, sequence: SampleSequence) -> None:
+        self.sequence = sequence
+        self.steps_per_epoch = sequence.steps_per_epoch
+        self.working_set_shards = sequence.working_set_shards(
+            self.world.rank, self.world.world_size, self.world.local_world_size)
+        self._ledger_cache = None
         for ds, remote in zip(self.datasets, self._remote):
             if remote:
                 # A budget that cannot hold what one device reads at once would deadlock on
                 # pins: refuse it now. And pin no more shards than that working set.
                 ds.source.check_budget(self.working_set_shards)
                 ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
-        self._plan = PlanBox(Plan(0, self.steps_per_epoch))
-        # Batches of a single fixed-size-schema stream without a transform can be read as
-        # columns straight into tensors (streamshard.fastpath); None when that does not apply.
-        self._columns = (fastpath.layout(self.datasets[0].schema)
-                         if len(self.datasets) == 1 and transform is None else None)
-        self._ledger_cache: tuple[tuple, SampleSequence] | None = None
+
+    def adopt_saved_lanes(self, saved_sequence: Any) -> Callable[[], None]:
+        """Take a saved state's ``lanes`` when this dataset's were left to the default (the
+        first run fixes them; states from before the locality default hold 64). Returns an undo
+        callable (the loader calls it if the rest of the state does not validate)."""
+        old = self.sequence
+        lanes = saved_sequence.get("lanes") if isinstance(saved_sequence, dict) else None
+        if (not self._lanes_adoptable or isinstance(lanes, bool) or not isinstance(lanes, int)
+                or lanes < 1 or lanes == old.order.lanes):
+            return lambda: None
+        self._set_sequence(SampleSequence(old.order.with_lanes(lanes),
+                                          global_batch_size=old.global_batch_size,
+                                          drop_last=old.drop_last))
+        return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Serve all of ``epoch`` on the next ``iter()`` (for use without StreamingDataLoader)."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.set_plan(Plan(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch))
+    def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
+        """A batch sampler for ``DataLoader(ds, batch_sampler=...)`` or torchdata's
+        ``StatefulDataLoader``: one key per served step of this rank, Stateful.
+        ``columnar=True`` returns fixed-size schemas already collated (dicts of tensors)."""
+        return StreamingBatchSampler(self, columnar=columnar)
 
-    def set_plan(self, plan: Plan) -> None:
-        """Set the steps the next ``iter()`` serves (the loader calls this; visible to workers)."""
-        self._plan.write(plan)
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that integer indices (``DataLoader(ds, batch_size=None)``) and
+        ``for batch in ds`` read, as with ``DistributedSampler``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
+        self._epoch = epoch
+
+    def is_remote(self, stream: int) -> bool:
+        return self._remote[stream]
 
     @property
     def batch_size(self) -> int:
-        """Samples per device batch."""
-        return self.global_batch_size // self.world.world_size
+        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
+        return int(self.sequence.assignment(self.world.world_size,
+                                            self.world.local_world_size).rank_sizes()[self.world.rank])
 
     @property
     def fingerprints(self) -> list[str]:
         return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
-        """Device batches per epoch (every device gets the same number)."""
+        """Rank batches per epoch (every rank serves the same number of steps)."""
         return self.steps_per_epoch
 
     # -- random access ------------------------------------------------------------------------
-    def __getitem__(self, index: int) -> dict:
-        """Sample ``index`` of the (first) dataset, in dataset order, without transform."""
-        return self.datasets[0][index]
+    def __getitem__(self, index: Any) -> Any:
+        """Rank batch ``index`` of ``set_epoch``'s epoch (a list of samples, transformed): the
+        item a plain ``DataLoader(ds, batch_size=None, collate_fn=...)`` reads. A
+        :class:`BatchKey` gives its batch."""
+        if isinstance(index, BatchKey):
+            return self.__getitems__(index)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ConfigError(f"StreamingDataset index must be an int or a BatchKey, got {index!r}")
+        if not 0 <= index < self.steps_per_epoch:
+            raise IndexError(f"rank batch {index} out of range [0, {self.steps_per_epoch})")
+        step = self._epoch * self.steps_per_epoch + int(index)
+        w = self.world
+        streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
+        return self.fetch(step, streams, samples)
 
     # -- iteration ----------------------------------------------------------------------------
     def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
@@ -177,93 +215,38 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                    for item, stream, sample in zip(out, stream_ids.tolist(), sample_ids.tolist())]
         return out
 
-    def iter_steps(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list]]:
-        """Yield ``(step, device batch)`` for this worker's share of the current plan."""
-        for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
-            yield step, self.fetch(step, stream_ids, sample_ids)
+    def __getitems__(self, key: Any) -> Any:
+        """One rank batch for a :class:`BatchKey`: its samples (or columns when ``columnar``,
+        ``(step, batch)`` when ``tagged``). A list of indices (a ``DataLoader`` that batches
+        again, ``batch_size`` >= 1) is a ``ConfigError`` naming the fix."""
+        if not isinstance(key, BatchKey):
+            raise ConfigError(
+                f"DataLoader(ds, batch_size={len(key)}) would batch this dataset's rank batches "
+                f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
+                "DataLoader(ds, batch_size=None) or DataLoader(ds, "
+                "batch_sampler=ds.batch_sampler())")
+        if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
+            for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
+                ds = self.datasets[stream]
+                ds.source.prefetch([ds.index.shards[shard]
+                                    for s, shard in key.prefetch if s == stream])
+        if key.columnar and self._columns is not None:
+            batch = fastpath.read_batch(self.datasets[0], self._columns,
+                                        np.asarray(key.sample_ids, dtype=np.int64),
+                                        token_dtype=self.token_dtype, pin_memory=self.pin_memory)
+            batch = Columns(batch)
+        else:
+            batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),
+                               np.asarray(key.sample_ids, dtype=np.int64))
+        return Tagged(key.step, batch) if key.tagged else batch
 
-    def iter_collated(self, worker: int, num_workers: int) -> Iterator[tuple[int, Any, bool]]:
-        """Like :meth:`iter_steps`, but yields ``(step, batch, collated)``: fixed-size schemas
-        come already collated as columns (equal to ``streamshard.collate.collate``)."""
-        columns = self._columns
-        for step, stream_ids, sample_ids in self._plan_batches(worker, num_workers):
-            if columns is not None:
-                yield step, fastpath.read_batch(self.datasets[0], columns, sample_ids,
-                                                token_dtype=self.token_dtype,
-                                                pin_memory=self.pin_memory), True
-            else:
-                yield step, self.fetch(step, stream_ids, sample_ids), False
-
-    def _plan_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(step, stream_ids, sample_ids)`` of this worker's steps.
-
-        One sampler call maps a chunk of ``lookahead`` steps: a call costs ~100 us of numpy
-        overhead whatever its size, which per 32-sample batch would exceed the cost of reading
-        it. Remote sources get the shards of the next ``HINT_CHUNKS`` chunks as one prefetch
-        hint, in reading order, each time a chunk starts: far enough ahead that a cold epoch
-        is not waiting on first-byte latency; the prefetcher bounds it in bytes.
-        """
-        chunks = self._chunks(worker, num_workers)
-        remote = any(self._remote)
-        ahead: collections.deque = collections.deque()
-
-        def fill() -> None:
-            while len(ahead) < HINT_CHUNKS + 1 and (chunk := next(chunks, None)) is not None:
-                ahead.append(chunk)
-
-        fill()
-        while ahead:
-            if remote:  # the chunk about to be read first, then what follows it
-                self._hint([c for chunk in ahead for c in chunk])
-            current = ahead.popleft()
-            for step, stream_ids, sample_ids in current:
-                yield step, stream_ids, sample_ids
-            fill()
-
-    def _chunks(self, worker: int, num_workers: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
-        plan = self._plan.read()
-        seq = self.sequence_with(plan.ledgers)
-        rank, world_size = self.world.rank, self.world.world_size
-        per_device = self.batch_size
-        n = worker
-        while True:
-            steps = []
-            while len(steps) < self.lookahead:
-                step = seq.nth_served_step(plan.start, n)
-                if step >= plan.stop:
-                    break
-                steps.append(step)
-                n += num_workers
-            if not steps:
-                return
-            chunk = []
-            for epoch, group in itertools.groupby(steps, key=lambda s: s // self.steps_per_epoch):
-                group = list(group)
-                positions = np.concatenate([seq.device_positions(s, rank, world_size) for s in group])
-                stream_ids, sample_ids = seq.map_positions(epoch, positions)
-                for i, step in enumerate(group):
-                    cut = slice(i * per_device, (i + 1) * per_device)
-                    chunk.append((step, stream_ids[cut], sample_ids[cut]))
-            yield chunk
-
-    def _hint(self, chunk: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-        """Ask remote sources to prefetch the shards of a chunk's samples, in reading order."""
-        stream_ids = np.concatenate([c[1] for c in chunk])
-        sample_ids = np.concatenate([c[2] for c in chunk])
-        for stream in np.unique(stream_ids).tolist():
-            if not self._remote[stream]:
-                continue
-            ds = self.datasets[stream]
-            shards, _ = ds.index.locate(sample_ids[stream_ids == stream])
-            _, first = np.unique(shards, return_index=True)
-            ds.source.prefetch([ds.index.shards[s] for s in shards[np.sort(first)].tolist()])
-
-    def __iter__(self) -> Iterator[DeviceBatch]:
-        """A plain ``DataLoader``'s path: device batches as ``DeviceBatch`` (which a re-batching
-        ``DataLoader(ds)`` refuses with the fix, see device_batch.py)."""
-        worker, num_workers = _worker_slot()
-        for _, batch in self.iter_steps(worker, num_workers):
-            yield DeviceBatch(batch)
+    def __iter__(self) -> Iterator[Any]:
+        """This rank's batches of ``set_epoch``'s epoch, read in this process (no DataLoader,
+        no collation): ``for batch in ds`` as with the iterable datasets of other libraries."""
+        sampler = self.batch_sampler()
+        sampler.set_epoch(self._epoch)
+        for key in sampler:
+            yield self.__getitems__(key)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
@@ -271,8 +254,3 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
-
-
-def _worker_slot() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)

@@ -57,25 +57,15 @@ def key_columns(dataset) -> list[str]:
             if name in wanted and ("[" not in typ)]
 
 
-def ranks_of(seq: SampleSequence, step: int, world_size: int) -> np.ndarray:
-    """Which rank reads each position of global batch ``step``, from the sequence's own device
-    rule (``device_positions``): never re-derived here."""
-    g = seq.global_batch_size
-    first = (step % seq.steps_per_epoch) * g
-    out = np.empty(g, dtype=np.int64)
-    for r in range(world_size):
-        out[seq.device_positions(step, r, world_size) - first if seq.drop_last else
-            _unwrap(seq.device_positions(step, r, world_size), first, seq.epoch_size)] = r
-    return out
-
-
-def _unwrap(pos: np.ndarray, first: int, e: int) -> np.ndarray:
-    rel = pos - first
-    return np.where(rel < 0, rel + e, rel)  # pad positions of the last step wrap to p % E
+def ranks_of(seq: SampleSequence, step: int, world_size: int,
+             local_world_size: int = 1) -> np.ndarray:
+    """Which rank reads each position of global batch ``step``, from the sequence's own rank
+    split (``SampleSequence.assignment``): never re-derived here."""
+    return seq.assignment(world_size, local_world_size).rank_of(seq.step_positions(step))
 
 
 def samples_at(seq: SampleSequence, datasets: Sequence, step: int, *, world_size: int | None = None,
-               keys: bool = True) -> list[SampleRef]:
+               local_world_size: int = 1, keys: bool = True) -> list[SampleRef]:
     """The global batch ``step`` as :class:`SampleRef` rows, in global-batch order.
 
     ``datasets`` are the streams' readers (only their indexes are used unless ``keys``).
@@ -90,7 +80,7 @@ def samples_at(seq: SampleSequence, datasets: Sequence, step: int, *, world_size
     streams, samples, filled = seq.map_positions_marked(epoch, pos)
     if filled.any():
         raw_streams, raw_samples = seq._map_raw(epoch, pos)
-    ranks = ranks_of(seq, step, world_size) if world_size else None
+    ranks = ranks_of(seq, step, world_size, local_world_size) if world_size else None
     cols = [key_columns(ds) for ds in datasets] if keys else [[] for _ in datasets]
     rows = []
     for i, (stream, sample) in enumerate(zip(streams.tolist(), samples.tolist())):

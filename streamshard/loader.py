@@ -1,9 +1,12 @@
 """``StreamingDataLoader``: a DataLoader that knows which global batch the training loop consumed.
 
-State is a few integers plus the dataset fingerprints and the sampler settings
-(:mod:`streamshard.state`). It counts batches returned to the training loop, never what workers
-prefetched, and it is the same on every rank. ``load_state_dict`` is arithmetic: the next
-``iter()`` starts at the saved step; nothing is replayed.
+A plain ``DataLoader`` over the map-style :class:`StreamingDataset` with its batch sampler
+(:mod:`streamshard.batch_keys`) in the main process: the loader sets the steps the sampler
+yields keys for, workers read what the keys say. State is a few integers plus the dataset
+fingerprints and the sampler settings (:mod:`streamshard.state`). It counts batches returned to
+the training loop, never what workers prefetched, and it is the same on every rank.
+``load_state_dict`` is arithmetic: the next ``iter()`` starts at the saved step; nothing is
+replayed.
 """
 
 from __future__ import annotations
@@ -12,41 +15,11 @@ from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-from streamshard.dataset import StreamingDataset, _worker_slot
+from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged
+from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
-from streamshard.plan import Plan
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_STEP, build_state, validate_state
-
-
-class _StepTagged(torch.utils.data.IterableDataset):
-    """Yields ``(step, batch, collated)`` so the main process learns which step each batch is.
-    With the default collation, fixed-size schemas come already collated (columnar fast path)."""
-
-    def __init__(self, dataset: StreamingDataset, columnar: bool):
-        super().__init__()
-        self.dataset = dataset
-        self.columnar = columnar
-
-    def __iter__(self):
-        worker, num_workers = _worker_slot()
-        if self.columnar:
-            return self.dataset.iter_collated(worker, num_workers)
-        return ((step, batch, False) for step, batch in self.dataset.iter_steps(worker, num_workers))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-class _StepCollate:
-    """Collates the samples of a tagged batch in the worker; keeps the step tag."""
-
-    def __init__(self, collate_fn: Callable[[list], Any]):
-        self.collate_fn = collate_fn
-
-    def __call__(self, item: tuple[int, Any, bool]) -> tuple[int, Any]:
-        step, batch, collated = item
-        return step, batch if collated else self.collate_fn(batch)
+from streamshard.state import KEY_SEQUENCE, KEY_STEP, build_state, validate_state
 
 
 class StreamingDataLoader(torch.utils.data.DataLoader):
@@ -67,15 +40,23 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
             raise ConfigError(
                 f"StreamingDataLoader needs a StreamingDataset, got {type(dataset).__name__}"
             )
-        for owned in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+        if "batch_size" in kwargs and kwargs["batch_size"] != dataset.batch_size:
+            raise ConfigError(
+                f"batch_size={kwargs['batch_size']!r} differs from the StreamingDataset's batch "
+                f"of {dataset.batch_size} samples for this rank: set it on the dataset only")
+        kwargs.pop("batch_size", None)  # the same value is accepted (and owned by the dataset)
+        for owned in ("shuffle", "sampler", "batch_sampler", "drop_last"):
             if owned in kwargs:
                 raise ConfigError(
                     f"{owned} is set on the StreamingDataset, not on StreamingDataLoader"
                 )
+        if kwargs.get("in_order", True) is not True:
+            raise ConfigError("StreamingDataLoader needs in_order=True: it counts batches in order")
+        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True)
         super().__init__(
-            _StepTagged(dataset, columnar=collate_fn is None),
-            batch_size=None,
-            collate_fn=_StepCollate(collate_fn or dataset.collate_fn),
+            dataset,
+            batch_sampler=self._keys,
+            collate_fn=BatchCollate(collate_fn or dataset.collate_fn),
             **kwargs,
         )
         # At 0 workers the fast path gathers straight into pinned memory (no pinning copy).
@@ -108,19 +89,17 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
     def _sequence(self):
         return self.streaming_dataset.sequence_with(self._ledgers)
 
-    def _current_plan(self, start: int, stop: int) -> Plan:
-        return Plan(start, stop, self._ledgers)
-
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         return _LoaderIterator(self)
 
-    def _start_epoch_iteration(self) -> tuple[Plan, Iterator]:
+    def _start_epoch_iteration(self) -> tuple[int, int, Iterator]:
+        """Point the batch sampler at the rest of the current epoch and start the DataLoader."""
         start = self.step
-        epoch = start // self.steps_per_epoch
-        plan = self._current_plan(start, (epoch + 1) * self.steps_per_epoch)
-        self.streaming_dataset.set_plan(plan)
-        return plan, super().__iter__()
+        stop = (start // self.steps_per_epoch + 1) * self.steps_per_epoch
+        keys = self._keys
+        keys.step, keys.stop, keys.ledgers = start, stop, self._ledgers
+        return start, stop, super().__iter__()
 
     # -- state --------------------------------------------------------------------------------
     def _live_state(self) -> dict:
@@ -141,7 +120,13 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
 
         A live iterator notices and continues from the restored step."""
-        validate_state(state_dict, self._live_state())
+        undo = self.streaming_dataset.adopt_saved_lanes(
+            state_dict.get(KEY_SEQUENCE) if isinstance(state_dict, dict) else None)
+        try:
+            validate_state(state_dict, self._live_state())
+        except Exception:
+            undo()
+            raise
         self._ledgers = Ledgers.from_state(state_dict)
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
@@ -205,7 +190,8 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         from streamshard.explain import samples_at
 
         ds = self.streaming_dataset
-        return samples_at(self._sequence(), ds.datasets, step, world_size=ds.world.world_size, keys=keys)
+        return samples_at(self._sequence(), ds.datasets, step, world_size=ds.world.world_size,
+                          local_world_size=ds.world.local_world_size, keys=keys)
 
     def samples_between(self, start: int, stop: int, *, keys: bool = True) -> dict[int, list]:
         """``{step: samples_at(step)}`` for the served steps in ``[start, stop)``."""
@@ -222,7 +208,7 @@ class _LoaderIterator:
     def _begin(self) -> None:
         loader = self._loader
         self._generation = loader._generation
-        self._plan, self._inner = loader._start_epoch_iteration()
+        self._start, self._stop, self._inner = loader._start_epoch_iteration()
         self._seq = loader._sequence()
         self._served = 0
 
@@ -237,17 +223,18 @@ class _LoaderIterator:
         if self._generation != loader._generation:
             self._begin()
         try:
-            step, batch = next(self._inner)
+            tagged = next(self._inner)
         except StopIteration:
             # The epoch is over: the next iter() starts the next epoch.
-            loader._step = max(loader._step, self._plan.stop)
+            loader._step = max(loader._step, self._stop)
             raise
-        expected = self._seq.nth_served_step(self._plan.start, self._served)
+        if not isinstance(tagged, Tagged):
+            raise RuntimeError(f"StreamingDataLoader got a {type(tagged).__name__}, not a step-tagged "
+                               "batch: do not replace its dataset, batch sampler or collate_fn")
+        step, batch = tagged
+        expected = self._seq.nth_served_step(self._start, self._served)
         if step != expected:
-            raise RuntimeError(
-                f"batch order broken: got step {step}, expected {expected}. "
-                "Do not pass in_order=False or a custom worker split to StreamingDataLoader."
-            )
+            raise RuntimeError(f"batch order broken: got step {step}, expected {expected}")
         self._served += 1
         loader._last_step = step
         loader._step = step + 1

@@ -160,7 +160,8 @@ class NumpyBatchIterator:
                                      verify_blocks=verify_blocks)
         order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
                             window=window, epoch_size=epoch_size, mixture_block=mixture_block,
-                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group)
+                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group,
+                            global_batch_size=self.global_batch_size)
         self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
                                        drop_last=drop_last)
         self.steps_per_epoch = self.sequence.steps_per_epoch
@@ -168,7 +169,7 @@ class NumpyBatchIterator:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
         if block_cache is None:
-            reserve_block_caches(self.datasets, orders, self.world)
+            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._step = 0
         self._last_step: int | None = None
         self._ledgers = Ledgers()
@@ -182,8 +183,9 @@ class NumpyBatchIterator:
     # -- position -----------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        """Samples per device batch."""
-        return self.global_batch_size // self.world.world_size
+        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
+        w = self.world
+        return int(self.sequence.assignment(w.world_size, w.local_world_size).rank_sizes()[w.rank])
 
     @property
     def fingerprints(self) -> list[str]:
@@ -231,8 +233,8 @@ class NumpyBatchIterator:
         of numpy) would otherwise exceed the cost of reading a small batch."""
         seq, world = self._seq, self.world
         steps = list(itertools.islice(seq.served_steps(step, stop), self.lookahead))
-        positions = np.concatenate([seq.device_positions(s, world.rank, world.world_size)
-                                    for s in steps])
+        positions = np.concatenate([seq.device_positions(s, world.rank, world.world_size,
+                                                         world.local_world_size) for s in steps])
         stream_ids, sample_ids = seq.map_positions(step // self.steps_per_epoch, positions)
         per = len(positions) // len(steps)
         return {s: (stream_ids[i * per:(i + 1) * per], sample_ids[i * per:(i + 1) * per])
@@ -241,7 +243,8 @@ class NumpyBatchIterator:
     def batch_at(self, step: int) -> Any:
         """This device's batch of absolute step ``step`` (with the current ledgers), collated."""
         seq = self._seq
-        positions = seq.device_positions(step, self.world.rank, self.world.world_size)
+        w = self.world
+        positions = seq.device_positions(step, w.rank, w.world_size, w.local_world_size)
         return self._read(step, *seq.map_positions(step // self.steps_per_epoch, positions))
 
     def _read(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> Any:

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from streamshard import blockshuffle
 from streamshard.errors import ConfigError
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, MixtureOrder, derive_key
+from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key
+from streamshard.sampler.order import default_lanes
 from streamshard.world import World
 
 
@@ -46,12 +47,7 @@ def resolve_batch(batch_size: int | None, global_batch_size: int | None, world: 
         return batch_size * world.world_size
     if not isinstance(global_batch_size, int) or global_batch_size <= 0:
         raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    if global_batch_size % world.world_size:
-        raise ConfigError(
-            f"global_batch_size={global_batch_size} must be divisible by the world size "
-            f"{world.world_size}"
-        )
-    return global_batch_size
+    return global_batch_size  # any world size: rank batches differ by at most one sample
 
 
 def as_streams(source: str | Sequence[Stream], storage_options: dict | None) -> tuple[Stream, ...]:
@@ -83,9 +79,12 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
                 shuffle: bool, lanes: int | None, window: int | None, epoch_size: int | None,
                 mixture_block: int | None, block_shuffle: bool | None = None,
                 blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
+                global_batch_size: int | None = None,
                 ) -> tuple[EpochOrder | MixtureOrder, list[EpochOrder]]:
     """``(order, per-stream orders)``: the sampler order of one dataset, or of a weighted
-    mixture (docs/SAMPLER.md), and the order of each stream in it."""
+    mixture (docs/SAMPLER.md), and the order of each stream in it. ``lanes=None`` with one
+    stream and a ``global_batch_size`` is ``default_lanes(#shards, G)`` (locality at any world
+    size); a mixture's streams keep ``EpochOrder``'s own default."""
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     if block_shuffle is not None and not isinstance(block_shuffle, bool):
@@ -105,7 +104,9 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
             # two copies of one dataset in a mixture are not read in lockstep.
             seed=seed if len(streams) == 1 else derive_key(seed, i),
             shuffle=shuffle,
-            lanes=lanes,
+            lanes=(default_lanes(len(ds.index.shards), global_batch_size)
+                   if lanes is None and len(streams) == 1 and global_batch_size is not None
+                   else lanes),
             window=window,
             blocks=groups[i],
         )
@@ -118,11 +119,13 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
 
 
 def reserve_block_caches(datasets: Sequence[Dataset], orders: Sequence[EpochOrder],
-                         world: World) -> None:
+                         world: World, sequence: SampleSequence) -> None:
     """Size each block cache to what the block-aware shuffle keeps in flight on this rank (when
-    the user left ``block_cache`` to the default)."""
+    the user left ``block_cache`` to the default): lanes the rank reads (the sequence's rank
+    split for one stream; every lane of a mixture's streams)."""
     for ds, order in zip(datasets, orders):
         if order.blocks is not None:
-            lanes_read = order.lanes_read(world.rank, world.world_size)
+            lanes_read = (sequence.assignment(world.world_size, world.local_world_size)
+                          .lanes_read(world.rank) if sequence.order is order else order.lanes)
             ds.reserve_block_cache(blockshuffle.cache_bytes_needed(ds.index, order.blocks,
                                                                   lanes_read))

@@ -80,6 +80,23 @@ def assert_resume_equivalent(
                 )
 
 
+def assemble_global_batch(sequence, step: int, rank_items: list, *,
+                          local_world_size: int = 1) -> list:
+    """Put the per-rank items of one step (rank order; each a list in that rank's position
+    order) back into the global batch's position order, as one rank would have read it."""
+    world_size = len(rank_items)
+    step_pos = sequence.step_positions(step)
+    out: list = [None] * len(step_pos)
+    for rank, items in enumerate(rank_items):
+        pos = sequence.device_positions(step, rank, world_size, local_world_size)
+        if len(items) != len(pos):
+            raise AssertionError(f"rank {rank} has {len(items)} items in step {step}, "
+                                 f"the assignment gives it {len(pos)}")
+        for slot, item in zip(((pos - step_pos[0]) % sequence.epoch_size).tolist(), items):
+            out[slot] = item
+    return out
+
+
 def write_id_dataset(
     path: str,
     num_samples: int,

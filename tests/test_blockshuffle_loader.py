@@ -10,6 +10,7 @@ from streamshard import ShardWriter, StreamingDataLoader, StreamingDataset, Worl
 from streamshard.blockshuffle import cache_bytes_needed, samples_per_block
 from streamshard.errors import ConfigError, StateMismatchError
 from streamshard.reader import open_dataset
+from streamshard.testing import assemble_global_batch
 
 ROW = {"id": "int64", "tok": "uint16[60]"}  # 8 + 120 = 128 bytes: 7 rows per 1 KiB block
 
@@ -90,11 +91,10 @@ def test_same_global_batches_at_any_world_size(zstd_path, world_size):
     full = [b["id"].numpy() for b in whole][:10]
     parts = [[b["id"].numpy() for b in loader(zstd_path, World(r, world_size))[1]][:10]
              for r in range(world_size)]
+    seq = loader(zstd_path)[0].sequence  # rank batches sit where the rank split puts them
     for step in range(10):
-        merged = np.empty(20, dtype=np.int64)
-        for r in range(world_size):
-            merged[r::world_size] = parts[r][step]
-        assert np.array_equal(merged, full[step])
+        merged = assemble_global_batch(seq, step, [parts[r][step].tolist() for r in range(world_size)])
+        assert merged == full[step].tolist()
 
 
 def test_state_names_the_order_and_refuses_the_other(zstd_path):

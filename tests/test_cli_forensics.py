@@ -39,7 +39,9 @@ def test_explain_answers_what_the_loader_serves(run, capsys):
     got = [[s["sample_id"] for s in o["samples"]] for o in out if not o["skipped"]][:3]
     assert got == served
     assert [s["keys"]["id"] for s in out[0]["samples"]] == served[0]
-    assert [s["rank"] for s in out[0]["samples"]] == [0, 1] * 3
+    seq = loader.streaming_dataset.sequence  # ranks follow the sampler's rank split
+    want = seq.assignment(2).rank_of(seq.step_positions(7)).tolist()
+    assert [s["rank"] for s in out[0]["samples"]] == want and sorted(want) == [0, 0, 0, 1, 1, 1]
 
 
 def test_explain_from_a_checkpoint_meta_and_text_output(run, tmp_path, capsys):

@@ -22,7 +22,9 @@ def test_stateful_protocol(id_dataset_factory):
     stateful = pytest.importorskip("torchdata.stateful_dataloader")  # in the [test] extra
     loader = make(id_dataset_factory(50))
     assert isinstance(loader, stateful.Stateful)  # a runtime-checkable Protocol
-    assert isinstance(loader.streaming_dataset, torch.utils.data.IterableDataset)
+    # map-style: a batch sampler in the main process owns the state, workers hold none
+    assert not isinstance(loader.streaming_dataset, torch.utils.data.IterableDataset)
+    assert isinstance(loader.streaming_dataset.batch_sampler(), stateful.Stateful)
 
 
 def test_loader_state_rides_in_dcp_checkpoint(tmp_path, id_dataset_factory):

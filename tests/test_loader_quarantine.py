@@ -8,7 +8,7 @@ import pytest
 
 from streamshard import StateMismatchError, StreamingDataLoader, StreamingDataset, World
 from streamshard.sampler import Ledgers
-from streamshard.testing import take
+from streamshard.testing import assemble_global_batch, take
 
 N = 203  # G = 6: 33 steps per epoch, a tail of 5 positions that drop_last never serves
 
@@ -53,11 +53,10 @@ def test_quarantine_mid_epoch_keeps_history_and_world_sizes_agree(path):
             loader.load_state_dict(json.loads(json.dumps(state)))
         per_rank = [[ids(b) for b in take(loader, 23)] for loader in loaders]
         steps = []
+        seq = loaders[0].streaming_dataset.sequence_with(loaders[0]._ledgers)
         for s in range(23):
-            merged = [0] * 6
-            for r in range(world):
-                merged[r::world] = per_rank[r][s]
-            steps.append(merged)
+            step = loaders[0].last_step - 22 + s
+            steps.append(assemble_global_batch(seq, step, [per_rank[r][s] for r in range(world)]))
         rebuilt.append(steps)
         assert all(l.state_dict() == loaders[0].state_dict() for l in loaders)
     assert rebuilt[0] == rebuilt[1]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamshard import StateMismatchError, StreamingDataLoader, StreamingDataset, World
-from streamshard.testing import assert_resume_equivalent, take
+from streamshard.testing import assemble_global_batch, assert_resume_equivalent, take
 
 N = 203  # prime, so neither 6 nor 8 divides it: the tail policy is exercised
 
@@ -27,16 +27,12 @@ def make(path, *, rank=0, world_size=1, G=6, workers=0, **kw):
 
 
 def global_batches(path, world_size, steps, G=6, **kw):
-    """Reassemble global batches from every rank's device batches (device d has positions d + D*i)."""
-    per_rank = [[ids(b) for b in take(make(path, rank=r, world_size=world_size, G=G, **kw), steps)]
-                for r in range(world_size)]
-    out = []
-    for step in range(steps):
-        merged = [None] * G
-        for r in range(world_size):
-            merged[r::world_size] = per_rank[r][step]
-        out.append(merged)
-    return out
+    """Reassemble global batches from every rank's device batches (positions from the assignment)."""
+    loaders = [make(path, rank=r, world_size=world_size, G=G, **kw) for r in range(world_size)]
+    per_rank = [[ids(b) for b in take(loader, steps)] for loader in loaders]
+    seq = loaders[0].streaming_dataset.sequence
+    return [assemble_global_batch(seq, step, [per_rank[r][step] for r in range(world_size)])
+            for step in range(steps)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def path(id_dataset_factory):
 def test_global_batches_do_not_depend_on_world_size(path):
     steps = 2 * (N // 6) + 5  # crosses two epoch boundaries
     reference = global_batches(path, 1, steps)
-    for world_size in (2, 3, 6):
+    for world_size in (2, 3, 4, 5, 6):  # 4 and 5 do not divide G = 6: batches of 2 and 1
         assert global_batches(path, world_size, steps) == reference, world_size
 
 
@@ -89,23 +85,24 @@ def test_resume_at_every_step_small(id_dataset_factory):
     assert_resume_equivalent(lambda: make(small, G=4), at=range(0, 21), total=20)
 
 
-def test_resume_with_other_world_size(path):
-    """Save on 2 ranks, resume on 3: global batches continue as in the uninterrupted run."""
+@pytest.mark.parametrize("resume_world", [3, 4])
+def test_resume_with_other_world_size(path, resume_world):
+    """Save on 2 ranks, resume on 3 or 4 (4 does not divide G = 6): global batches continue as
+    in the uninterrupted run."""
     reference = global_batches(path, 1, 60)
     loaders = [make(path, rank=r, world_size=2) for r in range(2)]
     for loader in loaders:
         take(loader, 40)
     states = [json.loads(json.dumps(l.state_dict())) for l in loaders]
     assert states[0] == states[1]  # identical on every rank
-    tails = []
-    for r in range(3):
-        loader = make(path, rank=r, world_size=3)
+    tails, seq = [], None
+    for r in range(resume_world):
+        loader = make(path, rank=r, world_size=resume_world)
         loader.load_state_dict(states[0])
         tails.append([ids(b) for b in take(loader, 20)])
+        seq = loader.streaming_dataset.sequence
     for step in range(20):
-        merged = [None] * 6
-        for r in range(3):
-            merged[r::3] = tails[r][step]
+        merged = assemble_global_batch(seq, 40 + step, [tails[r][step] for r in range(resume_world)])
         assert merged == reference[40 + step]
 
 
@@ -284,3 +281,22 @@ def test_property_resume_equals_tail(id_dataset_factory, n, g, k, seed):
         return StreamingDataLoader(StreamingDataset(path, global_batch_size=g, seed=seed, world=World()))
 
     assert_resume_equivalent(mk, at=min(k, total), total=total)
+
+
+def test_default_lanes_are_fixed_by_the_first_run(path):
+    """A state saved with other lanes (e.g. 64, the default before lanes were sized for
+    locality) loads into a loader whose lanes are left to the default and continues that run's
+    sequence; explicit lanes that differ are refused."""
+    old = make(path, lanes=3)  # stands for any lanes a first run fixed
+    head = [ids(b) for b in take(old, 10)]
+    state = json.loads(json.dumps(old.state_dict()))
+    tail = [ids(b) for b in take(old, 25)]
+    resumed = make(path)  # lanes=None: the default would be another number
+    assert resumed.streaming_dataset.sequence.order.lanes != 3
+    resumed.load_state_dict(state)
+    assert resumed.streaming_dataset.sequence.order.lanes == 3
+    assert head and [ids(b) for b in take(resumed, 25)] == tail
+    explicit = make(path, lanes=2)
+    with pytest.raises(StateMismatchError, match=r"sequence.lanes: saved=3, live=2"):
+        explicit.load_state_dict(state)
+    assert explicit.streaming_dataset.sequence.order.lanes == 2

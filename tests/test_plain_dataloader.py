@@ -3,9 +3,8 @@ other torch dataset. Whatever the loader's arguments, the result is either corre
 device batches (a dict of tensors whose first dim is the device batch size) or a clear error
 that names the fix; never the silent nested lists of batch-of-one collation (issue 13, item 8).
 
-The iterable adapter cannot see the DataLoader's ``batch_size``; its device batches are
-``DeviceBatch`` values that torch's ``default_collate`` refuses with the fix in the message. The
-map-style adapter (issue 12, item 3) may instead serve correct batches: both pass here."""
+The map-style adapter (issue 12, item 3) is what makes this possible: an ``IterableDataset``
+could not see the DataLoader's ``batch_size``; a map-style dataset's ``__getitems__`` does."""
 
 from __future__ import annotations
 
@@ -45,11 +44,11 @@ def assert_device_batch_or_fix(result, dataset) -> None:
 
 # Each row is a way users write it in their own scripts.
 @pytest.mark.parametrize("kwargs", [
-    pytest.param({}, id="default-batch_size-1"),
-    pytest.param({"batch_size": B}, id="same-batch-size"),
-    pytest.param({"batch_size": B + 1}, id="other-batch-size"),
-    pytest.param({"batch_size": 2, "num_workers": 2}, id="workers"),
-    pytest.param({"batch_size": None}, id="batch_size-None"),  # documented in dataset.py
+    pytest.param({}, id="default-batch_size-1"),  # ConfigError: pass batch_size=4
+    pytest.param({"batch_size": B}, id="same-batch-size"),  # rank batches
+    pytest.param({"batch_size": B + 1}, id="other-batch-size"),  # ConfigError: pass batch_size=4
+    pytest.param({"batch_size": 2, "num_workers": 2}, id="workers"),  # ConfigError from a worker
+    pytest.param({"batch_size": None}, id="batch_size-None"),  # ConfigError: single indices
     pytest.param({"batch_size": None, "num_workers": 2}, id="batch_size-None-workers"),
 ])
 def test_plain_dataloader_batches_or_names_the_fix(dataset, kwargs):

@@ -171,8 +171,9 @@ def test_global_batches_identical_for_every_world_size(world):
         whole = seq.global_batch(step)[1]
         parts = [seq.batch(step, r, world)[1] for r in range(world)]
         merged = np.empty_like(whole)
-        for r, part in enumerate(parts):
-            merged[r::world] = part
+        first = seq.step_positions(step)[0]
+        for r, part in enumerate(parts):  # each rank's samples at its positions (the rank split)
+            merged[(seq.device_positions(step, r, world) - first) % seq.epoch_size] = part
         assert np.array_equal(merged, whole)
 
 
@@ -186,8 +187,10 @@ def test_any_world_size_reassembles_the_global_batches(sizes, lanes, k, g, world
     for step in range(seq.steps_per_epoch + 1):
         whole = seq.global_batch(step)[1]
         merged = np.empty_like(whole)
-        for r in range(world):
-            merged[r::world] = seq.batch(step, r, world)[1]
+        first = seq.step_positions(step)[0]
+        for r in range(world):  # each rank's samples at its positions (the rank split)
+            merged[(seq.device_positions(step, r, world) - first) % seq.epoch_size] = \
+                seq.batch(step, r, world)[1]
         assert np.array_equal(merged, whole)
 
 

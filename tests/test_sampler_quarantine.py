@@ -85,8 +85,10 @@ def test_world_sizes_agree_on_filled_batches(sizes, g, data):
             if g % world:
                 continue
             rebuilt = np.empty_like(want)
-            for d in range(world):
-                rebuilt[d::world] = seq.batch(step, d, world)[1]
+            first = seq.step_positions(step)[0]
+            for d in range(world):  # put each rank's samples back at its positions
+                slots = (seq.device_positions(step, d, world) - first) % seq.epoch_size
+                rebuilt[slots] = seq.batch(step, d, world)[1]
             assert np.array_equal(rebuilt, want)
 
 

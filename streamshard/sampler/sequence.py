@@ -2,7 +2,8 @@
 
 A *step* is an absolute data step, the global batch index counted from epoch 0:
 ``epoch = step // S``, ``j = step % S``, and global batch ``step`` is epoch positions
-``[j*G, (j+1)*G)``. Device ``d`` of ``D`` takes positions ``j*G + d + D*i`` for ``i < G/D``.
+``[j*G, (j+1)*G)``. Which rank of ``D`` reads which of them is fixed by
+:class:`streamshard.sampler.assign.Assignment` (lanes owned by nodes; rank sizes within one).
 An epoch position goes through the epoch's reseeds, then through the order (docs/SAMPLER.md).
 Every call is pure and costs O(#skips + #reseeds) besides the vectorized mapping.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.lru import LRU
+from streamshard.sampler.assign import Assignment
 from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips  # noqa: F401
 from streamshard.sampler.mixture import MixtureOrder
 from streamshard.sampler.order import EpochOrder, check_int
@@ -59,6 +61,7 @@ class SampleSequence:
         self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
         self._quarantine_table = table_of(self._quarantine)
         self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
+        self._assignments: dict[tuple[int, int], Assignment] = {}
 
     # -- description ----------------------------------------------------------------------
     order = property(lambda self: self._order)
@@ -108,6 +111,7 @@ class SampleSequence:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_orders"] = LRU(_ORDER_CACHE_SIZE)
+        state["_assignments"] = {}
         return state
 
     # -- ledgers --------------------------------------------------------------------------
@@ -163,30 +167,50 @@ class SampleSequence:
             step = self.next_served_step(step + 1)
 
     # -- batches --------------------------------------------------------------------------
-    def device_positions(self, step: int, rank: int, world_size: int) -> np.ndarray:
-        """Epoch positions of device ``rank`` in step ``step`` (pad-wrapped, before reseeds)."""
-        step = check_int(step, "step", minimum=0)
+    def assignment(self, world_size: int, local_world_size: int = 1) -> Assignment:
+        """The split of every global batch among ``world_size`` ranks (cached)."""
         world_size = check_int(world_size, "world_size", minimum=1)
-        rank = check_int(rank, "rank", minimum=0)
-        if rank >= world_size:
-            raise ConfigError(f"rank must be < world_size={world_size}, got {rank}")
-        if self._g % world_size:
-            raise ConfigError(f"global_batch_size G={self._g} is not divisible by "
-                              f"world_size D={world_size}")
+        local_world_size = check_int(local_world_size, "local_world_size", minimum=1)
+        key = (world_size, local_world_size)
+        found = self._assignments.get(key)
+        if found is None:
+            found = Assignment(self._g, self.lanes, world_size, local_world_size)
+            cache = dict(self._assignments) if len(self._assignments) < _ORDER_CACHE_SIZE else {}
+            cache[key] = found
+            self._assignments = cache
+        return found
+
+    def step_positions(self, step: int) -> np.ndarray:
+        """Epoch positions of global batch ``step``: ``[j*G, (j+1)*G)``, pad-wrapped."""
+        step = check_int(step, "step", minimum=0)
         j = step % self._steps
-        pos = j * self._g + rank + world_size * np.arange(self._g // world_size, dtype=np.int64)
+        pos = j * self._g + np.arange(self._g, dtype=np.int64)
         if not self._drop_last:
             pos %= self._e  # only the last step of an epoch has positions >= E
         return pos
 
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(stream_ids, sample_ids), int64 arrays of length ``G / world_size``."""
-        pos = self.device_positions(step, rank, world_size)
+    def device_positions(self, step: int, rank: int, world_size: int,
+                         local_world_size: int = 1) -> np.ndarray:
+        """Epoch positions rank ``rank`` reads in step ``step`` (in the step's order, before
+        reseeds).
+
+        ``G // D`` or ``G // D + 1`` of them (:func:`streamshard.sampler.assign.rank_sizes`);
+        the ranks' positions partition the step's ``G`` positions."""
+        rank = check_int(rank, "rank", minimum=0)
+        assignment = self.assignment(world_size, local_world_size)
+        if rank >= world_size:
+            raise ConfigError(f"rank must be < world_size={world_size}, got {rank}")
+        return assignment.split(self.step_positions(step), rank)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1,
+              local_world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(stream_ids, sample_ids) of rank ``rank``'s part of global batch ``step``."""
+        pos = self.device_positions(step, rank, world_size, local_world_size)
         return self.map_positions(step // self._steps, pos)
 
     def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole global batch ``step``: ``batch(step, 0, 1)``."""
-        return self.batch(step, 0, 1)
+        """The whole global batch ``step`` in position order (world-independent)."""
+        return self.map_positions(step // self._steps, self.step_positions(step))
 
     def map_positions(self, epoch: int, positions) -> tuple[np.ndarray, np.ndarray]:
         """(stream_ids, sample_ids) at epoch positions (int64 array in ``[0, E)``) of ``epoch``,
@@ -246,22 +270,27 @@ class SampleSequence:
         new_i = permute_array(np.where(moved, rel // lanes, 0), np.where(moved, count, 1), keys)
         return np.where(moved, p0 + cls + lanes * new_i, pos)
 
-    def working_set_shards(self, rank: int, world_size: int) -> int:
-        """Upper bound on distinct shards device ``rank`` needs at the same time.
+    def working_set_shards(self, rank: int, world_size: int, local_world_size: int = 1) -> int:
+        """Upper bound on distinct shards rank ``rank`` needs at the same time.
 
-        Per stream: lanes the device reads (``L / gcd(D, L)``) x (shards a window of ``W``
-        samples can touch + 1, for the step into the next window), capped at the shard count;
-        with ``shuffle=False`` the shards a run of ``G`` samples touches + 1. Summed over the
-        streams of a mixture. The padded last step of a ``drop_last=False`` epoch re-reads the
-        epoch's first positions and may exceed the bound for that one step.
+        Per stream: lanes the rank reads (:meth:`Assignment.lanes_read`; every lane of a
+        mixture's streams, whose lanes are not the sequence's) x (shards a window of ``W`` samples can touch
+        + 1, for the step into the next window), capped at the shard count; with
+        ``shuffle=False`` the shards a run of ``G`` samples touches + 1. Summed over the streams
+        of a mixture. The padded last step of a ``drop_last=False`` epoch re-reads the epoch's
+        first positions and may exceed the bound for that one step.
         """
-        self.device_positions(0, rank, world_size)  # validates rank, world_size, G % D
-        orders = ([self._order] if isinstance(self._order, EpochOrder)
-                  else list(self._order.orders))
+        self.device_positions(0, rank, world_size, local_world_size)  # validates the world
+        if isinstance(self._order, EpochOrder):
+            orders = [self._order]
+            lanes = [self.assignment(world_size, local_world_size).lanes_read(rank)]
+        else:
+            orders = list(self._order.orders)
+            lanes = [order.lanes for order in orders]
         total = 0
-        for order in orders:
+        for order, lanes_read in zip(orders, lanes):
             if order.shuffle:
-                need = order.lanes_read(rank, world_size) * (order.shards_per_lane_at_once() + 1)
+                need = lanes_read * (order.shards_per_lane_at_once() + 1)
             else:
                 need = order.shards_touched_by_run(self._g) + 1
             total += min(need, order.num_shards)

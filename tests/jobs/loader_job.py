@@ -1,7 +1,8 @@
 """A torchrun job for tests/test_loader_dist.py: read `--steps` global batches on this world size,
 optionally restoring a saved loader state first and saving one after `--save-at` batches.
 
-Writes <out>/rank<R>.json: {"steps": [data step per batch], "ids": [[sample ids] per batch]}.
+Writes <out>/rank<R>.json: {"steps": [data step per batch], "ids": [[sample ids] per batch],
+"world": [rank, world_size, local_rank, local_world_size]} (the World detect_world() found).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     if args.load:
         with open(args.load) as f:
             loader.load_state_dict(json.load(f))
-    record = {"steps": [], "ids": []}
+    w = ds.world
+    record = {"steps": [], "ids": [], "world": [w.rank, w.world_size, w.local_rank, w.local_world_size]}
     consumed = 0
     while consumed < args.steps:
         for batch in loader:

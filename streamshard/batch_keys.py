@@ -1,0 +1,236 @@
+"""The main-process half of the map-style adapter: a batch sampler that owns the sequence and
+the state, and the batch keys it hands to stateless workers.
+
+``StreamingBatchSampler`` yields one :class:`BatchKey` per served step of this rank: the step,
+the ``(stream, sample)`` ids the rank reads (mapped here, in vectorized chunks of ``lookahead``
+steps), and the shards of the next chunk as a prefetch hint. A worker only reads what a key says
+(``StreamingDataset.__getitems__``), so ``num_workers`` may change between save and resume and
+nothing is ever pushed into a live worker. The sampler and each of its iterators implement
+torchdata's ``Stateful`` protocol, so ``StatefulDataLoader(ds, batch_sampler=...)`` saves the
+loader state (a few integers) and resumes by arithmetic, not by replaying batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from streamshard.errors import ConfigError
+from streamshard.sampler.ledgers import Ledgers
+from streamshard.state import KEY_STEP, build_state, validate_state
+
+
+# Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
+HINT_CHUNKS = 16
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What a worker needs to serve one rank batch. Picklable, small (ints only).
+
+    ``tagged``: ``__getitems__`` returns ``(step, batch)`` (StreamingDataLoader checks the step);
+    ``columnar``: fixed-size schemas come back already collated (``streamshard.fastpath``);
+    ``prefetch``: ``(stream, shard index)`` pairs to start downloading, in reading order.
+    """
+
+    step: int
+    stream_ids: tuple[int, ...]
+    sample_ids: tuple[int, ...]
+    prefetch: tuple[tuple[int, int], ...] = ()
+    columnar: bool = False
+    tagged: bool = False
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+class Columns(dict):
+    """A rank batch already collated as columns (``columnar`` keys): collation passes it on."""
+
+
+class Tagged(NamedTuple):
+    """``(step, batch)`` from a ``tagged`` key: StreamingDataLoader checks the step."""
+
+    step: int
+    batch: Any
+
+
+class BatchCollate:
+    """``collate_fn`` for batch keys: collates a list of samples with ``collate_fn`` (default
+    :func:`streamshard.collate.collate`), passes :class:`Columns` on as a plain dict, and keeps
+    a :class:`Tagged` batch's step. Picklable (runs in workers)."""
+
+    def __init__(self, collate_fn: Callable[[list], Any] | None = None):
+        if collate_fn is None:
+            from streamshard.collate import collate as collate_fn
+        self.collate_fn = collate_fn
+
+    def __call__(self, data: Any) -> Any:
+        if isinstance(data, Tagged):
+            return Tagged(data.step, self._one(data.batch))
+        return self._one(data)
+
+    def _one(self, batch: Any) -> Any:
+        return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
+
+
+class StreamingBatchSampler:
+    """Batch keys of one rank, one per served step, from the loader state it owns.
+
+    Each ``iter()`` serves the rest of the current epoch from :attr:`step` and then moves
+    :attr:`step` to the next epoch; ``set_epoch(e)`` jumps to epoch ``e`` (as
+    ``DistributedSampler``). ``state_dict()`` is the loader state of the next ``iter()``;
+    an iterator's ``state_dict()`` is the state after the keys it yielded.
+    """
+
+    def __init__(self, dataset: Any, *, columnar: bool = False,
+                 tagged: bool = False):
+        # ``dataset``: a StreamingDataset (not imported here: it imports this module).
+        self.dataset = dataset
+        self.columnar, self.tagged = bool(columnar), bool(tagged)
+        self.step = 0
+        self.stop: int | None = None  # None: the end of the epoch of ``step``
+        self.ledgers = Ledgers()
+
+    def __len__(self) -> int:
+        return self.dataset.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.step, self.stop = epoch * self.dataset.steps_per_epoch, None
+
+    def __iter__(self) -> "_KeyIterator":
+        seq = self.dataset.sequence_with(self.ledgers)
+        start = seq.next_served_step(self.step)
+        stop = self.stop if self.stop is not None else (
+            (start // self.dataset.steps_per_epoch + 1) * self.dataset.steps_per_epoch)
+        return _KeyIterator(self, start, stop)
+
+    # -- Stateful -----------------------------------------------------------------------------
+    def state_at(self, step: int) -> dict[str, Any]:
+        ds = self.dataset
+        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence.state_fields(),
+                           steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state_at(self.dataset.sequence_with(self.ledgers).next_served_step(self.step))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        undo = self.dataset.adopt_saved_lanes(state.get("sequence") if isinstance(state, dict) else None)
+        try:
+            validate_state(state, self.state_at(0))
+        except Exception:
+            undo()
+            raise
+        self.ledgers = Ledgers.from_state(state)
+        self.step, self.stop = int(state[KEY_STEP]), None
+
+
+class _KeyIterator:
+    """Keys of steps ``[start, stop)`` minus skips; Stateful (torchdata) at its position."""
+
+    def __init__(self, sampler: StreamingBatchSampler, start: int, stop: int):
+        self._sampler = sampler
+        self._seq = sampler.dataset.sequence_with(sampler.ledgers)
+        self._start, self._stop, self._served = start, stop, 0
+        self._keys = self._generate()
+
+    def __iter__(self) -> "_KeyIterator":
+        return self
+
+    def __next__(self) -> BatchKey:
+        try:
+            key = next(self._keys)
+        except StopIteration:
+            self._sampler.step = max(self._sampler.step, self._stop)
+            self._sampler.stop = None
+            raise
+        self._served += 1
+        return key
+
+    def next_step(self) -> int:
+        return self._seq.nth_served_step(self._start, self._served)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._sampler.state_at(self.next_step())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sampler.load_state_dict(state)
+        fresh = iter(self._sampler)
+        self.__dict__.update(fresh.__dict__)
+
+    def _generate(self) -> Iterator[BatchKey]:
+        """Keys chunk by chunk. With a remote stream, the first key of each chunk carries the
+        shards of that chunk and of the next ``HINT_CHUNKS`` (in reading order): far enough
+        ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
+        in bytes."""
+        dataset = self._sampler.dataset
+        remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
+        chunks = self._chunks()
+        ahead: collections.deque = collections.deque()
+
+        def fill() -> None:
+            while len(ahead) < (HINT_CHUNKS + 1 if remote else 1):
+                chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                ahead.append(chunk)
+
+        fill()
+        while ahead:
+            hint = _shards(dataset, [c for chunk in ahead for c in chunk]) if remote else ()
+            current = ahead.popleft()
+            for i, (step, streams, samples) in enumerate(current):
+                yield BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()),
+                               hint if i == 0 else (), self._sampler.columnar,
+                               self._sampler.tagged)
+            fill()
+
+    def _chunks(self) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+        """Steps mapped ``lookahead`` at a time: one sampler call costs ~100 us of numpy
+        overhead whatever its size, more than reading a small batch."""
+        ds, seq = self._sampler.dataset, self._seq
+        world, per_epoch = ds.world, ds.steps_per_epoch
+        n = self._served
+        while True:
+            steps = []
+            while len(steps) < ds.lookahead:
+                step = seq.nth_served_step(self._start, n)
+                if step >= self._stop:
+                    break
+                steps.append(step)
+                n += 1
+            if not steps:
+                return
+            chunk = []
+            for epoch, group in itertools.groupby(steps, key=lambda s: s // per_epoch):
+                group = list(group)
+                parts = [seq.device_positions(s, world.rank, world.world_size,
+                                              world.local_world_size) for s in group]
+                streams, samples = seq.map_positions(epoch, np.concatenate(parts))
+                cut = np.cumsum([0] + [len(p) for p in parts])
+                chunk += [(s, streams[a:b], samples[a:b])
+                          for s, a, b in zip(group, cut[:-1], cut[1:])]
+            yield chunk
+
+
+def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
+    """(stream, shard) pairs a chunk reads, in reading order, for remote streams only."""
+    out: list[tuple[int, int]] = []
+    seen = set()
+    for _, streams, samples in chunk:
+        for stream in np.unique(streams).tolist():
+            if not dataset.is_remote(stream):
+                continue
+            offsets = dataset.datasets[stream].index.offsets
+            shards = np.searchsorted(offsets, samples[streams == stream], side="right") - 1
+            for shard in shards.tolist():
+                if (stream, shard) not in seen:
+                    seen.add((stream, shard))
+                    out.append((stream, shard))
+    return tuple(out)
