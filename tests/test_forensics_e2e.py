@@ -22,6 +22,7 @@ import pytest
 
 from streamshard import StreamingDataLoader, StreamingDataset, World
 from streamshard.recovery.forensics import excluded_devices
+from streamshard.recovery.journal import Journal
 from streamshard.testing import take
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ def torchrun(out, data, *, nproc, faults="", restarts=1, args=()) -> subprocess.
 
 
 def journal(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "journal.jsonl").read_text().splitlines()]
+    """The merged journal of every rank (one file per rank under ``out/journal``)."""
+    return list(Journal(Path(out) / "journal").records())
 
 
 def final_ids(out) -> dict[int, list[int]]:
