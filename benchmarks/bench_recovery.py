@@ -199,7 +199,7 @@ def fault_costs(events: list[dict], out: Path) -> list[dict]:
 
     def redone(t_from: float, t_to: float, step_at: int) -> tuple[int, float]:
         """Steps executed before the fault at or after the step training resumed from."""
-        resumed = next((e["step"] for e in events if e["event"] == "start" and e["rank"] == 0 and e["time"] > t_to),
+        resumed = next((e["step"] for e in events if e["event"] == "start" and e["rank"] == 0 and e["time"] >= t_to),
                        step_at)
         lost = [s for s in steps if s["t"] <= t_from and resumed <= s["step"] < step_at + 1]
         last = {}

@@ -28,7 +28,7 @@ def samples_per_block(index: DatasetIndex) -> int:
     if block > 0 and fixed is not None:
         return max(1, (block - 16) // (fixed + 8))
     n = index.num_samples
-    raw = sum(info.raw_bytes for info in index.shards)
+    raw = sum(index.shards.raw_bytes.tolist())  # exact Python ints
     if n == 0 or raw == 0 or block <= 0:
         return 1
     return max(1, (block * n) // raw)
@@ -45,7 +45,7 @@ def cache_bytes_needed(index: DatasetIndex, groups: BlockGroups, lanes_read: int
     current unit (``g`` blocks, ``g + 1`` when unaligned), and at the end of an epoch its edge
     (a tail and a head piece, up to twice that)."""
     n = index.num_samples
-    raw = sum(info.raw_bytes for info in index.shards)
+    raw = sum(index.shards.raw_bytes.tolist())
     per_sample = raw / n if n else 0.0
     block_raw = max(float(index.block_size), per_sample * groups.samples_per_block)
     return int(lanes_read * 2 * (groups.blocks_per_group + 1) * block_raw * _CACHE_MARGIN)

@@ -161,6 +161,6 @@ def _order(fields: Mapping[str, Any], ds) -> EpochOrder:
             raise StateMismatchError(f"sequence.blocks must be [samples_per_block, blocks_per_group], "
                                      f"got {blocks!r:.80}")
         blocks = BlockGroups(*blocks)
-    return EpochOrder([info.samples for info in ds.index.shards], seed=fields["seed"],
+    return EpochOrder(ds.index.shards.samples, seed=fields["seed"],
                       shuffle=fields["shuffle"], lanes=fields["lanes"], window=fields["window"],
                       blocks=blocks)

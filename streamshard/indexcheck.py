@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 from streamshard.errors import FormatError
 
 # A path segment: letters, digits and ``._-+=,@~``; not "." or ".." (checked separately). No
@@ -88,18 +90,27 @@ def _is_int(x: Any, lo: int = 0, hi: int = _U63) -> bool:
     return type(x) is int and lo <= x < hi
 
 
-def _int_list(values: list, key: str, source: str) -> None:
-    # type() is int refuses bools and floats (3.0 adds up like 3 in a sum)
-    # set(map(type, ...)) runs in C: ~3 ms per 100,000 entries against ~20 ms for a genexpr
-    if (values and set(map(type, values)) != {int}) or (values and (min(values) < 0
-                                                                    or max(values) >= _U63)):
+def _int_column(values: list, key: str, source: str) -> np.ndarray:
+    """``values`` as an int64 array after checking each is an int in ``[0, 2**63)``."""
+    # type() is int refuses bools and floats (3.0 adds up like 3 in a sum); set(map(type, ...))
+    # runs in C (~2 ms per 100,000 entries), np.array refuses ints outside int64 and the
+    # sign test is one vectorized pass: ~4 ms per list of 61,000 where Python min/max took ~10.
+    arr = None
+    if not values or set(map(type, values)) == {int}:
+        try:
+            arr = np.array(values, dtype=np.int64)
+        except OverflowError:
+            arr = None
+    if arr is None or (arr.size and int(arr.min()) < 0):
         bad = next(x for x in values if not _is_int(x))
         raise FormatError(f"{source}: shards.{key} must hold ints in [0, 2**63), found {bad!r}")
+    return arr
 
 
-def check_document(doc: dict, source: str) -> None:
+def check_document(doc: dict, source: str) -> dict[str, np.ndarray]:
     """``FormatError`` naming ``source`` and the field for any ill-typed or out-of-range field
-    of a parsed index document (keys present is checked by the caller)."""
+    of a parsed index document (keys present is checked by the caller). Returns the checked
+    integer shard columns (``samples``, ``bytes``, ``raw_bytes``) as int64 arrays."""
     for key in ("num_samples", "block_size", "shard_size"):
         if not _is_int(doc.get(key)):
             raise FormatError(f"{source}: {key} must be an int in [0, 2**63), got "
@@ -115,8 +126,8 @@ def check_document(doc: dict, source: str) -> None:
     for key in ("files", "samples", "bytes", "raw_bytes", "xxh64"):
         if not isinstance(sh.get(key), list):
             raise FormatError(f"{source}: shards.{key} must be a list")
-    for key in ("samples", "bytes", "raw_bytes"):
-        _int_list(sh[key], key, source)
+    columns = {key: _int_column(sh[key], key, source)
+               for key in ("samples", "bytes", "raw_bytes")}
     _check_names(sh["files"], f"{source}: shards.files")
     for key in ("xxh64", "table_xxh64"):
         values = sh.get(key)
@@ -132,3 +143,4 @@ def check_document(doc: dict, source: str) -> None:
         if len(values) != len(sh["files"]):
             raise FormatError(f"{source}: shards.{key} has {len(values)} entries, shards.files "
                               f"has {len(sh['files'])}")
+    return columns

@@ -95,6 +95,11 @@ class LRU(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
+    def peek(self, key: K) -> V | None:
+        """The value of ``key`` or ``None``, without counting a use or a hit (one dict read:
+        atomic under the GIL, so no lock)."""
+        return self._entries.get(key)
+
     def __iter__(self) -> Iterator[K]:
         with self._lock:
             return iter(list(self._entries))

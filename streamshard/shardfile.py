@@ -355,9 +355,17 @@ class ShardFileReader:
         return self._mm, start, length
 
     def _read_mmap(self, k: int) -> dict:
-        buf, start, length = self._mmap_span(k)
+        # _mmap_span inlined (one call less on the ds[i] path); the first touch of a block
+        # still goes through _mmap_offsets, which checks its xxh64.
+        first = self._first
+        b = _bisect_right(first, k) - 1
+        offs = self._block_offsets[b] or self._mmap_offsets(b)
+        j = k - first[b]
+        start = offs[j]
+        length = offs[j + 1] - start
+        self._stats.bytes_read += length
         try:
-            return self._decode(buf, start, length)
+            return self._decode(self._mm, start, length)
         except CorruptionError as exc:
             raise CorruptionError(f"{self.name} sample {k}: {exc}") from None
 

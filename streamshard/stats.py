@@ -63,10 +63,7 @@ def dataset_figures(ds: Any, max_samples: int = DEFAULT_SAMPLES) -> dict[str, An
     length of a 1-D token column), ``shards`` (stored and raw bytes, samples), ``compression``
     (overall ratio and per-shard ratios)."""
     idx = ds.index
-    shards = idx.shards
-    stored = np.array([s.bytes for s in shards], dtype=np.int64)
-    raw = np.array([s.raw_bytes for s in shards], dtype=np.int64)
-    counts = np.array([s.samples for s in shards], dtype=np.int64)
+    stored, raw, counts = idx.shards.bytes, idx.shards.raw_bytes, idx.shards.samples
     ids = sample_ids(len(ds), max_samples)
     variable = {n: ct for n, ct in ds.schema.columns.items() if ct.fixed_size is None}
     sizes: dict[str, list[int]] = {n: [] for n in variable}
@@ -93,7 +90,7 @@ def dataset_figures(ds: Any, max_samples: int = DEFAULT_SAMPLES) -> dict[str, An
     return {
         "samples": len(ds), "sampled": int(ids.size),
         "columns": columns,
-        "shards": {"count": len(shards), "stored_bytes": _summary(stored, "bytes"),
+        "shards": {"count": len(idx.shards), "stored_bytes": _summary(stored, "bytes"),
                    "raw_bytes": _summary(raw, "bytes"), "samples": _summary(counts, "samples"),
                    "target_bytes": idx.shard_size},
         "compression": {"codec": idx.compression or "none", "raw_bytes": total_raw,

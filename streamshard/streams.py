@@ -99,7 +99,7 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
     ]
     orders = [
         EpochOrder(
-            [info.samples for info in ds.index.shards],
+            ds.index.shards.samples,
             # One stream keeps the user's seed; mixture members get distinct derived keys so
             # two copies of one dataset in a mixture are not read in lockstep.
             seed=seed if len(streams) == 1 else derive_key(seed, i),

@@ -9,7 +9,8 @@ overrides the agent's documented extension points (``_initialize_workers``, ``_s
 ``_monitor_workers``). Differences from torchrun, all for recovery with default settings:
 
 - exit codes of workers: **75** (and any other failure) restart in place within
-  ``--max-restarts`` (default here 3, torchrun's is 0); **77** this node must not be used again:
+  ``--max-restarts`` (default here 3, torchrun's is 0; the budget refills once the workers have
+  run 10 minutes without a fault, so it bounds crash loops, not a long job's lifetime); **77** this node must not be used again:
   its agent stops its workers and leaves with 77 without closing the rendezvous, the other agents
   re-rendezvous (``--nnodes MIN:MAX``) with the remaining nodes or a spare; **78** stop every node:
   a ``stop`` key goes into a control store at the rendezvous endpoint, every agent that sees it
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 STOP_KEY = "stop"
 ROUND_KEY = "streamshard_round"
 ENV_ROUND = "STREAMSHARD_ROUND_ID"
+RESTART_WINDOW_S = 600.0  # workers healthy this long since their last (re)start: the budget refills
 RDZV_DEFAULTS = {"keep_alive_interval": 1, "keep_alive_max_attempt": 3, "last_call_timeout": 5}
 
 
@@ -125,6 +127,7 @@ def _make_agent_class():
             self._hangs: dict[int, Hang] = {}
             self._next_stop_check = 0.0
             self._oom0 = _cgroup_oom_kills()
+            self._started_at = time.monotonic()
             if monitor is not None:
                 monitor._on_hang = self._on_hang
 
@@ -169,6 +172,7 @@ def _make_agent_class():
                 store.set(ROUND_KEY, uuid.uuid4().hex)
             os.environ[ENV_ROUND] = store.get(ROUND_KEY).decode()
             pids = super()._start_workers(worker_group)
+            self._started_at = time.monotonic()
             if self._hb is not None:
                 self._hb.unwatch_all()
                 for local, pid in pids.items():
@@ -205,6 +209,11 @@ def _make_agent_class():
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
+            if (result.state == WorkerState.HEALTHY and self._remaining_restarts < worker_group.spec.max_restarts
+                    and time.monotonic() - self._started_at > RESTART_WINDOW_S):
+                # the restart budget is per window: a week-long job must not die of its 4th transient fault
+                self.note("restart_budget_reset", healthy_s=round(time.monotonic() - self._started_at, 1))
+                self._remaining_restarts = worker_group.spec.max_restarts
             if self._stop_requested():
                 raise Terminal(exitcodes.DO_NOT_REQUEUE, "another node stopped the job (exit 78)")
             if result.state not in (WorkerState.FAILED, WorkerState.UNHEALTHY):

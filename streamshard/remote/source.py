@@ -183,7 +183,7 @@ class CachedSource:
             else:
                 self._count("index_hits")
         index = DatasetIndex.from_bytes(data, self._remote.url_of(INDEX_FILE))
-        self._largest = max((s.bytes for s in index.shards), default=0)
+        self._largest = int(index.shards.bytes.max(initial=0))
         if self.fingerprint is not None and self.fingerprint != index.fingerprint:
             raise CorruptionError(
                 f"remote dataset {redact(self.url)} changed while in use: fingerprint {self.fingerprint} "
