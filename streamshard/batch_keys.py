@@ -121,7 +121,7 @@ class StreamingBatchSampler:
         return self.state_at(self.dataset.sequence_with(self.ledgers).next_served_step(self.step))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        undo = self.dataset.adopt_saved_lanes(state.get("sequence") if isinstance(state, dict) else None)
+        undo = self.dataset.adopt_saved_order(state.get("sequence") if isinstance(state, dict) else None)
         try:
             validate_state(state, self.state_at(0))
         except Exception:

@@ -30,7 +30,7 @@ from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
 )
-from streamshard.sampler import EpochOrder, Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -100,8 +100,10 @@ class StreamingDataset(torch.utils.data.Dataset):
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
-        # Lanes left to the default are fixed by the first run: a saved state's lanes win.
+        # Lanes and the block grouping left to their defaults are fixed by the first run: a
+        # saved state's win (states from before those defaults hold 64 lanes and no blocks).
         self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
+        self._blocks_adoptable = block_shuffle is None and isinstance(order, EpochOrder)
         self._set_sequence(SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
         ))
@@ -126,17 +128,27 @@ class StreamingDataset(torch.utils.data.Dataset):
                 ds.source.check_budget(self.working_set_shards)
                 ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
 
-    def adopt_saved_lanes(self, saved_sequence: Any) -> Callable[[], None]:
-        """Take a saved state's ``lanes`` when this dataset's were left to the default (the
-        first run fixes them; states from before the locality default hold 64). Returns an undo
-        callable (the loader calls it if the rest of the state does not validate)."""
+    def adopt_saved_order(self, saved_sequence: Any) -> Callable[[], None]:
+        """Take a saved state's ``lanes`` and ``blocks`` where this dataset's were left to the
+        default (the first run fixes them; states from before the locality default hold 64 lanes,
+        states from before the block-aware shuffle hold no ``blocks``). A malformed saved value
+        is left for :func:`streamshard.state.validate_state` to refuse. Returns an undo callable
+        (the loader calls it if the rest of the state does not validate)."""
         old = self.sequence
-        lanes = saved_sequence.get("lanes") if isinstance(saved_sequence, dict) else None
-        if (not self._lanes_adoptable or isinstance(lanes, bool) or not isinstance(lanes, int)
-                or lanes < 1 or lanes == old.order.lanes):
+        if not isinstance(saved_sequence, dict):
             return lambda: None
-        self._set_sequence(SampleSequence(old.order.with_lanes(lanes),
-                                          global_batch_size=old.global_batch_size,
+        order = old.order
+        lanes = saved_sequence.get("lanes")
+        if (self._lanes_adoptable and not isinstance(lanes, bool) and isinstance(lanes, int)
+                and lanes >= 1 and lanes != order.lanes):
+            order = order.with_lanes(lanes)
+        if self._blocks_adoptable:
+            blocks = _saved_blocks(saved_sequence.get("blocks"))
+            if blocks is not False and blocks != order.blocks:
+                order = order.with_blocks(blocks)
+        if order is old.order:
+            return lambda: None
+        self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
                                           drop_last=old.drop_last))
         return lambda: self._set_sequence(old)
 
@@ -254,3 +266,15 @@ class StreamingDataset(torch.utils.data.Dataset):
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
+
+
+def _saved_blocks(value: Any) -> BlockGroups | None | bool:
+    """A saved ``sequence.blocks`` as a BlockGroups, ``None`` (absent: window order), or
+    ``False`` when it is malformed (then nothing is adopted and strict validation refuses it)."""
+    if value is None:
+        return None
+    try:
+        k, g = value
+        return BlockGroups(k, g)
+    except (TypeError, ValueError, ConfigError):
+        return False

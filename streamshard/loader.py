@@ -120,7 +120,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
 
         A live iterator notices and continues from the restored step."""
-        undo = self.streaming_dataset.adopt_saved_lanes(
+        undo = self.streaming_dataset.adopt_saved_order(
             state_dict.get(KEY_SEQUENCE) if isinstance(state_dict, dict) else None)
         try:
             validate_state(state_dict, self._live_state())

@@ -104,3 +104,22 @@ def test_state_names_the_order_and_refuses_the_other(zstd_path):
     _, window = loader(zstd_path, block_shuffle=False)
     with pytest.raises(StateMismatchError, match="blocks"):
         window.load_state_dict(state)
+
+
+def test_a_state_from_before_the_block_shuffle_resumes_in_window_order(zstd_path):
+    """A checkpoint of a zstd dataset written before the block-aware default (no ``blocks`` in its
+    sequence) loads into a loader left on the defaults and continues that run's window order;
+    an explicit ``block_shuffle=True`` still refuses it, naming the field."""
+    _, old = loader(zstd_path, block_shuffle=False)  # what the previous release served
+    head = [b["id"].tolist() for _, b in zip(range(5), old)]
+    state = old.state_dict()
+    assert "blocks" not in state["sequence"] and head
+    tail = [b["id"].tolist() for _, b in zip(range(10), old)]
+    ds, resumed = loader(zstd_path)
+    assert ds.sequence.order.blocks is not None
+    resumed.load_state_dict(state)
+    assert ds.sequence.order.blocks is None
+    assert [b["id"].tolist() for _, b in zip(range(10), resumed)] == tail
+    _, explicit = loader(zstd_path, block_shuffle=True)
+    with pytest.raises(StateMismatchError, match="blocks"):
+        explicit.load_state_dict(state)

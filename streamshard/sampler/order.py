@@ -181,6 +181,15 @@ class EpochOrder:
         clone._lanes = check_int(lanes, "lanes", minimum=1)
         return clone
 
+    def with_blocks(self, blocks: BlockGroups | None) -> "EpochOrder":
+        """The same order definition with another block grouping (``None``: window order)."""
+        if blocks is not None and not isinstance(blocks, BlockGroups):
+            raise ConfigError(f"blocks must be a BlockGroups or None, got {blocks!r:.80}")
+        clone = object.__new__(EpochOrder)
+        clone.__dict__.update(self.__getstate__())
+        clone._blocks = blocks
+        return clone
+
     # -- mapping --------------------------------------------------------------------------
     def __call__(self, epoch: int, positions):
         """Global sample ids at ``positions`` (int or int array in ``[0, N)``) of ``epoch``."""
