@@ -128,7 +128,7 @@ def test_hung_rank_caught_by_watchdog_within_timeout(tmp_path, data):
     ok(proc)
     (hang,) = [e for e in journal(out) if e["event"] == "hang" and e["rank"] == 0]
     assert hang["phase"] == "step" and hang["code"] == exitcodes.HANG
-    assert hang["timeout"] == pytest.approx(2.0)  # floor: 10 x p99 of ~ms steps is below 2 s
+    assert hang["timeout"] >= 2.0  # the floor; calibrated above it when steps run slow (load)
     assert hang["timeout"] <= hang["elapsed"] <= hang["timeout"] + 0.5  # poll 0.1 s plus dump
     dump = Path(hang["dump"]).read_text()
     assert "injected_hang" in dump and "phase 'step'" in dump
@@ -259,7 +259,9 @@ def test_sigstopped_rank_is_caught_by_its_peers_watchdog(tmp_path, data):
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert hang["rank"] == 1 and hang["phase"] == "step" and hang["timeout"] == pytest.approx(2.0)
+    # The timeout is calibrated from measured step times, never below the 2 s floor: on a loaded
+    # machine 10 x p99 of the 40 ms steps can exceed it, so only the floor is a fixed fact here.
+    assert hang["rank"] == 1 and hang["phase"] == "step" and hang["timeout"] >= 2.0
     assert hang["time"] - stopped_at <= hang["timeout"] + 1.0  # fired within its timeout (+ poll, dump)
     dump = Path(hang["dump"]).read_text()
     assert "all_reduce" in dump  # the stack shows where rank 1 waited for the stopped peer
