@@ -80,6 +80,31 @@ def build_parser():
     return p
 
 
+class RestartBudget:
+    """``--max-restarts`` per healthy stretch: the budget refills once the workers have run ``window``
+    seconds since their last (re)start without a fault, so it bounds crash loops, not a long job's
+    lifetime (a week-long job must not die of its 4th transient fault). ``clock`` is injectable."""
+
+    def __init__(self, max_restarts: int, window: float = RESTART_WINDOW_S, clock=time.monotonic):
+        if window <= 0:
+            raise ValueError(f"restart window must be positive, got {window}")
+        self.max_restarts, self.window, self._clock = max_restarts, window, clock
+        self._since = clock()
+
+    def started(self) -> None:
+        """The workers were (re)started now."""
+        self._since = self._clock()
+
+    def healthy_for(self) -> float:
+        return self._clock() - self._since
+
+    def refill(self, remaining: int) -> int | None:
+        """The new remaining count if the budget refills now (workers healthy, some spent), else None."""
+        if remaining < self.max_restarts and self.healthy_for() > self.window:
+            return self.max_restarts
+        return None
+
+
 def persistent_straggler(records, my_ranks) -> str | None:
     """Why this node should leave: the journal's latest straggler verdict names one of ``my_ranks``
     (the global ranks this node ran last round) as persistent; None otherwise."""
@@ -119,15 +144,15 @@ def _make_agent_class():
         """LocalElasticAgent + exit-code verdicts, health check, heartbeat monitor, journal."""
 
         def __init__(self, *a, journal: Journal | None, hb_dir: str, monitor: HeartbeatMonitor | None,
-                     probes: list, control, exclude_slow: bool = False, **kw):
+                     probes: list, control, exclude_slow: bool = False, clock=time.monotonic, **kw):
             super().__init__(*a, **kw)
+            self._budget = RestartBudget(self._worker_group.spec.max_restarts, clock=clock)
             self._exclude_slow = exclude_slow
             self._journal, self._hb_dir, self._hb, self._probes = journal, hb_dir, monitor, probes
             self._control = control
             self._hangs: dict[int, Hang] = {}
             self._next_stop_check = 0.0
             self._oom0 = _cgroup_oom_kills()
-            self._started_at = time.monotonic()
             if monitor is not None:
                 monitor._on_hang = self._on_hang
 
@@ -172,7 +197,7 @@ def _make_agent_class():
                 store.set(ROUND_KEY, uuid.uuid4().hex)
             os.environ[ENV_ROUND] = store.get(ROUND_KEY).decode()
             pids = super()._start_workers(worker_group)
-            self._started_at = time.monotonic()
+            self._budget.started()
             if self._hb is not None:
                 self._hb.unwatch_all()
                 for local, pid in pids.items():
@@ -209,11 +234,11 @@ def _make_agent_class():
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if (result.state == WorkerState.HEALTHY and self._remaining_restarts < worker_group.spec.max_restarts
-                    and time.monotonic() - self._started_at > RESTART_WINDOW_S):
-                # the restart budget is per window: a week-long job must not die of its 4th transient fault
-                self.note("restart_budget_reset", healthy_s=round(time.monotonic() - self._started_at, 1))
-                self._remaining_restarts = worker_group.spec.max_restarts
+            refill = self._budget.refill(self._remaining_restarts) if result.state == WorkerState.HEALTHY else None
+            if refill is not None:
+                self.note("restart_budget_reset", healthy_s=round(self._budget.healthy_for(), 1),
+                          remaining_before=self._remaining_restarts)
+                self._remaining_restarts = refill
             if self._stop_requested():
                 raise Terminal(exitcodes.DO_NOT_REQUEUE, "another node stopped the job (exit 78)")
             if result.state not in (WorkerState.FAILED, WorkerState.UNHEALTHY):
