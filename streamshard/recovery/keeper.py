@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     rc = 1
     try:
         standby = Standby.start(argv, env)
-        if journal is not None:
-            journal.append("standby", worker_rank=rank, warm=standby.warm, ready_s=standby.ready_s,
-                           why_cold=standby.why_cold)
         for attempt in range(MAX_RESPAWNS + 1):
             child = standby.spawn()
+            if journal is not None and attempt == 0:
+                journal.append("standby", worker_rank=rank, warm=standby.warm, shared=standby.shared,
+                               why_cold=standby.why_cold)
             monitor.watch(local, child.pid, os.path.join(hb_dir, f"local{local}.hb"),
                           os.path.join(hb_dir, f"stacks-local{local}-pid{child.pid}.txt"))
             rc = child.wait()

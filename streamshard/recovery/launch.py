@@ -384,10 +384,58 @@ def exit_now(code: int) -> None:
 
 def main(argv=None, *, exit_process: bool = False) -> int:
     """``streamshard launch``; with ``exit_process`` (the CLI) the process ends here (:func:`exit_now`)."""
-    code = _main(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    zygote = _early_zygote(argv)
+    try:
+        code = _main(argv)
+    finally:
+        if zygote is not None:
+            zygote.close()
     if exit_process:
         exit_now(code)
     return code
+
+
+class _NodeZygote:
+    """The node's warm standby for ``--in-process`` (:mod:`zygote`), started before this agent imports
+    torch so the two imports overlap; the keepers find it through ``STREAMSHARD_ZYGOTE_SOCKET``."""
+
+    def __init__(self):
+        from streamshard.recovery.standby import start_zygote
+        from streamshard.recovery.zygote import ENV_SOCKET
+
+        self.dir = tempfile.mkdtemp(prefix="streamshard-zygote-")
+        path = os.path.join(self.dir, "sock")
+        self.proc = start_zygote(path, None, os.environ)
+        os.environ[ENV_SOCKET] = path
+
+    def close(self) -> None:
+        import shutil
+
+        from streamshard.recovery.zygote import ENV_SOCKET
+
+        os.environ.pop(ENV_SOCKET, None)
+        self.proc.terminate()  # its ranks die with it (PR_SET_PDEATHSIG); the keepers are gone by now
+        try:
+            self.proc.wait(timeout=5.0)
+        except Exception:  # noqa: BLE001 - TimeoutExpired: it is killed below
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _early_zygote(argv: list[str]) -> _NodeZygote | None:
+    """Start the zygote if ``--in-process`` is among the launcher's flags (checked again after parsing:
+    a script argument of that name only costs an idle zygote)."""
+    from streamshard.recovery.standby import ENV_ZYGOTE
+
+    if "--in-process" not in argv or os.environ.get(ENV_ZYGOTE, "1") == "0":
+        return None
+    try:
+        return _NodeZygote()
+    except OSError as e:
+        log.warning("no warm standby (%s): ranks start cold", e)
+        return None
 
 
 def _main(argv) -> int:

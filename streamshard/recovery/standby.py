@@ -1,28 +1,34 @@
-"""The keeper's side of the warm standby (:mod:`zygote`): start it, fork ranks from it, wait for them.
+"""The keeper's side of the warm standby (:mod:`zygote`): ask it for a rank, wait for that rank.
 
-``Standby.start(script_and_args, env)`` starts the zygote and waits until it has imported what the
-script imports (bounded); ``spawn()`` returns a started rank with the small part of
-:class:`subprocess.Popen`'s interface the keeper uses (``pid``, ``wait``, ``send_signal``, ``kill``).
-If the zygote refuses (CUDA initialized by an import, ...), fails to start or dies, ``spawn()``
-starts the rank cold with :class:`subprocess.Popen` from then on, so a broken standby costs speed,
-never a start.
+``Standby.start(script_and_args, env)`` uses the node's zygote named by ``STREAMSHARD_ZYGOTE_SOCKET``
+(started by ``streamshard launch --in-process``) or starts one of its own; ``spawn()`` returns a
+started rank with the small part of :class:`subprocess.Popen`'s interface the keeper uses (``pid``,
+``wait``, ``send_signal``, ``kill``, ``returncode``). If the zygote refuses (CUDA initialized by an
+import, ...), cannot be reached or dies, ``spawn()`` starts the rank cold with
+:class:`subprocess.Popen` from then on: a broken standby costs speed, never a start.
+``STREAMSHARD_ZYGOTE=0`` starts every rank cold.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
+from streamshard.recovery.zygote import ENV_SOCKET, WARM
+
 log = logging.getLogger(__name__)
-ENV_ZYGOTE = "STREAMSHARD_ZYGOTE"  # "0": start every rank cold
-READY_TIMEOUT = 600.0
+ENV_ZYGOTE = "STREAMSHARD_ZYGOTE"
+READY_TIMEOUT = 600.0  # the first start waits for the zygote's imports
 
 
 class _Lines:
@@ -50,10 +56,10 @@ class _Lines:
 
 
 class Forked:
-    """A rank forked by the zygote; its exit code comes back over the socket."""
+    """A rank forked by the zygote; its exit code comes back over its connection."""
 
-    def __init__(self, lines: _Lines, pid: int):
-        self._lines, self.pid = lines, pid
+    def __init__(self, conn: socket.socket, lines: _Lines, pid: int):
+        self._conn, self._lines, self.pid = conn, lines, pid
         self.returncode: int | None = None
         self.zygote_lost = False
 
@@ -67,6 +73,7 @@ class Forked:
                 self.returncode = -signal.SIGKILL
             else:
                 self.returncode = int(line.split()[1])
+            self._conn.close()
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -90,33 +97,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def start_zygote(path: str, script: str | None, env: Mapping[str, str],
+                 warm: Sequence[str] = WARM) -> subprocess.Popen:
+    """Start a zygote listening on ``path`` (it binds before importing anything heavy) that imports
+    ``warm`` at once and the script's imports at the first request."""
+    argv = [sys.executable, "-u", "-m", "streamshard.recovery.zygote", path, *([script] if script else []),
+            "--warm=" + ",".join(warm)]
+    return subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL)
+
+
 class Standby:
     def __init__(self, argv: Sequence[str], env: Mapping[str, str]):
         self.argv, self.env = list(argv), dict(env)
-        self.proc: subprocess.Popen | None = None
-        self.sock: socket.socket | None = None
-        self.lines: _Lines | None = None
-        self.ready_s: float | None = None
+        self.path: str | None = env.get(ENV_SOCKET) or None
+        self.proc: subprocess.Popen | None = None  # a zygote of our own
+        self._tmp: str | None = None
         self.why_cold: str | None = None
+        self.shared = self.path is not None
 
     @classmethod
-    def start(cls, argv: Sequence[str], env: Mapping[str, str], *, timeout: float = READY_TIMEOUT) -> Standby:
+    def start(cls, argv: Sequence[str], env: Mapping[str, str], *, warm: Sequence[str] = WARM) -> Standby:
         sb = cls(argv, env)
         if env.get(ENV_ZYGOTE, "1") == "0":
             sb.why_cold = f"{ENV_ZYGOTE}=0"
-            return sb
-        ours, theirs = socket.socketpair()
-        try:
-            sb.proc = subprocess.Popen([sys.executable, "-u", "-m", "streamshard.recovery.zygote", str(theirs.fileno()),
-                                        *sb.argv], env=sb.env, pass_fds=[theirs.fileno()])
-        finally:
-            theirs.close()
-        sb.sock, sb.lines = ours, _Lines(ours)
-        line = sb.lines.readline(timeout)
-        if line is None or not line.startswith("ready "):
-            sb._give_up(f"the zygote said {line!r}" if line else "the zygote did not become ready")
-        else:
-            sb.ready_s = float(line.split()[1])
+        elif sb.path is None:
+            sb._tmp = tempfile.mkdtemp(prefix="streamshard-zygote-")
+            sb.path = os.path.join(sb._tmp, "sock")
+            sb.proc = start_zygote(sb.path, sb.argv[0], env, warm)
         return sb
 
     @property
@@ -128,17 +135,38 @@ class Standby:
         self.why_cold = why
         self.close()
 
+    def _request(self) -> Forked | str:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            deadline = time.monotonic() + 30.0
+            for _ in range(3000):  # bounded: our own zygote binds its socket within moments of starting
+                try:
+                    conn.connect(self.path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            data = (json.dumps({"argv": self.argv, "env": self.env, "cwd": os.getcwd()}) + "\n").encode()
+            sent = socket.send_fds(conn, [data], [0, 1, 2])
+            conn.sendall(data[sent:])
+            lines = _Lines(conn)
+            line = lines.readline(READY_TIMEOUT)
+        except OSError as e:
+            conn.close()
+            return f"cannot reach the zygote at {self.path}: {e}"
+        if line is not None and line.startswith("pid "):
+            return Forked(conn, lines, int(line.split()[1]))
+        conn.close()
+        return f"the zygote answered {line!r}"
+
     def spawn(self):
         """Start the rank: forked from the zygote, or cold if there is no working zygote."""
         if self.warm:
-            try:
-                self.sock.sendall(b"fork\n")
-                line = self.lines.readline(60.0)
-            except OSError as e:
-                line = f"error {e}"
-            if line is not None and line.startswith("pid "):
-                return Forked(self.lines, int(line.split()[1]))
-            self._give_up(f"fork answered {line!r}")
+            got = self._request()
+            if isinstance(got, Forked):
+                return got
+            self._give_up(got)
         return subprocess.Popen([sys.executable, "-u", *self.argv], env=self.env)
 
     def lost(self, child) -> None:
@@ -147,13 +175,14 @@ class Standby:
             self._give_up("the zygote died")
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
         if self.proc is not None:
+            self.proc.terminate()
             try:
-                self.proc.wait(timeout=5.0)  # end of file on its socket: it exits
+                self.proc.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
