@@ -248,6 +248,11 @@ class CheckpointManager:
             }, allow_nan=False).encode()))
         kw = dict(storage_writer=self._storage(d, reader=False), process_group=self._pg,
                   no_dist=not _distributed())
+        # nested by prefix: DCP flattens it to the same "model.<k>"/"optim.<k>" keys (so checkpoints
+        # are unchanged and load flat), but wraps each top-level entry in its method logger: 2
+        # entries instead of ~100 took 30-60 ms off every save's blocking part on the 2-core box
+        tensors = {"model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                   "optim": {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}}
         info = CheckpointInfo(step, data_step, generation, self.world.world_size, d)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
