@@ -33,6 +33,8 @@ import logging
 import os
 from typing import Any, Callable, Iterator
 
+import torch
+
 from streamshard.atomic import atomic_write_json
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError, StateMismatchError, missing_dependency
@@ -236,7 +238,12 @@ class StreamingTrainer(Trainer):
             extra.update(persistent_workers=args.dataloader_persistent_workers,
                          prefetch_factor=args.dataloader_prefetch_factor,
                          multiprocessing_context=args.dataloader_multiprocessing_context)
-        loader = StreamingDataLoader(ds, collate_fn=collate,
+        # Its own generator: DataLoader draws a base seed from it at every iter(), and drawing
+        # from torch's global RNG there would shift the dropout stream the Trainer restored from
+        # the checkpoint (the resumed run's first iter() comes after that restore).
+        generator = torch.Generator()
+        generator.manual_seed(args.seed)
+        loader = StreamingDataLoader(ds, collate_fn=collate, generator=generator,
                                      num_workers=args.dataloader_num_workers,
                                      pin_memory=args.dataloader_pin_memory, **extra)
         if self._streaming_resume is not None:
@@ -250,10 +257,10 @@ class StreamingTrainer(Trainer):
             keep = frozenset(self._signature_columns)
         return TrainerBatches(loader, keep)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
         # Written before the Trainer's files: a checkpoint with trainer_state.json has it too.
         if self.streaming_loader is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_loader_state(folder, self.streaming_loader, self.state.global_step)
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial, *args, **kwargs)

@@ -20,6 +20,15 @@ from streamshard import StreamingDataLoader, StreamingDataset  # noqa: E402
 N, G = 40, 4  # 10 steps per epoch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny model: intra-op threads only spin-wait on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class CountingDataset(StreamingDataset):
     """Records the step of every rank batch read (workers: 0, so reads happen here)."""
 
