@@ -80,13 +80,6 @@ class TrainerBatches:
         raise RuntimeError(f"the StreamingDataLoader served nothing in {MAX_EMPTY_EPOCHS} epochs "
                            "in a row: its skips cover every step")
 
-    # Stateful, so a caller holding this object can checkpoint the data position too.
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
 
 def save_loader_state(folder: str, loader: StreamingDataLoader, global_step: int) -> str:
     """Write ``streamshard_loader.json`` into a checkpoint folder (atomically); returns its path."""

@@ -1,7 +1,7 @@
 """``transformers.Trainer`` on a StreamingDataset, as a user's script drives it (issue 13.2).
 
 A 2-layer GPT-2 built from a config (no download, HF offline) trains on a token dataset written
-with ShardWriter. An uninterrupted run of 8 optimizer steps (gradient accumulation 2: 16 loader
+with ShardWriter. An uninterrupted run of 6 optimizer steps (gradient accumulation 2: 12 loader
 steps, across the dataset's epoch boundary at 10) checkpoints at steps 3 and 6; a NEW
 StreamingTrainer resumes from checkpoint-3. The batches it reads, the batches the model sees and
 the losses equal the uninterrupted run's from step 4 on, and it reads nothing before them.
@@ -41,12 +41,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> str:
-    """Sample i: T tokens starting with i (the first token names the sample)."""
+    """Sample i: T tokens starting with i (the first token names the sample), and a column the
+    model does not take (``doc_id``), which remove_unused_columns must drop."""
     path = str(tmp_path_factory.mktemp("hf") / "tokens")
-    with ShardWriter(path, columns={"input_ids": "uint16[8]"}, shard_size="256B",
-                     block_size="128B") as w:
+    with ShardWriter(path, columns={"input_ids": "uint16[8]", "doc_id": "int64"},
+                     shard_size="256B", block_size="128B") as w:
         for i in range(N):
-            w.write({"input_ids": ((np.arange(T) * 5 + i) % VOCAB).astype(np.uint16)})
+            w.write({"input_ids": ((np.arange(T) * 5 + i) % VOCAB).astype(np.uint16), "doc_id": i})
     return path
 
 
@@ -73,7 +74,9 @@ class RecordingTrainer(StreamingTrainer):
 
 
 def causal_lm(samples):
-    """The user's collator: whole samples in, model inputs out (labels = inputs, shifted inside)."""
+    """The user's collator: whole samples in (doc_id already removed, as the Trainer's own
+    wrapper does), model inputs out (labels = inputs, shifted inside the model)."""
+    assert set(samples[0]) == {"input_ids"}
     ids = torch.as_tensor(np.stack([s["input_ids"] for s in samples]), dtype=torch.long)
     return {"input_ids": ids, "labels": ids}
 
@@ -89,7 +92,7 @@ def tiny_model():
 def run(path, out, *, resume=None, collator=causal_lm, **extra):
     ds = CountingDataset(path, batch_size=B, seed=3)
     args = transformers.TrainingArguments(
-        str(out), per_device_train_batch_size=B, gradient_accumulation_steps=2, max_steps=8,
+        str(out), per_device_train_batch_size=B, gradient_accumulation_steps=2, max_steps=6,
         save_steps=3, logging_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True,
         dataloader_pin_memory=False, disable_tqdm=True, save_only_model=False, seed=11, **extra)
     trainer = RecordingTrainer(model=tiny_model(), args=args, train_dataset=ds,
@@ -102,12 +105,12 @@ def run(path, out, *, resume=None, collator=causal_lm, **extra):
 
 def test_resume_from_a_checkpoint_continues_exactly_without_replay(tokens, tmp_path):
     full, full_ds, full_losses = run(tokens, tmp_path / "full")
-    # 8 optimizer steps x 2 micro-batches = 16 loader steps, read once each, in order.
-    assert [step for step, _ in full_ds.reads] == list(range(16))
+    # 6 optimizer steps x 2 micro-batches = 12 loader steps, read once each, in order.
+    assert [step for step, _ in full_ds.reads] == list(range(12))
     assert full.seen == [ids for _, ids in full_ds.reads]
     epoch0 = sorted(i for _, ids in full_ds.reads[:10] for i in ids)
     assert epoch0 == list(range(N))  # one exact epoch, then the next one's order
-    assert [ids for _, ids in full_ds.reads[10:16]] != [ids for _, ids in full_ds.reads[:6]]
+    assert [ids for _, ids in full_ds.reads[10:12]] != [ids for _, ids in full_ds.reads[:2]]
 
     ckpt = tmp_path / "full" / "checkpoint-3"
     saved = json.loads((ckpt / LOADER_STATE_NAME).read_text())
@@ -119,17 +122,17 @@ def test_resume_from_a_checkpoint_continues_exactly_without_replay(tokens, tmp_p
     # O(1) seek: the first read is loader step 6; nothing before it was read or replayed.
     assert resumed_ds.reads == full_ds.reads[6:]
     assert resumed.seen == full.seen[6:]
-    assert resumed.state.global_step == 8
+    assert resumed.state.global_step == 6
     # Same batches, same optimizer/scheduler/RNG state: the same losses from step 4 on.
-    # (steps 1-3 come from the checkpoint's log history, 4-8 are trained again)
-    assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 9))
+    # (steps 1-3 come from the checkpoint's log history, 4-6 are trained again)
+    assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 7))
     for step in resumed_losses:
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
 
 
 def test_resume_true_takes_the_newest_checkpoint_and_default_collation(tokens, tmp_path):
-    """No data_collator: the dataset's own collation (int64 tokens), columns the model does not
-    take dropped. A model that needs no labels argument here: the loss comes from compute_loss."""
+    """No data_collator: the dataset's own collation (int64 tokens), ``doc_id`` (not a forward
+    argument) dropped. No labels column here: the loss comes from compute_loss."""
 
     class LossFromInputs(RecordingTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, **kw):
