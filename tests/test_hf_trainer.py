@@ -177,6 +177,13 @@ def test_setup_errors_name_the_fix(tokens, tmp_path):
         make(max_steps=2, per_device_train_batch_size=2)
     with pytest.raises(ConfigError, match="built for rank 1 of 2, the Trainer runs rank 0 of 1"):
         make(max_steps=2, world=World(1, 2), ds={"global_batch_size": 8})
+    # The plain Trainer batches the dataset's batches again: the error names StreamingTrainer.
+    plain = transformers.Trainer(model=tiny_model(), train_dataset=StreamingDataset(tokens, batch_size=B),
+                                 args=transformers.TrainingArguments(
+                                     str(tmp_path / "p"), per_device_train_batch_size=B, max_steps=1,
+                                     report_to=[], use_cpu=True, dataloader_pin_memory=False))
+    with pytest.raises(ConfigError, match="with transformers.Trainer, streamshard.hf_trainer.StreamingTrainer"):
+        plain.train()
     trainer = make(max_steps=2)
     assert trainer.args.ignore_data_skip is True  # the loader state resumes the data
     # A checkpoint StreamingTrainer did not write (no loader state) is refused by name.
