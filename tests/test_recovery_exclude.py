@@ -20,13 +20,15 @@ def test_persistently_slow_node_leaves_at_the_next_restart(tmp_path, data):
     cmd = [sys.executable, "-m", "streamshard.cli", "launch", "--standalone", "--nproc-per-node=2",
            "--exclude-stragglers", f"--journal={out / 'journal'}", str(EXAMPLE), "--data", data, "--out", str(out),
            "--global-batch", str(G), "--seed", str(SEED), "--steps", "60"]
-    # rank 1 is slow from step 2 on; rank 0 (not the slow one) is killed at 46: the agent restarts
+    # rank 1 is 0.1 s slower from step 2 on (busy times are gathered every 5 steps: 10 reports, 5 in
+    # a row make it persistent, with room for a noisy one under load); rank 0, not the slow one, is
+    # killed at 51: the agent restarts, and at that restart the slow node leaves
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env=_env("slow@2-59:rank1=0.05,kill@46:rank0"))
+                          env=_env("slow@2-59:rank1=0.1,kill@51:rank0"))
     assert proc.returncode == exitcodes.REPLACE_NODE, f"rc={proc.returncode}\n{proc.stderr[-4000:]}"
     events = journal(out)
     verdicts = [e for e in events if e["event"] == "straggler" and e["persistent"]]
-    assert verdicts and verdicts[-1]["persistent"] == [1] and verdicts[-1]["step"] < 46
+    assert verdicts and verdicts[-1]["persistent"] == [1] and verdicts[-1]["step"] <= 51
     assert [e["exitcode"] for e in events if e["event"] == "worker_exit"][:1] == [-9]  # the kill, then
     (stop,) = [e for e in events if e["event"] == "stop"]
     assert stop["code"] == exitcodes.REPLACE_NODE and "straggler exclusion at restart" in stop["reason"]
