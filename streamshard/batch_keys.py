@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.mixing import restore, reweight_ledgers
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_STEP, build_state
 
 
 # Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
@@ -95,6 +96,8 @@ class StreamingBatchSampler:
         self.step = 0
         self.stop: int | None = None  # None: the end of the epoch of ``step``
         self.ledgers = Ledgers()
+        # load_state_dict's default for ``reweight`` (StatefulDataLoader passes none).
+        self.reweight_on_load = False
 
     def __len__(self) -> int:
         return self.dataset.steps_per_epoch
@@ -120,15 +123,19 @@ class StreamingBatchSampler:
     def state_dict(self) -> dict[str, Any]:
         return self.state_at(self.dataset.sequence_with(self.ledgers).next_served_step(self.step))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        undo = self.dataset.adopt_saved_order(state.get("sequence") if isinstance(state, dict) else None)
-        try:
-            validate_state(state, self.state_at(0))
-        except Exception:
-            undo()
-            raise
-        self.ledgers = Ledgers.from_state(state)
+    def load_state_dict(self, state: dict[str, Any], reweight: bool | None = None) -> None:
+        """Restore a loader state; ``reweight`` (default :attr:`reweight_on_load`) continues a
+        mixture built with new weights (:mod:`streamshard.mixing`)."""
+        self.ledgers = restore(self.dataset, state, lambda: self.state_at(0),
+                               self.reweight_on_load if reweight is None else reweight)
         self.step, self.stop = int(state[KEY_STEP]), None
+
+    def reweight(self, weights: Any, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight``; applies from the next ``iter()`` (a live
+        iterator keeps the keys it planned), so ``from_step`` defaults to :attr:`step`."""
+        seq = self.dataset.sequence_with(self.ledgers)
+        self.ledgers = reweight_ledgers(seq, self.dataset.streams, weights, from_step,
+                                        seq.next_served_step(self.step))
 
 
 class _KeyIterator:

@@ -261,7 +261,7 @@ class StreamingDataset(torch.utils.data.Dataset):
             yield self.__getitems__(key)
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"

@@ -311,6 +311,6 @@ class NumpyBatchIterator:
             ds.close()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (f"NumpyBatchIterator([{names}], global_batch_size={self.global_batch_size}, "
                 f"steps_per_epoch={self.steps_per_epoch}, {self.world})")
