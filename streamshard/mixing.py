@@ -141,7 +141,9 @@ def restore(dataset: Any, state: Any, live_state: Callable[[], dict[str, Any]],
     """Validate ``state`` against ``dataset`` (adopting a saved default order, continuing a
     changed mixture when ``reweight``) and return the ledgers to serve with; on any error the
     dataset is left as it was."""
-    undo = dataset.adopt_saved_order(state.get(KEY_SEQUENCE) if isinstance(state, dict) else None)
+    adopt = getattr(dataset, "adopt_saved_order", None)  # NumpyBatchIterator adopts nothing
+    undo = adopt(state.get(KEY_SEQUENCE) if isinstance(state, dict) else None) if adopt else \
+        (lambda: None)
     try:
         live = live_state()
         ledgers = continued(state, dataset.sequence, live, reweight) \

@@ -25,7 +25,8 @@ def sources(tmp_path_factory):
     out = []
     for s, n in enumerate(SIZES):
         path = str(root / f"s{s}")
-        with ShardWriter(path, columns={"id": "int64"}, shard_size="1KB", compression=None) as w:
+        with ShardWriter(path, columns={"id": "int64"}, shard_size="2KB", block_size="1KiB",
+                         compression=None) as w:
             for i in range(n):
                 w.write({"id": s * 10_000 + i})
         out.append(path)
@@ -223,3 +224,38 @@ def test_old_states_without_the_ledger_still_load(sources):
     resumed = loader(streams)
     resumed.load_state_dict(state)
     assert ids(take(resumed, 5)) == tail
+
+
+def test_numpy_iterator_reweights_like_the_torch_loader_and_mixing_is_torch_free(sources):
+    import subprocess
+    import sys
+
+    from streamshard import NumpyBatchIterator
+    from tests.test_numpy_loader import BLOCKER, ROOT
+
+    streams = [Stream(sources[0]), Stream(sources[1])]
+    torch_run = loader(streams)
+    take(torch_run, 3)
+    torch_run.reweight([2, 1], from_step=5)
+    state = roundtrip(torch_run.state_dict())
+    it = NumpyBatchIterator([Stream(sources[0], 2.0), Stream(sources[1])], global_batch_size=G,
+                            seed=5, world=World(0, 1))
+    with pytest.raises(StateMismatchError, match="reweight=True"):
+        it.load_state_dict(state)
+    it.load_state_dict(state, reweight=True)
+    plain = NumpyBatchIterator(streams, global_batch_size=G, seed=5, world=World(0, 1))
+    plain.load_state_dict(state)
+    plain.reweight([2, 1], from_step=5)  # already in the ledger: nothing changes
+    assert plain.state_dict() == state
+    want = ids(take(torch_run, 6))
+    assert [b["id"].tolist() for b in take(plain, 6)] == want
+    # reweight=True: the new weights from the saved step 3 on (the saved entry at 5 is replaced).
+    reference = loader(streams)
+    reference.load_state_dict(state)
+    reference.reweight([2, 1], from_step=3)
+    assert [b["id"].tolist() for b in take(it, 6)] == ids(take(reference, 6)) != want
+    script = BLOCKER + "import streamshard.mixing, streamshard.sampler.reweight\n" \
+        "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
