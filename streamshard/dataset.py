@@ -31,6 +31,8 @@ from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
 )
 from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import derive_key
+from streamshard.sampler.order import DEFAULT_MAX_LANES
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -109,6 +111,9 @@ class StreamingDataset(torch.utils.data.Dataset):
         ))
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self._stream_orders = orders  # each stream's own order (restream.py re-keys them)
+        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
+        self._epoch_size_adoptable = epoch_size is None
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
@@ -151,6 +156,29 @@ class StreamingDataset(torch.utils.data.Dataset):
         self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
                                           drop_last=old.drop_last))
         return lambda: self._set_sequence(old)
+
+    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
+        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
+        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
+        order = self._stream_orders[i]
+        if len(self.streams) == 1 and self._lanes_adoptable:
+            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
+        return order.reseeded(derive_key(self.seed, stream_id))
+
+    def adopt_layout(self, streams: tuple, datasets: tuple,
+                     sequence: SampleSequence) -> Callable[[], None]:
+        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
+        history (streamshard.restream). Returns an undo callable."""
+        old = (self.streams, self.datasets, self._remote, self._columns, self.sequence)
+        self.streams, self.datasets = streams, datasets
+        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
+        self._columns = self._columns if len(datasets) == 1 else None
+        self._set_sequence(sequence)
+
+        def undo() -> None:
+            self.streams, self.datasets, self._remote, self._columns = old[:4]
+            self._set_sequence(old[4])
+        return undo
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:

@@ -20,6 +20,7 @@ import logging
 from typing import Any, Callable, Mapping, Sequence
 
 from streamshard.errors import ConfigError, StateMismatchError
+from streamshard.restream import relayout, retired
 from streamshard.sampler import Ledgers, MixtureOrder, SampleSequence
 from streamshard.sampler.reweight import counts_in_force, effective_entries
 from streamshard.state import KEY_SEQUENCE, KEY_STEP, validate_state
@@ -31,8 +32,8 @@ MIXTURE_KEYS = ("weights", "schedule", "block")
 
 
 def resolve_weights(streams: Sequence[Any], weights: Any) -> list[float]:
-    """``weights`` as one number per stream: a sequence in stream order, or a dict naming every
-    stream by its source (or index)."""
+    """``weights`` as one number per stream: a sequence in stream order (streams removed at a
+    resume may be left out), or a dict naming every stream by its source (or index)."""
     if isinstance(weights, Mapping):
         out = []
         for i, stream in enumerate(streams):
@@ -49,6 +50,10 @@ def resolve_weights(streams: Sequence[Any], weights: Any) -> list[float]:
         return out
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise ConfigError(f"reweight needs a list of weights or a dict, got {weights!r:.80}")
+    gone = retired(streams)
+    if any(gone) and len(weights) == gone.count(False):  # the listed streams, in stream order
+        it = iter(weights)
+        return [0.0 if g else next(it) for g in gone]
     if len(weights) != len(streams):
         raise ConfigError(f"reweight got {len(weights)} weights for {len(streams)} streams")
     return list(weights)
@@ -82,11 +87,15 @@ def reweight_ledgers(sequence: SampleSequence, streams: Sequence[Any], weights: 
 
 
 def _saved_mixture(live: MixtureOrder, saved: Mapping[str, Any]) -> MixtureOrder:
-    """The saved definition (weights, block, schedule) over the live streams' orders."""
+    """The saved definition (weights, block, schedule) over the live streams' orders (streams
+    added at this resume, after the saved ones, get weight 0 in it)."""
+    def pad(weights):
+        return list(weights) + [0.0] * (len(live.orders) - len(weights))
+
     try:
-        return MixtureOrder(live.orders, saved["weights"], seed=live.seed, block=saved["block"],
-                            epoch_size=live.epoch_size,
-                            schedule=[(s, w) for s, w in saved.get("schedule", [])])
+        return MixtureOrder(live.orders, pad(saved["weights"]), seed=live.seed,
+                            block=saved["block"], epoch_size=live.epoch_size,
+                            schedule=[(s, pad(w)) for s, w in saved.get("schedule", [])])
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise StateMismatchError(f"loader state: the saved mixture is malformed: {e}") from None
 
@@ -105,18 +114,28 @@ def continued(saved_state: Mapping[str, Any], live_sequence: SampleSequence,
     if not isinstance(order, MixtureOrder) or not _differs(saved_seq, live_fields) \
             or saved_seq.get("kind") != "mixture":
         return None
+    saved_fps = list(saved_state.get("fingerprints") or [])
+    live_fps = list(live_state["fingerprints"])
     if not reweight:
+        added = [f[:16] for f in live_fps[len(saved_fps):]]
         shown = "; ".join(f"{k}: saved={saved_seq.get(k)!r:.60}, live={live_fields.get(k)!r:.60}"
                           for k in MIXTURE_KEYS if saved_seq.get(k) != live_fields.get(k))
+        streams = (f"streams added {added}; " if added else "")
         raise StateMismatchError(
-            f"the mixture's weights changed since this state was saved ({shown}): pass "
+            f"the mixture's weights changed since this state was saved ({streams}{shown}): pass "
             f"reweight=True to load_state_dict to continue with the new weights from the saved "
             f"step (the state keeps the history), or load with the saved weights and call "
             f"loader.reweight(weights)")
     # Everything but the weights must still match (streams, seed, epoch size, batch size...).
     sequence = {k: v for k, v in saved_seq.items() if k not in MIXTURE_KEYS}
     sequence.update({k: live_fields[k] for k in MIXTURE_KEYS if k in live_fields})
-    state = {**saved_state, KEY_SEQUENCE: sequence}
+    # Streams added at this resume come after the saved ones (streamshard.restream): the
+    # saved ones must still match, the new ones are the live ones.
+    n = len(saved_fps)
+    if len(live_fps) > n and isinstance(sequence.get("streams"), list):
+        sequence["streams"] = sequence["streams"] + live_fields["streams"][n:]
+    state = {**saved_state, KEY_SEQUENCE: sequence,
+             "fingerprints": saved_fps + live_fps[n:]}
     validate_state(state, live_state)
     ledgers = Ledgers.from_state(state)
     f = int(state[KEY_STEP])
@@ -142,8 +161,18 @@ def restore(dataset: Any, state: Any, live_state: Callable[[], dict[str, Any]],
     changed mixture when ``reweight``) and return the ledgers to serve with; on any error the
     dataset is left as it was."""
     adopt = getattr(dataset, "adopt_saved_order", None)  # NumpyBatchIterator adopts nothing
-    undo = adopt(state.get(KEY_SEQUENCE) if isinstance(state, dict) else None) if adopt else \
-        (lambda: None)
+    undo_order = adopt(state.get(KEY_SEQUENCE) if isinstance(state, dict) else None) if adopt \
+        else (lambda: None)
+    try:
+        undo_layout = relayout(dataset, state)
+    except Exception:
+        undo_order()
+        raise
+
+    def undo() -> None:
+        undo_layout()
+        undo_order()
+
     try:
         live = live_state()
         ledgers = continued(state, dataset.sequence, live, reweight) \

@@ -259,3 +259,50 @@ def test_numpy_iterator_reweights_like_the_torch_loader_and_mixing_is_torch_free
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_adding_and_removing_streams_at_a_resume_keeps_ids_and_history(sources):
+    a, b, c = sources
+    run = loader([Stream(a), Stream(b)])
+    take(run, 6)
+    run.quarantine([(1, 7, 0)])  # stream 1 (b), sample 7: ids are history ids
+    state = roundtrip(run.state_dict())
+    assert len(state["fingerprints"]) == 2
+    # Drop a, add c, in another list order: refused without reweight=True.
+    with pytest.raises(StateMismatchError, match="streams added .*reweight=True"):
+        loader([Stream(c), Stream(b)]).load_state_dict(state)
+    moved = loader([Stream(c, 2.0), Stream(b, 1.0)])
+    moved.load_state_dict(state, reweight=True)
+    ds = moved.streaming_dataset
+    assert ds.streams[0].describe().startswith("<removed ")  # a's id 0 stays taken
+    assert ds.fingerprints[:2] == state["fingerprints"] and ds.streams[1].source == b
+    assert ds.streams[2].source == c and ds.streams[0].weight == 0.0
+    served = ids(take(moved, 30))
+    flat = np.concatenate(served)
+    assert not (flat // 10_000 == 0).any()  # a is gone from exactly the saved step
+    assert 10_007 not in flat  # the quarantine still names b's sample 7 (stream id 1)
+    # b 1/3, c 2/3 of every block of M = 100 from step 6's first position.
+    assert stream_counts(served[:10]) == [0, 33, 67]
+    moved.reweight([1.0, 1.0], from_step=40)  # the listed streams (b, c) in stream-id order
+    assert moved.ledgers.reweights[-1] == (40, 0, 50, 50)
+    saved2 = roundtrip(moved.state_dict())
+    assert len(saved2["fingerprints"]) == 3 and saved2["quarantine"] == [[1, 7, 0]]
+    tail = ids(take(moved, 12))
+    # The same script resumes as an ordinary resume (no reweight=True), exactly.
+    again = loader([Stream(c, 2.0), Stream(b, 1.0)])
+    again.load_state_dict(saved2)
+    assert ids(take(again, 12)) == tail
+    # Steps are explained with history ids; a past step that read the removed stream is refused.
+    assert {r.stream for r in again.samples_at(8, keys=False)} == {1, 2}
+    with pytest.raises(ConfigError, match="was removed from the mixture at a resume"):
+        again.samples_at(2, keys=False)
+    # A removed stream listed again comes back with its id (0) and its place in its own order.
+    back = loader([Stream(a), Stream(b), Stream(c)])
+    back.load_state_dict(saved2, reweight=True)
+    assert back.streaming_dataset.fingerprints == saved2["fingerprints"]
+    assert stream_counts(ids(take(back, 10))) == [34, 33, 33]
+    # A single-dataset run cannot gain streams (its order is not a mixture member's).
+    lone = loader(a)
+    take(lone, 2)
+    with pytest.raises(StateMismatchError, match="streams can be added to and removed from a mixture"):
+        loader([Stream(a), Stream(c)]).load_state_dict(roundtrip(lone.state_dict()), reweight=True)
