@@ -105,7 +105,8 @@ def _differs(saved: Any, live: Mapping[str, Any]) -> bool:
 
 
 def continued(saved_state: Mapping[str, Any], live_sequence: SampleSequence,
-              live_state: Mapping[str, Any], reweight: bool) -> Ledgers | None:
+              live_state: Mapping[str, Any], reweight: bool, *,
+              absolute: bool = False) -> Ledgers | None:
     """For a saved mixture whose weights differ from the live ones: ``(state to validate,
     ledgers that continue it)``. Otherwise ``None`` (an ordinary restore)."""
     saved_seq = saved_state.get(KEY_SEQUENCE) if isinstance(saved_state, Mapping) else None
@@ -114,6 +115,11 @@ def continued(saved_state: Mapping[str, Any], live_sequence: SampleSequence,
     if not isinstance(order, MixtureOrder) or not _differs(saved_seq, live_fields) \
             or saved_seq.get("kind") != "mixture":
         return None
+    if absolute:  # one block per epoch: a change would cut an epoch-sized block
+        raise StateMismatchError(
+            f"the streams' repeat/choose changed since this state was saved (weights: saved="
+            f"{saved_seq.get('weights')!r:.60}, live={live_fields.get('weights')!r:.60}); a "
+            f"mixture sampled by repeat/choose cannot change mid-run")
     saved_fps = list(saved_state.get("fingerprints") or [])
     live_fps = list(live_state["fingerprints"])
     if not reweight:
@@ -175,11 +181,16 @@ def restore(dataset: Any, state: Any, live_state: Callable[[], dict[str, Any]],
 
     try:
         live = live_state()
-        ledgers = continued(state, dataset.sequence, live, reweight) \
+        ledgers = continued(state, dataset.sequence, live, reweight,
+                            absolute=any(getattr(x, "absolute", False) for x in dataset.streams)) \
             if isinstance(state, Mapping) else None
         if ledgers is None:
             validate_state(state, live)
             ledgers = Ledgers.from_state(state)
+        try:  # rows must fit the mixture (e.g. no more counts than streams)
+            dataset.sequence.with_ledgers(ledgers)
+        except ConfigError as e:
+            raise StateMismatchError(f"cannot load loader state into this loader: {e}") from None
         return ledgers
     except Exception:
         undo()

@@ -306,3 +306,16 @@ def test_adding_and_removing_streams_at_a_resume_keeps_ids_and_history(sources):
     take(lone, 2)
     with pytest.raises(StateMismatchError, match="streams can be added to and removed from a mixture"):
         loader([Stream(a), Stream(c)]).load_state_dict(roundtrip(lone.state_dict()), reweight=True)
+
+
+def test_a_state_whose_rows_do_not_fit_the_mixture_is_refused_at_load(sources):
+    streams = [Stream(sources[0]), Stream(sources[1])]
+    state = roundtrip(loader(streams).state_dict())
+    state["reweights"] = [[3, 1, 1, 1]]  # three counts for two streams
+    with pytest.raises(StateMismatchError, match="has 3 counts for a mixture of 2 streams"):
+        loader(streams).load_state_dict(state)
+    absolute = [Stream(sources[0], choose=20), Stream(sources[1])]
+    saved = roundtrip(loader(absolute).state_dict())
+    with pytest.raises(StateMismatchError, match="cannot change mid-run"):
+        loader([Stream(sources[0], choose=30), Stream(sources[1])]).load_state_dict(
+            saved, reweight=True)
