@@ -56,6 +56,8 @@ class Segment:
 
     def local(self, stream: np.ndarray, n: np.ndarray) -> np.ndarray:
         """Local positions of the ``n``-th slots of ``stream`` in this segment."""
+        if not self.holes.size and not self.frontier.any():
+            return n  # segment 0 (and any segment with nothing carried over)
         n_holes = self.hole_starts[stream + 1] - self.hole_starts[stream]
         in_holes = n < n_holes
         out = self.frontier[stream] + n - n_holes
@@ -107,19 +109,23 @@ def build_segments(seed: int, cuts: Sequence[tuple[int, Sequence[int]]]) -> tupl
 def locate_local(segments: Sequence[Segment], seed: int,
                  pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(stream, local position) of absolute mixture positions ``pos`` (int64 array)."""
+    if len(segments) == 1:  # no change of weights: the single-segment arithmetic, no masks
+        return _locate_in(segments[0], seed, pos)
     starts = np.asarray([s.start for s in segments], dtype=np.int64)
     which = np.searchsorted(starts, pos, side="right") - 1
     stream = np.empty(pos.shape, dtype=np.int64)
     local = np.empty(pos.shape, dtype=np.int64)
     for k in np.unique(which).tolist():
-        seg = segments[k]
         at = which == k
-        blk, slot = np.divmod(pos[at] - seg.start, seg.block)
-        blocks, group = np.unique(blk, return_inverse=True)
-        keys = derive_keys(seg.key_prefix(seed), blocks)
-        shuffled = permute_grouped(slot, seg.block, keys, group.reshape(blk.shape))
-        s = np.searchsorted(seg.count_starts, shuffled, side="right") - 1
-        n = blk * seg.counts[s] + (shuffled - seg.count_starts[s])
-        stream[at] = s
-        local[at] = seg.local(s, n)
+        stream[at], local[at] = _locate_in(segments[k], seed, pos[at])
     return stream, local
+
+
+def _locate_in(seg: Segment, seed: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    blk, slot = np.divmod(pos - seg.start, seg.block)
+    blocks, group = np.unique(blk, return_inverse=True)
+    keys = derive_keys(seg.key_prefix(seed), blocks)
+    shuffled = permute_grouped(slot, seg.block, keys, group.reshape(blk.shape))
+    s = np.searchsorted(seg.count_starts, shuffled, side="right") - 1
+    n = blk * seg.counts[s] + (shuffled - seg.count_starts[s])
+    return s, seg.local(s, n)
