@@ -135,7 +135,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
             orders = [_order(f, ds) for f, ds in zip(fields["streams"], datasets)]
             order: EpochOrder | MixtureOrder = MixtureOrder(
                 orders, fields["weights"], seed=fields["seed"], block=fields["block"],
-                epoch_size=fields["epoch_size"])
+                epoch_size=fields["epoch_size"],
+                schedule=[(step, w) for step, w in fields.get("schedule", [])])
         else:
             order = _order(fields, datasets[0])
         seq = SampleSequence(order, global_batch_size=fields["global_batch_size"],

@@ -131,6 +131,14 @@ def test_a_schedule_equals_the_ledger_entries_and_resumes_anywhere(sources):
     manual = loader([Stream(sources[0]), Stream(sources[1])])
     manual.reweight([3, 1], from_step=6)
     assert ids(take(manual, 30)) == served
+    # explain rebuilds the same sequence from the state alone (schedule and ledger included).
+    from streamshard.explain import sequence_from_state
+
+    manual_state = roundtrip(manual.state_dict())
+    for state in (roundtrip(run.state_dict()), manual_state):
+        seq, _ = sequence_from_state(state, run.streaming_dataset.datasets)
+        assert [sorted(seq.global_batch(s)[1] + 10_000 * seq.global_batch(s)[0])
+                for s in range(30)] == [sorted(b) for b in served]
     for at in (4, 6, 17):
         first = loader(scheduled)
         take(first, at)
@@ -319,3 +327,18 @@ def test_a_state_whose_rows_do_not_fit_the_mixture_is_refused_at_load(sources):
     with pytest.raises(StateMismatchError, match="cannot change mid-run"):
         loader([Stream(sources[0], choose=30), Stream(sources[1])]).load_state_dict(
             saved, reweight=True)
+
+
+def test_reweight_under_a_live_iterator_with_workers_replans_from_the_next_step(sources):
+    streams = [Stream(sources[0]), Stream(sources[1])]
+    reference = loader(streams)
+    want = ids(take(reference, 3))
+    reference.reweight([1, 9])
+    want += ids(take(reference, 10))
+    ds = StreamingDataset(streams, global_batch_size=G, seed=5, world=World(0, 1))
+    live = StreamingDataLoader(ds, num_workers=2, multiprocessing_context="fork")
+    it = iter(live)
+    got = [next(it)["id"].tolist() for _ in range(3)]  # workers have prefetched further
+    live.reweight([1, 9])
+    got += [next(it)["id"].tolist() for _ in range(10)]
+    assert got == want
