@@ -107,8 +107,9 @@ def _differs(saved: Any, live: Mapping[str, Any]) -> bool:
 def continued(saved_state: Mapping[str, Any], live_sequence: SampleSequence,
               live_state: Mapping[str, Any], reweight: bool, *,
               absolute: bool = False) -> Ledgers | None:
-    """For a saved mixture whose weights differ from the live ones: ``(state to validate,
-    ledgers that continue it)``. Otherwise ``None`` (an ordinary restore)."""
+    """For a saved mixture whose weights differ from the live ones: the ledgers that continue
+    it (the state validated with the live weights), or ``StateMismatchError`` without
+    ``reweight``. Otherwise ``None`` (an ordinary restore)."""
     saved_seq = saved_state.get(KEY_SEQUENCE) if isinstance(saved_state, Mapping) else None
     live_fields = live_sequence.state_fields()
     order = live_sequence.order
@@ -146,8 +147,9 @@ def continued(saved_state: Mapping[str, Any], live_sequence: SampleSequence,
     ledgers = Ledgers.from_state(state)
     f = int(state[KEY_STEP])
     old = _saved_mixture(order, saved_seq)
-    history = [(0, old.counts)] + [(s, c) for s, c in effective_entries(old, ledgers.reweights)
-                                   if s < f]
+    # What was in force from step 0 (a saved ledger may already start there) up to step f.
+    history = [] if f == 0 else [(0, counts_in_force(old, ledgers.reweights, 0))] + [
+        (s, c) for s, c in effective_entries(old, ledgers.reweights) if 0 < s < f]
     new = [(f, counts_in_force(order, (), f))] + [(s, c) for s, c in order.schedule_counts()
                                                   if s > f]
     base = live_sequence.with_ledgers(Ledgers(skips=ledgers.skips, reseeds=ledgers.reseeds))

@@ -122,6 +122,14 @@ def test_resume_with_new_weights_needs_reweight_true_and_keeps_the_history(sourc
     same = loader(new)
     same.load_state_dict(state2, reweight=True)
     assert same.state_dict() == state2
+    # A second change of script keeps both earlier periods exactly.
+    third = loader([Stream(sources[0], 5.0), Stream(sources[1], 1.0)])
+    third.load_state_dict(state2, reweight=True)
+    assert third.ledgers.reweights[0] == (0, 50, 50) and len(third.ledgers.reweights) == 3
+    for step in (3, 15):  # before the first change, between the two
+        assert sorted(r.sample_id + 10_000 * r.stream for r in third.samples_at(step, keys=False)) \
+            == sorted(r.sample_id + 10_000 * r.stream for r in resumed.samples_at(step, keys=False))
+    assert stream_counts(ids(take(third, 10))) == [83, 17, 0]
 
 
 def test_a_schedule_equals_the_ledger_entries_and_resumes_anywhere(sources):
