@@ -52,6 +52,10 @@ class Columns(dict):
     """A rank batch already collated as columns (``columnar`` keys): collation passes it on."""
 
 
+class Buckets(list):
+    """A rank batch already collated as a list of micro-batches (``TokenBudget``): passed on."""
+
+
 class Tagged(NamedTuple):
     """``(step, batch)`` from a ``tagged`` key: StreamingDataLoader checks the step."""
 
@@ -75,6 +79,8 @@ class BatchCollate:
         return self._one(data)
 
     def _one(self, batch: Any) -> Any:
+        if isinstance(batch, Buckets):
+            return list(batch)
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
@@ -114,7 +120,7 @@ class StreamingBatchSampler:
     # -- Stateful -----------------------------------------------------------------------------
     def state_at(self, step: int) -> dict[str, Any]:
         ds = self.dataset
-        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence.state_fields(),
+        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence_fields(),
                            steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -170,6 +176,12 @@ class _KeyIterator:
         ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
         in bytes."""
         dataset = self._sampler.dataset
+        if getattr(dataset, "packing", None) is not None:  # streamshard/packplan.py
+            served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
+            yield from dataset.planner().keys(
+                itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
+                columnar=self._sampler.columnar, tagged=self._sampler.tagged)
+            return
         remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
         chunks = self._chunks()
         ahead: collections.deque = collections.deque()

@@ -106,7 +106,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         ds = self.streaming_dataset
         return build_state(
             fingerprints=ds.fingerprints,
-            sequence=ds.sequence.state_fields(),
+            sequence=ds.sequence_fields(),
             steps_per_epoch=self.steps_per_epoch,
             step=self.step,
             ledgers=self._ledgers,
