@@ -302,7 +302,8 @@ def _to_torch(batch: Any, column: str, token_dtype: torch.dtype | None) -> Any:
     for name, value in batch.items():
         value = np.asarray(value)
         value = value.astype(np.int64) if value.dtype.kind == "u" else value
-        tensor = torch.from_numpy(np.array(value, copy=True, order="C"))
+        tensor = (torch.from_numpy(np.ascontiguousarray(value)) if value.ndim
+                  else torch.tensor(value.item()))
         out[name] = tensor.to(token_dtype) if name == column and token_dtype is not None else tensor
     return Columns(out)
 

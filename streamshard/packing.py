@@ -58,7 +58,7 @@ class Packing:
     seq_len: int
     column: str = "tokens"
     group: int = 1
-    pool: int = 16
+    pool: int = 64
     split_documents: bool = True
     pad_id: int = 0
 
@@ -88,7 +88,7 @@ class TokenBudget:
     max_tokens: int
     column: str = "tokens"
     group: int = 1
-    pool: int = 16
+    pool: int = 64
     pad_id: int = 0
 
     def __post_init__(self) -> None:
@@ -276,8 +276,7 @@ def buckets(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 def bucket_order(count: int, key: int) -> np.ndarray:
     """The order a window's buckets are served in: a keyed permutation, so the pool's steps do
     not go from the shortest documents to the longest."""
-    perm = Permutation(count, key)
-    return np.asarray([perm(i) for i in range(count)], dtype=np.int64)
+    return np.asarray(Permutation(count, key)(np.arange(count, dtype=np.int64)), dtype=np.int64)
 
 
 def bucket_batches(docs: Sequence[np.ndarray], cfg: TokenBudget, key: int) -> list[dict]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,7 +98,7 @@ def assert_exactly_once(pieces, doc_ids) -> None:
 docs_strategy = st.lists(st.integers(0, 300), min_size=0, max_size=40)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(docs_strategy, st.integers(1, 97), st.booleans())
 def test_pack_serves_every_token_once_in_rows_of_exactly_seq_len(lengths, seq_len, split):
     docs = [np.arange(n, dtype=np.uint32) + i * BASE for i, n in enumerate(lengths)]
@@ -226,16 +229,55 @@ def test_an_epoch_serves_every_token_of_every_document_once(path):
     assert min(len(b["tokens"]) for b in batches) > 0
 
 
+@pytest.mark.parametrize("packing", [PACK, BUDGET], ids=["packing", "budget"])
 @pytest.mark.parametrize("world_size", [2, 3, 5])
-def test_global_batches_do_not_depend_on_the_world_size(path, world_size):
-    def step_rows(batches):
-        return [sorted(tuple(r) for r in b["tokens"].tolist()) for b in batches]
+def test_global_batches_do_not_depend_on_the_world_size(path, world_size, packing):
+    def items(batch):  # rows of a packed step, buckets of a token-budget step
+        if isinstance(batch, list):
+            return [batch_key(b) for b in batch]
+        return [tuple(r) for r in batch["tokens"].tolist()]
 
-    one = step_rows(take(StreamingDataLoader(dataset(path)), 8))
-    parts = [take(StreamingDataLoader(dataset(path, World(r, world_size, r % 2, 2))), 8)
+    one = [sorted(items(b)) for b in take(StreamingDataLoader(dataset(path, packing=packing)), 8)]
+    parts = [take(StreamingDataLoader(dataset(path, World(r, world_size, r % 2, 2), packing)), 8)
              for r in range(world_size)]
-    merged = [sorted(row for p in parts for row in step_rows([p[s]])[0]) for s in range(8)]
-    assert merged == one
+    assert [sorted(i for p in parts for i in items(p[s])) for s in range(8)] == one
+    assert all(items(p[s]) for p in parts for s in range(8))  # no rank is left without data
+
+
+def test_plain_dataloader_over_rank_batches(path):
+    ds = dataset(path)
+    ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=BatchCollate())
+    want = take(StreamingDataLoader(dataset(path)), 2 * ds.steps_per_epoch)[ds.steps_per_epoch:]
+    assert [batch_key(b) for b in loader] == [batch_key(b) for b in want]
+
+
+def test_the_packers_and_the_plan_run_without_torch():
+    blocker = textwrap.dedent("""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ModuleNotFoundError(name, name=name)
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from types import SimpleNamespace
+        from streamshard import Packing, World
+        from streamshard.packing import pack
+        from streamshard.packplan import Planner
+        from streamshard.sampler import EpochOrder, Ledgers, SampleSequence
+        seq = SampleSequence(EpochOrder([40, 40], seed=1), global_batch_size=8)
+        cfg = Packing(seq_len=16, group=2, pool=3)
+        ns = SimpleNamespace(sequence=seq, steps_per_epoch=seq.steps_per_epoch, world=World(),
+                             packing=cfg, datasets=[None], is_remote=lambda s: False)
+        key = Planner(ns).key(4, Ledgers())
+        rows = pack([np.arange(n) for n in (5, 30, 0, 7)], cfg)
+        assert len(key.sample_ids) == 8 * 3 and rows.tokens.shape == (3, 16)
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_workers_and_drivers_give_the_same_batches_and_resume_by_arithmetic(path, caplog):
@@ -268,9 +310,10 @@ def test_workers_and_drivers_give_the_same_batches_and_resume_by_arithmetic(path
 
 @pytest.mark.parametrize("packing", [PACK, BUDGET], ids=["packing", "budget"])
 def test_resume_at_every_step_equals_the_continued_run(path, packing):
-    total = 14
+    total = 16  # into the next epoch (14 steps per epoch); every step of the first two pools
+    points = range(8) if packing is PACK else (1, 3, 13, 15)
     want = [batch_key(b) for b in take(StreamingDataLoader(dataset(path, packing=packing)), total)]
-    for k in range(total):
+    for k in points:
         first = StreamingDataLoader(dataset(path, packing=packing))
         take(first, k) if k else None
         state = json.loads(json.dumps(first.state_dict()))
