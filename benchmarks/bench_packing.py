@@ -60,25 +60,25 @@ def window_lengths(seq, cfg, lengths, steps: int):
         yield first, key, lengths[ids]
 
 
-def packing_waste(seq, cfg: Packing, lengths, steps: int) -> tuple[float, int]:
+def packing_waste(seq, cfg: Packing, lengths, steps: int) -> tuple[float, dict]:
+    """(padding / slots, rows of each (pool, window))."""
     slots = pad = 0
-    for _, _, per_window in window_lengths(seq, cfg, lengths, steps):
-        for lens in per_window:
+    per_window = {}
+    for first, key, per in window_lengths(seq, cfg, lengths, steps):
+        for w, lens in zip(key.windows, per):
             if cfg.split_documents:  # rows = ceil(tokens / L): no need to build them
                 rows = -(-int(lens.sum()) // SEQ)
             else:
                 rows = len(pack([np.zeros(n, np.uint8) for n in lens.tolist()], cfg))
+            per_window[(first, w)] = rows
             slots += rows * SEQ
             pad += rows * SEQ - int(lens.sum())
-    return pad / slots, slots
+    return pad / slots, per_window
 
 
-def rows_per_rank(seq, cfg: Packing, lengths, steps: int, world_size=1024, local=8):
-    """Rows each rank gets per step at ``world_size`` ranks: (mean, min, max) over ranks x steps."""
-    per_window = {}
-    for first, key, lens in window_lengths(seq, cfg, lengths, steps):
-        for w, window in zip(key.windows, lens):
-            per_window[(first, w)] = -(-int(window.sum()) // SEQ)
+def rows_per_rank(seq, cfg: Packing, per_window: dict, steps: int, world_size=1024, local=8):
+    """Rows each rank gets per step at ``world_size`` ranks: (mean, min, max) over a sample of
+    ranks x every step."""
     counts = []
     for rank in range(0, world_size, 37):  # a sample of ranks, every node type
         plan = planner(seq, cfg, World(rank, world_size, rank % local, local))
@@ -159,8 +159,8 @@ def main() -> None:
             continue
         cfg = Packing(seq_len=SEQ, group=group, pool=pool, split_documents=split)
         seq = sequence(group)
-        waste, _ = packing_waste(seq, cfg, lengths, steps)
-        mean, lo, hi = rows_per_rank(seq, cfg, lengths, steps)
+        waste, per_window = packing_waste(seq, cfg, lengths, steps)
+        mean, lo, hi = rows_per_rank(seq, cfg, per_window, steps)
         print(f"| {'split' if split else 'whole (FFD)'} | {group} | {pool} | {group * pool} | "
               f"{waste:.2%} | {mean:.2f} ({lo}-{hi}) |")
     budget = 16384
