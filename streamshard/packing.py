@@ -128,17 +128,22 @@ def deal(count: int, parts: int, part: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Rows:
     """Packed rows of one window: ``tokens``, ``position_ids``, ``segment_ids`` ([R, L] each)
-    and ``truncated`` (0: packing never drops a token)."""
+    and ``starts``: the flat index (in ``R * L``) where each segment begins, padding included
+    (rows always start a segment)."""
 
     tokens: np.ndarray
     position_ids: np.ndarray
     segment_ids: np.ndarray
+    starts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def take(self, a: int, b: int) -> "Rows":
-        return Rows(self.tokens[a:b], self.position_ids[a:b], self.segment_ids[a:b])
+        length = self.tokens.shape[1]
+        lo, hi = np.searchsorted(self.starts, [a * length, b * length])
+        return Rows(self.tokens[a:b], self.position_ids[a:b], self.segment_ids[a:b],
+                    self.starts[lo:hi] - a * length)
 
 
 def _pieces(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,66 +176,66 @@ def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> list[list[int]]:
 
 def pack(docs: Sequence[np.ndarray], cfg: Packing) -> Rows:
     """Pack one window's documents (in position order) into rows of ``cfg.seq_len`` tokens."""
-    seq_len = cfg.seq_len
+    seq_len, pad_id = cfg.seq_len, cfg.pad_id
     docs = [np.asarray(d).reshape(-1) for d in docs]
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    dtype = np.result_type(*[d.dtype for d in docs]) if docs else np.dtype(np.int64)
     if cfg.split_documents:
-        flat = np.concatenate(docs) if docs else np.empty(0, dtype=np.int64)
-        starts = np.cumsum(lengths) - lengths
-        doc_of = np.repeat(np.arange(len(docs)), lengths)
-        seg_start = np.maximum(starts[doc_of], (np.arange(len(flat)) // seq_len) * seq_len)
-        rows = -(-len(flat) // seq_len)
-        return _rows(flat, seg_start, rows, seq_len, cfg.pad_id)
+        n = int(lengths.sum())
+        rows = -(-n // seq_len)
+        total = rows * seq_len
+        flat = np.concatenate(docs + [np.full(total - n, pad_id, dtype=dtype)]) if docs else \
+            np.empty(0, dtype=dtype)
+        # Segments begin at every non-empty document and at every row; the padding is one
+        # segment at the end (if any).
+        doc_starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+        starts = np.union1d(doc_starts, np.arange(0, n, seq_len))
+        pad_starts = np.array([n] if n < total else [], dtype=np.int64)
+        return _rows(flat, starts.astype(np.int64), pad_starts, rows, seq_len)
     doc, start = _pieces(lengths, seq_len)
     size = np.minimum(lengths[doc] - start, seq_len)
     bins = first_fit_decreasing(size, seq_len)
-    parts, seg_starts, offset = [], [], 0
-    for b in bins:
+    parts, starts, pad_starts = [], [], []
+    for r, b in enumerate(bins):
+        offset = r * seq_len
         for piece in sorted(b):  # inside a row, pieces in position order
-            d, s, n = int(doc[piece]), int(start[piece]), int(size[piece])
-            parts.append(docs[d][s:s + n])
-            seg_starts.append(np.full(n, offset))
-            offset += n
-        pad = seq_len - sum(int(size[p]) for p in b)
-        parts.append(np.full(pad, -1, dtype=np.int64))  # marked, replaced by pad_id below
-        seg_starts.append(np.full(pad, -1))
-        offset += pad
-    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-    seg_start = np.concatenate(seg_starts) if seg_starts else np.empty(0, dtype=np.int64)
-    pad_mask = seg_start < 0
-    return _rows(flat, seg_start, len(bins), seq_len, cfg.pad_id, pad_mask)
+            d, s0, k = int(doc[piece]), int(start[piece]), int(size[piece])
+            parts.append(docs[d][s0:s0 + k])
+            starts.append(offset)
+            offset += k
+        if offset < (r + 1) * seq_len:
+            parts.append(np.full((r + 1) * seq_len - offset, pad_id, dtype=dtype))
+            pad_starts.append(offset)
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return _rows(flat, np.array(starts, dtype=np.int64), np.array(pad_starts, dtype=np.int64),
+                 len(bins), seq_len)
 
 
-def _rows(flat: np.ndarray, seg_start: np.ndarray, rows: int, seq_len: int, pad_id: int,
-          pad_mask: np.ndarray | None = None) -> Rows:
-    """Rows from tokens and each token's segment start (flat index); ``pad_mask`` marks padding
-    inside ``flat``, and the tail up to ``rows * seq_len`` is padding too."""
+def _rows(flat: np.ndarray, starts: np.ndarray, pad_starts: np.ndarray, rows: int,
+          seq_len: int) -> Rows:
+    """Rows from the flat tokens (``rows * seq_len``, padding in place), where the documents'
+    segments and the padding segments begin."""
     total = rows * seq_len
-    n = len(flat)
-    is_pad = np.ones(total, dtype=bool)
-    is_pad[:n] = False if pad_mask is None else pad_mask
-    tokens = np.full(total, pad_id, dtype=flat.dtype if n else np.int64)
-    tokens[:n] = flat
-    tokens[is_pad] = pad_id
-    idx = np.arange(total)
-    starts = np.empty(total, dtype=np.int64)
-    starts[:n] = seg_start
-    row_start = (idx // seq_len) * seq_len
-    # Padding is one segment per row, from its first pad token (pads are always a row's tail).
-    pad_first = np.where(is_pad & ((idx == row_start) | np.r_[True, ~is_pad[:-1]]), idx, 0)
-    starts[is_pad] = np.maximum.accumulate(pad_first)[is_pad] if total else 0
-    position = idx - starts
-    new = (idx == starts) & ~is_pad
-    seg = np.cumsum(new.reshape(rows, seq_len), axis=1) if rows else new.reshape(0, seq_len)
-    seg = np.where(is_pad.reshape(rows, seq_len), 0, seg)
-    return Rows(tokens.reshape(rows, seq_len), position.reshape(rows, seq_len).astype(np.int64),
-                seg.astype(np.int32))
+    every = np.concatenate([starts, pad_starts])
+    is_pad = np.concatenate([np.zeros(len(starts), bool), np.ones(len(pad_starts), bool)])
+    order = np.argsort(every, kind="stable")
+    every, is_pad = every[order], is_pad[order]
+    lengths = np.diff(np.append(every, total))
+    # 1, 2, ... per row for documents' segments, 0 for padding.
+    row = every // seq_len
+    first = np.searchsorted(every, row * seq_len)
+    ids = np.where(is_pad, 0, np.arange(len(every)) - first + 1).astype(np.int32)
+    position = np.arange(total, dtype=np.int64) - np.repeat(every, lengths)
+    segment = np.repeat(ids, lengths)
+    return Rows(flat.reshape(rows, seq_len), position.reshape(rows, seq_len),
+                segment.reshape(rows, seq_len), every)
 
 
 def cu_seqlens(segment_ids: np.ndarray) -> np.ndarray:
-    """Cumulative segment lengths over the flattened ``[B, L]`` batch (int32, starting at 0):
-    a segment ends where a row ends or the segment id changes (padding is its own segment),
-    as flash-attention's varlen kernels take them."""
+    """Cumulative segment lengths over a flattened ``[B, L]`` batch of ``segment_ids`` (int32,
+    from 0): a segment ends where a row ends or the segment id changes (padding is its own
+    segment), as flash-attention's varlen kernels take them. (``packed_batch`` builds the
+    same from the packer's segment starts without scanning the tokens.)"""
     b, length = segment_ids.shape
     flat = segment_ids.reshape(-1)
     if flat.size == 0:
@@ -244,14 +249,17 @@ def packed_batch(rows: Sequence[Rows], cfg: Packing) -> dict[str, np.ndarray]:
     """A rank batch from the rows of its windows (in window order): ``{column: [B, L],
     position_ids, segment_ids, cu_seqlens, max_seqlen}``."""
     length = cfg.seq_len
-    tokens = np.concatenate([r.tokens for r in rows]) if rows else np.zeros((0, length), np.int64)
-    seg = (np.concatenate([r.segment_ids for r in rows]) if rows
-           else np.zeros((0, length), np.int32))
-    pos = (np.concatenate([r.position_ids for r in rows]) if rows
-           else np.zeros((0, length), np.int64))
-    cu = cu_seqlens(seg)
-    return {cfg.column: tokens, "position_ids": pos, "segment_ids": seg, "cu_seqlens": cu,
-            "max_seqlen": np.int64(np.diff(cu).max() if cu.size > 1 else 0)}
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        empty = np.zeros((0, length), np.int64)
+        return {cfg.column: empty, "position_ids": empty, "segment_ids": empty.astype(np.int32),
+                "cu_seqlens": np.zeros(1, np.int32), "max_seqlen": np.int64(0)}
+    offsets = np.cumsum([0] + [r.tokens.size for r in rows])
+    cu = np.concatenate([r.starts + o for r, o in zip(rows, offsets[:-1])] + [offsets[-1:]])
+    return {cfg.column: np.concatenate([r.tokens for r in rows]),
+            "position_ids": np.concatenate([r.position_ids for r in rows]),
+            "segment_ids": np.concatenate([r.segment_ids for r in rows]),
+            "cu_seqlens": cu.astype(np.int32), "max_seqlen": np.int64(np.diff(cu).max())}
 
 
 # -- token budget -------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ def test_pack_serves_every_token_once_in_rows_of_exactly_seq_len(lengths, seq_le
             assert (np.diff(tok[where].astype(np.int64)) == 1).all()  # in order, contiguous
     cu = cu_seqlens(rows.segment_ids)
     assert cu[-1] == rows.tokens.size and (np.diff(cu) > 0).all()
+    assert cu.tolist() == rows.starts.tolist() + [rows.tokens.size]  # what packed_batch uses
 
 
 @settings(max_examples=60, deadline=None)
