@@ -26,7 +26,7 @@ from streamshard.batch_keys import BatchCollate
 from streamshard.packing import (
     Packing, TokenBudget, bucket_batches, buckets, cu_seqlens, first_fit_decreasing, pack,
 )
-from streamshard.packplan import Planner, pool_of, pooled_ledgers
+from streamshard.packplan import Planner, pool_of, pooled_ledgers, serve
 from streamshard.sampler import EpochOrder, Ledgers, SampleSequence
 from streamshard.testing import batch_key, take
 from streamshard.writer import ShardWriter
@@ -171,7 +171,7 @@ def planner(seq, cfg, world):
     return Planner(ns)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=12), st.integers(1, 4), st.integers(1, 6),
        st.integers(1, 4), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.booleans())
 def test_windows_are_the_same_at_any_world_size(sizes, group, windows, pool, world_size, local,
@@ -200,6 +200,60 @@ def test_windows_are_the_same_at_any_world_size(sizes, group, windows, pool, wor
             served.update(one.sample_ids)
     if drop_last:
         assert max(served.values(), default=1) == 1  # each document once per epoch
+
+
+class _Docs(SimpleNamespace):
+    """The worker's side of a key over documents made from their ids (document ``i`` has
+    ``i % 23 * 3`` tokens ``i * BASE + 0, 1, ...``): what ``StreamingDataset`` gives
+    ``packplan.serve``, minus the shards."""
+
+    def fetch(self, step, streams, samples):
+        return [{"tokens": i * BASE + np.arange(i % 23 * 3)} for i in samples.tolist()]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=6), st.integers(1, 3), st.integers(1, 3),
+       st.integers(1, 4), st.integers(5, 40), st.booleans(), st.sampled_from([Packing, TokenBudget]))
+def test_an_epoch_of_rows_is_every_token_once_and_the_same_at_any_world_size(
+        sizes, group, windows, pool, size, split, kind):
+    g = group * windows * 5  # windows per step: a multiple of 5 >= every world size tested
+    sizes = sizes + [g]
+    seq = SampleSequence(EpochOrder(sizes, seed=2), global_batch_size=g)
+    cfg = (Packing(seq_len=size, group=group, pool=pool, split_documents=split) if kind is Packing
+           else TokenBudget(max_tokens=size * 3, group=group, pool=pool))
+    steps = seq.steps_per_epoch
+    per_world = {}
+    for world_size in (1, 2, 3, 5):
+        batches = []
+        for rank in range(world_size):
+            world = World(rank, world_size, rank % 2, 2)
+            ds = _Docs(sequence=seq, steps_per_epoch=steps, world=world, packing=cfg,
+                       datasets=[None], is_remote=lambda s: False, seed=9)
+            plan = Planner(ds)
+            batches.append([serve(ds, plan.key(t, Ledgers())) for t in range(steps)])
+        per_world[world_size] = [
+            sorted(tuple(row) for b in batches for row in (
+                b[t]["tokens"].tolist() if kind is Packing else
+                [tuple(r[:n]) for bucket in b[t] for r, n in zip(bucket["tokens"].tolist(),
+                                                                 bucket["lengths"].tolist())]))
+            for t in range(steps)]
+        for b in batches:
+            for t in range(steps):
+                if kind is Packing:
+                    assert b[t]["tokens"].shape[1:] == (size,)
+                else:
+                    assert all(x["tokens"].size <= cfg.max_tokens for x in b[t])
+    assert per_world[2] == per_world[3] == per_world[5] == per_world[1]
+    # Every token of every served document, once (budget: truncated to max_tokens). Document
+    # 0 is empty, so token 0 in a packed row is padding (pad_id 0).
+    served = [int(i) for t in range(steps) for i in seq.global_batch(t)[1]]
+    got = collections.Counter(tok for rows in per_world[1] for row in rows for tok in row)
+    got.pop(0, None)
+    want = collections.Counter()
+    for i in served:
+        n = i % 23 * 3 if kind is Packing else min(i % 23 * 3, cfg.max_tokens)
+        want.update((i * BASE + np.arange(n)).tolist())
+    assert got == want
 
 
 def test_pooled_ledgers_round_reseeds_and_quarantine_up_to_a_pool():
