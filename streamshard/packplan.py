@@ -111,12 +111,12 @@ class Planner:
         return self._windows[1]
 
     def _sequence(self, ledgers: Ledgers) -> Any:
-        seq = self._seqs.get(ledgers)
+        ds = self.dataset
+        seq = self._seqs.get((ledgers, ds.sequence))  # the base changes when lanes are adopted
         if seq is None:
-            ds = self.dataset
             seq = ds.sequence.with_ledgers(pooled_ledgers(ledgers, ds.steps_per_epoch,
                                                           self.cfg.pool))
-            self._seqs.put(ledgers, seq)
+            self._seqs.put((ledgers, ds.sequence), seq)
         return seq
 
     def key(self, step: int, ledgers: Ledgers, *, prefetch: tuple = (), columnar: bool = False,

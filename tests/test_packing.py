@@ -432,6 +432,17 @@ def test_state_records_the_packing_and_refuses_another(path):
             StreamingDataLoader(dataset(path, packing=other)).load_state_dict(state)
 
 
+def test_explain_reads_a_packed_state(path):
+    from streamshard import open_dataset
+    from streamshard.explain import sequence_from_state
+
+    loader = StreamingDataLoader(dataset(path))
+    take(loader, 5)
+    seq, step = sequence_from_state(loader.state_dict(), [open_dataset(path)])
+    assert step == 5  # the step's documents; their tokens are served within its pool
+    assert [r.sample_id for r in loader.samples_at(5, keys=False)] == seq.global_batch(5)[1].tolist()
+
+
 def test_bad_configs_are_refused_with_the_value(path):
     for bad, match in [
         (lambda: Packing(seq_len=0), "seq_len must be a positive int, got 0"),
