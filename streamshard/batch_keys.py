@@ -84,6 +84,16 @@ class BatchCollate:
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
+def sequence_fields(dataset: Any) -> dict[str, Any]:
+    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
+    when it serves packed or bucketed steps (streamshard/packing.py)."""
+    fields = dataset.sequence.state_fields()
+    packing = getattr(dataset, "packing", None)
+    if packing is not None:
+        fields["packing"] = packing.state_fields()
+    return fields
+
+
 class StreamingBatchSampler:
     """Batch keys of one rank, one per served step, from the loader state it owns.
 
@@ -120,7 +130,7 @@ class StreamingBatchSampler:
     # -- Stateful -----------------------------------------------------------------------------
     def state_at(self, step: int) -> dict[str, Any]:
         ds = self.dataset
-        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence_fields(),
+        return build_state(fingerprints=ds.fingerprints, sequence=sequence_fields(ds),
                            steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,7 +188,9 @@ class _KeyIterator:
         dataset = self._sampler.dataset
         if getattr(dataset, "packing", None) is not None:  # streamshard/packplan.py
             served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
-            yield from dataset.planner().keys(
+            from streamshard.packplan import planner_of
+
+            yield from planner_of(dataset).keys(
                 itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
                 columnar=self._sampler.columnar, tagged=self._sampler.tagged)
             return

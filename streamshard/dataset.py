@@ -48,7 +48,9 @@ class StreamingDataset(torch.utils.data.Dataset):
     device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
     ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
     sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
-    index (remote: fetched once into ``cache_dir``); shards are read lazily.
+    index (remote: fetched once into ``cache_dir``); shards are read lazily. ``packing``: a
+    :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
+    packed rows or length buckets instead of samples (docs/LOADER.md).
     """
 
     def __init__(
@@ -85,7 +87,7 @@ class StreamingDataset(torch.utils.data.Dataset):
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
         if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
             check_config(packing, self.global_batch_size, self.world.world_size)
-        self.packing, self._planner = packing, None
+        self.packing = packing
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
@@ -97,6 +99,8 @@ class StreamingDataset(torch.utils.data.Dataset):
             streams, cache_dir=cache_dir, cache_limit=cache_limit,
             storage_options=storage_options, block_cache=block_cache,
             verify_blocks=verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
         order, orders = build_order(
             self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
             epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
@@ -120,21 +124,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-        if packing is not None:
-            check_column(self.datasets, packing.column)
-
-    def sequence_fields(self) -> dict:
-        """The sequence's state fields (plus ``packing`` when length-aware batching is on)."""
-        fields = self.sequence.state_fields()
-        if self.packing is not None:
-            fields["packing"] = self.packing.state_fields()
-        return fields
-
-    def planner(self) -> Any:
-        """Keys of packed / bucketed steps (main process only; streamshard/packplan.py)."""
-        if self._planner is None:
-            self._planner = packplan.Planner(self)
-        return self._planner
 
     def _set_sequence(self, sequence: SampleSequence) -> None:
         self.sequence = sequence
@@ -218,7 +207,7 @@ class StreamingDataset(torch.utils.data.Dataset):
         step = self._epoch * self.steps_per_epoch + int(index)
         w = self.world
         if self.packing is not None:
-            return self.__getitems__(self.planner().key(step, Ledgers()))
+            return self.__getitems__(packplan.planner_of(self).key(step))
         streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
         return self.fetch(step, streams, samples)
 

@@ -119,7 +119,7 @@ class Planner:
             self._seqs.put((ledgers, ds.sequence), seq)
         return seq
 
-    def key(self, step: int, ledgers: Ledgers, *, prefetch: tuple = (), columnar: bool = False,
+    def key(self, step: int, ledgers: Ledgers = Ledgers(), *, prefetch: tuple = (), columnar: bool = False,
             tagged: bool = False) -> PackKey:
         """The key of absolute step ``step`` for this rank."""
         ds, cfg = self.dataset, self.cfg
@@ -144,6 +144,14 @@ class Planner:
     def keys(self, steps: Iterator[int], ledgers: Ledgers, **flags: Any) -> Iterator[PackKey]:
         for step in steps:
             yield self.key(step, ledgers, **flags)
+
+
+def planner_of(host: Any) -> Planner:
+    """The planner of a loader's dataset (made once, kept on it; main process only)."""
+    planner = host.__dict__.get("_pack_planner")
+    if planner is None:
+        planner = host.__dict__["_pack_planner"] = Planner(host)
+    return planner
 
 
 # -- the worker's side -----------------------------------------------------------------------
