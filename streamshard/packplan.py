@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from streamshard.batch_keys import BatchKey
+from streamshard.errors import ConfigError
 from streamshard.lru import LRU
 from streamshard.packing import (
     Packing, Rows, TokenBudget, bucket_batches, deal, pack, packed_batch, window_key,
@@ -101,8 +102,13 @@ class Planner:
         self.dataset = dataset
         self.cfg = dataset.packing
         self._windows: tuple[int, np.ndarray] | None = None  # (lanes, window ids)
-        self._pool: tuple | None = None  # (ledgers, first) -> mapped ids
-        self._seqs: LRU = LRU(4)
+        self._pool: tuple | None = None  # ((ledgers, first, base), streams, samples, hint)
+        self._seqs: LRU = LRU(4)  # pooled-ledger sequences (an LRU pickles empty)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pool"] = None  # a cache: a spawned worker does not need it
+        return state
 
     def windows(self, seq: Any) -> np.ndarray:
         if self._windows is None or self._windows[0] != seq.lanes:
@@ -158,14 +164,14 @@ def planner_of(host: Any) -> Planner:
 _CACHE_WINDOWS = 2  # pools kept per process: the current one and the next
 
 
-def _column(sample: Any, column: str) -> np.ndarray:
-    value = sample[column] if isinstance(sample, dict) else None
+def _column(sample: Any, column: str, stream: int, sample_id: int) -> np.ndarray:
+    """The document of a (transformed) sample: its ``column``, a 1-D integer array."""
+    value = sample.get(column) if isinstance(sample, dict) else None
     arr = np.asarray(value) if value is not None else None
     if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
-        from streamshard.errors import ConfigError
-        raise ConfigError(f"packing column {column!r} must hold 1-D integer arrays, got "
-                          f"{type(value).__name__ if arr is None else arr.dtype}"
-                          f"{'' if arr is None else list(arr.shape)}")
+        got = type(sample).__name__ if arr is None else f"{arr.dtype}{list(arr.shape)}"
+        raise ConfigError(f"packing column {column!r} of sample {sample_id} (stream {stream}) "
+                          f"must be a 1-D integer array, got {got} (a transform must keep it one)")
     return arr
 
 
@@ -182,7 +188,8 @@ def _pool_results(dataset: Any, key: PackKey) -> list:
     cfg = dataset.packing
     samples = dataset.fetch(key.pool_start, np.asarray(key.stream_ids, dtype=np.int64),
                             np.asarray(key.sample_ids, dtype=np.int64))
-    docs = [_column(s, cfg.column) for s in samples]
+    docs = [_column(s, cfg.column, stream, sid)
+            for s, stream, sid in zip(samples, key.stream_ids, key.sample_ids)]
     out = []
     for i, w in enumerate(key.windows):
         mine = docs[i * key.docs:(i + 1) * key.docs]

@@ -443,6 +443,12 @@ def test_explain_reads_a_packed_state(path):
     assert [r.sample_id for r in loader.samples_at(5, keys=False)] == seq.global_batch(5)[1].tolist()
 
 
+def test_a_transform_that_breaks_the_column_is_named(path):
+    ds = dataset(path, transform=lambda sample, rng: {"tokens": sample["tokens"].astype(float)})
+    with pytest.raises(ConfigError, match=r"'tokens' of sample \d+ \(stream 0\) must be a 1-D integer"):
+        next(iter(StreamingDataLoader(ds)))
+
+
 def test_bad_configs_are_refused_with_the_value(path):
     for bad, match in [
         (lambda: Packing(seq_len=0), "seq_len must be a positive int, got 0"),
