@@ -98,7 +98,7 @@ def assert_exactly_once(pieces, doc_ids) -> None:
 docs_strategy = st.lists(st.integers(0, 300), min_size=0, max_size=40)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(docs_strategy, st.integers(1, 97), st.booleans())
 def test_pack_serves_every_token_once_in_rows_of_exactly_seq_len(lengths, seq_len, split):
     docs = [np.arange(n, dtype=np.uint32) + i * BASE for i, n in enumerate(lengths)]
@@ -171,7 +171,7 @@ def planner(seq, cfg, world):
     return Planner(ns)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=12), st.integers(1, 4), st.integers(1, 6),
        st.integers(1, 4), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.booleans())
 def test_windows_are_the_same_at_any_world_size(sizes, group, windows, pool, world_size, local,
