@@ -102,13 +102,9 @@ class Planner:
         self.dataset = dataset
         self.cfg = dataset.packing
         self._windows: tuple[int, np.ndarray] | None = None  # (lanes, window ids)
-        self._pool: tuple | None = None  # ((ledgers, first, base), streams, samples, hint)
+        self._pools: LRU = LRU(2)  # (ledgers, first step, base sequence) -> mapped ids
         self._seqs: LRU = LRU(4)  # pooled-ledger sequences (an LRU pickles empty)
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_pool"] = None  # a cache: a spawned worker does not need it
-        return state
 
     def windows(self, seq: Any) -> np.ndarray:
         if self._windows is None or self._windows[0] != seq.lanes:
@@ -125,24 +121,36 @@ class Planner:
             self._seqs.put((ledgers, ds.sequence), seq)
         return seq
 
-    def key(self, step: int, ledgers: Ledgers = Ledgers(), *, prefetch: tuple = (), columnar: bool = False,
-            tagged: bool = False) -> PackKey:
-        """The key of absolute step ``step`` for this rank."""
+    def _mapped(self, seq: Any, ledgers: Ledgers, first: int, windows: np.ndarray) -> tuple:
+        """(stream ids, sample ids) of this rank's windows over the pool starting at ``first``,
+        as arrays and as the tuples keys carry (cached: the current pool and the next)."""
+        ds, cfg = self.dataset, self.cfg
+        cache_key = (ledgers, first, ds.sequence)
+        found = self._pools.get(cache_key)
+        if found is None:
+            _, steps, _ = pool_of(first, ds.steps_per_epoch, cfg.pool)
+            pos = window_positions(seq, first, steps, windows, cfg.group)
+            streams, samples = seq.map_positions(first // ds.steps_per_epoch, pos.reshape(-1))
+            found = (streams, samples, tuple(streams.tolist()), tuple(samples.tolist()))
+            self._pools.put(cache_key, found)
+        return found
+
+    def key(self, step: int, ledgers: Ledgers = Ledgers(), *, prefetch: tuple = (),
+            columnar: bool = False, tagged: bool = False) -> PackKey:
+        """The key of absolute step ``step`` for this rank. For remote streams, the key of a
+        pool's first step carries the shards of that pool and of the next one (reading order):
+        the next pool downloads while this one is served."""
         ds, cfg = self.dataset, self.cfg
         seq = self._sequence(ledgers)
         first, steps, part = pool_of(step, ds.steps_per_epoch, cfg.pool)
         windows = self.windows(seq)
-        cache_key = (ledgers, first, ds.sequence)
-        if self._pool is None or self._pool[0] != cache_key:
-            pos = window_positions(seq, first, steps, windows, cfg.group)
-            streams, samples = seq.map_positions(first // ds.steps_per_epoch, pos.reshape(-1))
-            hint = ()
-            if any(ds.is_remote(s) for s in range(len(ds.datasets))):
-                from streamshard.batch_keys import _shards  # the pool's shards, reading order
-                hint = _shards(ds, [(first, streams, samples)])
-            self._pool = (cache_key, tuple(streams.tolist()), tuple(samples.tolist()), hint)
-            prefetch = prefetch or hint  # carried by the first key of each pool
-        _, streams, samples, _ = self._pool
+        if part == 0 and any(ds.is_remote(s) for s in range(len(ds.datasets))):
+            from streamshard.batch_keys import _shards  # (stream, shard) pairs, reading order
+
+            prefetch = prefetch or _shards(ds, [
+                (start, *self._mapped(seq, ledgers, start, windows)[:2])
+                for start in (first, first + steps)])
+        _, _, streams, samples = self._mapped(seq, ledgers, first, windows)
         return PackKey(step, streams, samples, prefetch, columnar, tagged,
                        windows=tuple(windows.tolist()), docs=steps * cfg.group, part=part,
                        parts=steps, epoch=first // ds.steps_per_epoch, pool_start=first)

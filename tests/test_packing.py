@@ -432,6 +432,22 @@ def test_state_records_the_packing_and_refuses_another(path):
             StreamingDataLoader(dataset(path, packing=other)).load_state_dict(state)
 
 
+def test_a_pools_first_key_hints_its_shards_and_the_next_pools(path):
+    from streamshard import open_dataset
+
+    data = open_dataset(path)
+    seq = dataset(path).sequence
+    host = SimpleNamespace(sequence=seq, steps_per_epoch=seq.steps_per_epoch, world=World(0, 1),
+                           packing=PACK, datasets=[data], is_remote=lambda s: True)
+    plan = Planner(host)
+    keys = [plan.key(t) for t in range(6)]
+    assert [bool(k.prefetch) for k in keys] == [True, False, False, True, False, False]
+    shard_of = lambda ids: {int(i) for i in np.searchsorted(data.index.offsets, ids, "right") - 1}  # noqa: E731
+    want = shard_of(keys[0].sample_ids) | shard_of(keys[3].sample_ids)
+    assert {s for _, s in keys[0].prefetch} == want and len(keys[0].prefetch) == len(want)
+    assert {stream for stream, _ in keys[0].prefetch} == {0}
+
+
 def test_explain_reads_a_packed_state(path):
     from streamshard import open_dataset
     from streamshard.explain import sequence_from_state
