@@ -186,11 +186,10 @@ class _KeyIterator:
         ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
         in bytes."""
         dataset = self._sampler.dataset
-        if getattr(dataset, "packing", None) is not None:  # streamshard/packplan.py
+        planner = getattr(dataset, "pack_planner", None)  # packing= (streamshard/packplan.py)
+        if planner is not None:
             served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
-            from streamshard.packplan import planner_of
-
-            yield from planner_of(dataset).keys(
+            yield from planner.keys(
                 itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
                 columnar=self._sampler.columnar, tagged=self._sampler.tagged)
             return

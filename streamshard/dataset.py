@@ -101,6 +101,8 @@ class StreamingDataset(torch.utils.data.Dataset):
             verify_blocks=verify_blocks)
         if packing is not None:
             check_column(self.datasets, packing.column)
+        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
         order, orders = build_order(
             self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
             epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
@@ -207,7 +209,7 @@ class StreamingDataset(torch.utils.data.Dataset):
         step = self._epoch * self.steps_per_epoch + int(index)
         w = self.world
         if self.packing is not None:
-            return self.__getitems__(packplan.planner_of(self).key(step))
+            return self.__getitems__(self.pack_planner.key(step))
         streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
         return self.fetch(step, streams, samples)
 

@@ -160,14 +160,6 @@ class Planner:
             yield self.key(step, ledgers, **flags)
 
 
-def planner_of(host: Any) -> Planner:
-    """The planner of a loader's dataset (made once, kept on it; main process only)."""
-    planner = host.__dict__.get("_pack_planner")
-    if planner is None:
-        planner = host.__dict__["_pack_planner"] = Planner(host)
-    return planner
-
-
 # -- the worker's side -----------------------------------------------------------------------
 _CACHE_WINDOWS = 2  # pools kept per process: the current one and the next
 
