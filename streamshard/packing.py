@@ -1,8 +1,8 @@
 """Length-aware batching at load time: online packing and token-budget buckets (docs/LOADER.md).
 
 Both are pure functions of a *pack window*: ``group`` documents of each step of a *pool* of
-``pool`` consecutive steps, all from one lane of the sampler's order (docs/SAMPLER.md,
-"Packing windows"). The window's documents are read where the rank reads them anyway (its
+``pool`` consecutive steps, from one lane of the sampler's order when the lanes divide the
+windows per step (docs/SAMPLER.md, "Pack windows"). The window's documents are read where the rank reads them anyway (its
 workers), packed or bucketed here, and the result is dealt out over the pool's steps. So the
 loader state stays the step, a seek re-reads at most one pool, and the global batches do not
 depend on the world size or the worker count.
@@ -319,5 +319,6 @@ def check_column(datasets: Sequence[Any], column: str) -> None:
         if (ct is None or ct.kind != "array" or dims is None or len(dims) != 1
                 or np.dtype(ct.dtype).kind not in "iu"):
             have = ", ".join(f"{n}: {c.text}" for n, c in ds.schema.columns.items())
+            where = getattr(ds.source, "url", ds.fingerprint)
             raise ConfigError(f"packing column {column!r} must be a 1-D integer array column of "
-                              f"{ds.fingerprint[:12]}...; the schema has {have}")
+                              f"{where}; its schema has {have}")
