@@ -115,7 +115,7 @@ def test_pack_serves_every_token_once_in_rows_of_exactly_seq_len(lengths, seq_le
         assert (served == np.concatenate(docs + [np.empty(0, np.uint32)])).all()
     else:  # whole documents (pieces of seq_len for longer ones) placed by first-fit decreasing
         pieces = sum(max(1, -(-n // seq_len)) for n in lengths if n)
-        assert len(rows) <= pieces
+        assert -(-total // seq_len) <= len(rows) <= pieces
     # Segments: ids 1, 2, ... in each row, positions restart at every piece, padding at the tail.
     for r in range(len(rows)):
         seg, pos, tok = rows.segment_ids[r], rows.position_ids[r], rows.tokens[r]
@@ -127,6 +127,9 @@ def test_pack_serves_every_token_once_in_rows_of_exactly_seq_len(lengths, seq_le
             assert (pos[where] == np.arange(where.size)).all()
             assert len({int(t) // BASE for t in tok[where]}) == 1  # one document per segment
             assert (np.diff(tok[where].astype(np.int64)) == 1).all()  # in order, contiguous
+            if not split:  # a whole document, or a whole seq_len piece of a longer one
+                doc, offset = divmod(int(tok[where[0]]), BASE)
+                assert offset % seq_len == 0 and where.size == min(seq_len, lengths[doc] - offset)
     cu = cu_seqlens(rows.segment_ids)
     assert cu[-1] == rows.tokens.size and (np.diff(cu) > 0).all()
     assert cu.tolist() == rows.starts.tolist() + [rows.tokens.size]  # what packed_batch uses
