@@ -26,8 +26,9 @@ from streamshard.batch_keys import BatchCollate
 from streamshard.packing import (
     Packing, TokenBudget, bucket_batches, buckets, cu_seqlens, first_fit_decreasing, pack,
 )
-from streamshard.packplan import Planner, pool_of, pooled_ledgers, serve
+from streamshard.packplan import Planner, pool_of, pooled_ledgers, serve, window_positions
 from streamshard.sampler import EpochOrder, Ledgers, SampleSequence
+from streamshard.sampler.order import default_lanes
 from streamshard.testing import batch_key, take
 from streamshard.writer import ShardWriter
 
@@ -182,9 +183,14 @@ def test_windows_are_the_same_at_any_world_size(sizes, group, windows, pool, wor
     g = group * max(windows, world_size)
     if sum(sizes) < g:
         sizes = sizes + [g]
-    order = EpochOrder(sizes, seed=11, lanes=None)
+    order = EpochOrder(sizes, seed=11, lanes=default_lanes(len(sizes), g // group))  # the loader's
     seq = SampleSequence(order, global_batch_size=g, drop_last=drop_last)
     cfg = Packing(seq_len=8, group=group, pool=pool)
+    lanes = seq.lanes
+    if (g // group) % lanes == 0:  # every document of window w is in lane w mod L
+        first, count, _ = pool_of(0, seq.steps_per_epoch, pool)
+        pos = window_positions(seq, first, count, np.arange(g // group), group)
+        assert ((pos % lanes) == (np.arange(g // group) % lanes)[:, None]).all()
     served = collections.Counter()
     for step in range(min(seq.steps_per_epoch, 7)):
         by_window = {}
@@ -324,6 +330,7 @@ def test_the_packers_and_the_plan_run_without_torch():
         from streamshard.packing import pack
         from streamshard.packplan import Planner
         from streamshard.sampler import EpochOrder, Ledgers, SampleSequence
+from streamshard.sampler.order import default_lanes
         seq = SampleSequence(EpochOrder([40, 40], seed=1), global_batch_size=8)
         cfg = Packing(seq_len=16, group=2, pool=3)
         ns = SimpleNamespace(sequence=seq, steps_per_epoch=seq.steps_per_epoch, world=World(),
