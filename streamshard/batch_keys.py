@@ -84,16 +84,6 @@ class BatchCollate:
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
-def sequence_fields(dataset: Any) -> dict[str, Any]:
-    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
-    when it serves packed or bucketed steps (streamshard/packing.py)."""
-    fields = dataset.sequence.state_fields()
-    packing = getattr(dataset, "packing", None)
-    if packing is not None:
-        fields["packing"] = packing.state_fields()
-    return fields
-
-
 class StreamingBatchSampler:
     """Batch keys of one rank, one per served step, from the loader state it owns.
 
@@ -257,3 +247,13 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
                     seen.add((stream, shard))
                     out.append((stream, shard))
     return tuple(out)
+
+
+def sequence_fields(dataset: Any) -> dict[str, Any]:
+    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
+    when it serves packed or bucketed steps (streamshard/packing.py)."""
+    fields = dataset.sequence.state_fields()
+    packing = getattr(dataset, "packing", None)
+    if packing is not None:
+        fields["packing"] = packing.state_fields()
+    return fields
