@@ -330,7 +330,6 @@ def test_the_packers_and_the_plan_run_without_torch():
         from streamshard.packing import pack
         from streamshard.packplan import Planner
         from streamshard.sampler import EpochOrder, Ledgers, SampleSequence
-from streamshard.sampler.order import default_lanes
         seq = SampleSequence(EpochOrder([40, 40], seed=1), global_batch_size=8)
         cfg = Packing(seq_len=16, group=2, pool=3)
         ns = SimpleNamespace(sequence=seq, steps_per_epoch=seq.steps_per_epoch, world=World(),
