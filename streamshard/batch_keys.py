@@ -53,6 +53,10 @@ class Columns(dict):
     """A rank batch already collated as columns (``columnar`` keys): collation passes it on."""
 
 
+class Buckets(list):
+    """A rank batch already collated as a list of micro-batches (``TokenBudget``): passed on."""
+
+
 class Tagged(NamedTuple):
     """``(step, batch)`` from a ``tagged`` key: StreamingDataLoader checks the step."""
 
@@ -76,6 +80,8 @@ class BatchCollate:
         return self._one(data)
 
     def _one(self, batch: Any) -> Any:
+        if isinstance(batch, Buckets):
+            return list(batch)
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
@@ -117,7 +123,7 @@ class StreamingBatchSampler:
     # -- Stateful -----------------------------------------------------------------------------
     def state_at(self, step: int) -> dict[str, Any]:
         ds = self.dataset
-        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence.state_fields(),
+        return build_state(fingerprints=ds.fingerprints, sequence=sequence_fields(ds),
                            steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,6 +183,13 @@ class _KeyIterator:
         ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
         in bytes."""
         dataset = self._sampler.dataset
+        planner = getattr(dataset, "pack_planner", None)  # packing= (streamshard/packplan.py)
+        if planner is not None:
+            served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
+            yield from planner.keys(
+                itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
+                columnar=self._sampler.columnar, tagged=self._sampler.tagged)
+            return
         remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
         chunks = self._chunks()
         ahead: collections.deque = collections.deque()
@@ -241,3 +254,13 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
                     seen.add((stream, shard))
                     out.append((stream, shard))
     return tuple(out)
+
+
+def sequence_fields(dataset: Any) -> dict[str, Any]:
+    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
+    when it serves packed or bucketed steps (streamshard/packing.py)."""
+    fields = dataset.sequence.state_fields()
+    packing = getattr(dataset, "packing", None)
+    if packing is not None:
+        fields["packing"] = packing.state_fields()
+    return fields

@@ -144,6 +144,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
     except (KeyError, TypeError, ConfigError) as e:
         raise StateMismatchError(f"loader state's sequence is incomplete or invalid ({e})") from None
     live = seq.state_fields()
+    if "packing" in fields:  # packed/bucketed steps hold the same documents (docs/SAMPLER.md)
+        live["packing"] = fields["packing"]
     problems = [f"sequence.{k}: saved={fields.get(k)!r}, live={live.get(k)!r}"
                 for k in sorted(set(fields) | set(live))
                 if k not in Ledgers.names() and fields.get(k) != live.get(k)]

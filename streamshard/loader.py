@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged
+from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged, sequence_fields
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
 from streamshard.mixing import reweight_ledgers, restore
@@ -107,7 +107,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         ds = self.streaming_dataset
         return build_state(
             fingerprints=ds.fingerprints,
-            sequence=ds.sequence.state_fields(),
+            sequence=sequence_fields(ds),
             steps_per_epoch=self.steps_per_epoch,
             step=self.step,
             ledgers=self._ledgers,
