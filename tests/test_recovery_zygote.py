@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -136,3 +137,12 @@ def test_disabled_or_refusing_zygote_starts_cold(tmp_path):
     assert isinstance(child, subprocess.Popen) and not sb.warm and "process group" in sb.why_cold
     child.kill()  # started cold (it would exit 5): not waited for, to spare the test a torch import
     assert child.wait(timeout=60) == -signal.SIGKILL and sb.proc is None
+
+
+def test_keeper_and_recovery_package_start_without_torch():
+    """Each rank's keeper is a process of its own: it must not pay for `import torch` at start-up."""
+    code = ("import sys, streamshard.recovery, streamshard.recovery.keeper, streamshard.recovery.standby; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]; "
+            "assert 'install_lr_scale' in dir(streamshard.recovery)")  # still exported, loaded lazily
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
