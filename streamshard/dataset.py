@@ -236,7 +236,8 @@ class StreamingDataset(torch.utils.data.Dataset):
                 f"DataLoader(ds, batch_size={len(key)}) would batch this dataset's rank batches "
                 f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
-                "batch_sampler=ds.batch_sampler())")
+                "batch_sampler=ds.batch_sampler()); with transformers.Trainer, "
+                "streamshard.hf_trainer.StreamingTrainer")
         if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
             for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
                 ds = self.datasets[stream]
