@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
-from streamshard import blockshuffle, fastpath
+from streamshard import fastpath
 from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
+from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
@@ -44,7 +45,11 @@ class StreamingDataset(torch.utils.data.Dataset):
     """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
-    device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
+    device) and ``global_batch_size``. ``order=OrderOptions(...)`` (shuffle, seed, lanes,
+    window, drop_last, block shuffle, mixture epoch) and ``reading=ReadOptions(...)`` (cache,
+    storage options, block cache, lookahead, first-touch check) group the other options; each
+    of their fields may also be passed as a keyword of its own (``seed=3``), not both.
+    ``world`` defaults to :func:`detect_world` (no collectives).
     ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
     sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
     index (remote: fetched once into ``cache_dir``); shards are read lazily.
@@ -56,32 +61,22 @@ class StreamingDataset(torch.utils.data.Dataset):
         *,
         batch_size: int | None = None,
         global_batch_size: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        lanes: int | None = None,
-        window: int | None = None,
-        drop_last: bool = True,
+        order: OrderOptions | None = None,
+        reading: ReadOptions | None = None,
         world: World | None = None,
         transform: Transform | None = None,
-        cache_dir: str | None = None,
-        cache_limit: int | str | None = None,
-        storage_options: dict | None = None,
-        epoch_size: int | None = None,
-        mixture_block: int | None = None,
-        lookahead: int = 16,
-        block_cache: int | str | None = None,
-        block_shuffle: bool | None = None,
-        blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
-        verify_blocks: bool = True,
+        **options: Any,
     ):
         super().__init__()
-        streams = as_streams(source, storage_options)
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+        # ``order``/``reading`` group the options (streamshard/options.py); each of their fields
+        # is also accepted as a keyword of its own (``seed=3``), as before they were grouped.
+        order, reading = resolve_options(order, reading, options, "StreamingDataset")
+        self.order, self.reading = order, reading
+        streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
-        self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        self.seed, self.shuffle, self.transform = order.seed, order.shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
         self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
@@ -89,25 +84,25 @@ class StreamingDataset(torch.utils.data.Dataset):
         self.pin_memory = False
         self.streams = streams
         self.datasets: tuple[Dataset, ...] = open_streams(
-            streams, cache_dir=cache_dir, cache_limit=cache_limit,
-            storage_options=storage_options, block_cache=block_cache,
-            verify_blocks=verify_blocks)
-        order, orders = build_order(
-            self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
-            epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
-            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size)
-        if not isinstance(lookahead, int) or lookahead < 1:
-            raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
-        self.lookahead = lookahead
+            streams, cache_dir=reading.cache_dir, cache_limit=reading.cache_limit,
+            storage_options=reading.storage_options, block_cache=reading.block_cache,
+            verify_blocks=reading.verify_blocks)
+        sampler_order, orders = build_order(
+            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
+            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
+            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
+            global_batch_size=self.global_batch_size)
+        self.lookahead = reading.lookahead
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         # Lanes and the block grouping left to their defaults are fixed by the first run: a
         # saved state's win (states from before those defaults hold 64 lanes and no blocks).
-        self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
-        self._blocks_adoptable = block_shuffle is None and isinstance(order, EpochOrder)
+        self._lanes_adoptable = order.lanes is None and isinstance(sampler_order, EpochOrder)
+        self._blocks_adoptable = (order.block_shuffle is None
+                                  and isinstance(sampler_order, EpochOrder))
         self._set_sequence(SampleSequence(
-            order, global_batch_size=self.global_batch_size, drop_last=drop_last
+            sampler_order, global_batch_size=self.global_batch_size, drop_last=order.drop_last
         ))
-        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+        if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError
-from streamshard.blockshuffle import DEFAULT_BLOCKS_PER_GROUP
+from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
 from streamshard.state import KEY_STEP, build_state, validate_state
 from streamshard.streams import (
@@ -138,37 +138,35 @@ class NumpyBatchIterator:
     """
 
     def __init__(self, source: str | Sequence[Stream], *, batch_size: int | None = None,
-                 global_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 lanes: int | None = None, window: int | None = None, drop_last: bool = True,
-                 world: World | None = None, transform: Transform | None = None,
-                 collate_fn: Callable[[list], Any] | None = None, cache_dir: str | None = None,
-                 cache_limit: int | str | None = None, storage_options: dict | None = None,
-                 epoch_size: int | None = None, mixture_block: int | None = None,
-                 block_cache: int | str | None = None, block_shuffle: bool | None = None,
-                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP, lookahead: int = 16,
-                 verify_blocks: bool = True):
-        streams = as_streams(source, storage_options)
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+                 global_batch_size: int | None = None, order: OrderOptions | None = None,
+                 reading: ReadOptions | None = None, world: World | None = None,
+                 transform: Transform | None = None,
+                 collate_fn: Callable[[list], Any] | None = None, **options: Any):
+        # ``order``/``reading`` as on StreamingDataset (streamshard/options.py); each field is
+        # also accepted as a keyword of its own.
+        order, reading = resolve_options(order, reading, options, "NumpyBatchIterator")
+        self.order, self.reading = order, reading
+        streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
-        self.seed, self.transform = seed, transform
+        self.seed, self.transform = order.seed, transform
         self.collate_fn = collate_fn or collate_numpy
         self.streams = streams
-        self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
-                                     storage_options=storage_options, block_cache=block_cache,
-                                     verify_blocks=verify_blocks)
-        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
-                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
-                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group,
-                            global_batch_size=self.global_batch_size)
-        self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
-                                       drop_last=drop_last)
+        self.datasets = open_streams(streams, cache_dir=reading.cache_dir,
+                                     cache_limit=reading.cache_limit,
+                                     storage_options=reading.storage_options,
+                                     block_cache=reading.block_cache,
+                                     verify_blocks=reading.verify_blocks)
+        sampler_order, orders = build_order(
+            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
+            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
+            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
+            global_batch_size=self.global_batch_size)
+        self.sequence = SampleSequence(sampler_order, global_batch_size=self.global_batch_size,
+                                       drop_last=order.drop_last)
         self.steps_per_epoch = self.sequence.steps_per_epoch
-        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
-            raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
-        self.lookahead = lookahead
-        if block_cache is None:
+        self.lookahead = reading.lookahead
+        if reading.block_cache is None:
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._step = 0
         self._last_step: int | None = None
