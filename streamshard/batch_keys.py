@@ -38,7 +38,9 @@ class BatchKey:
 
     ``tagged``: ``__getitems__`` returns ``(step, batch)`` (StreamingDataLoader checks the step);
     ``columnar``: fixed-size schemas come back already collated (``streamshard.fastpath``);
-    ``prefetch``: ``(stream, shard index)`` pairs to start downloading, in reading order.
+    ``prefetch``: ``(stream, shard index)`` pairs to start downloading, in reading order;
+    ``raw_tokens``: columnar uint16/uint32 token columns come back as stored, for the main
+    process to convert (a quarter of int64's bytes cross through shared memory).
     """
 
     step: int
@@ -47,6 +49,7 @@ class BatchKey:
     prefetch: tuple[tuple[int, int], ...] = ()
     columnar: bool = False
     tagged: bool = False
+    raw_tokens: bool = False
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -92,10 +95,11 @@ class StreamingBatchSampler:
     """
 
     def __init__(self, dataset: Any, *, columnar: bool = False,
-                 tagged: bool = False):
+                 tagged: bool = False, raw_tokens: bool = False):
         # ``dataset``: a StreamingDataset (not imported here: it imports this module).
         self.dataset = dataset
         self.columnar, self.tagged = bool(columnar), bool(tagged)
+        self.raw_tokens = bool(raw_tokens)
         self.step = 0
         self.stop: int | None = None  # None: the end of the epoch of ``step``
         self.ledgers = Ledgers()
@@ -192,7 +196,7 @@ class _KeyIterator:
             for i, (step, streams, samples) in enumerate(current):
                 yield BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()),
                                hint if i == 0 else (), self._sampler.columnar,
-                               self._sampler.tagged)
+                               self._sampler.tagged, self._sampler.raw_tokens)
             fill()
 
     def _chunks(self) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:

@@ -36,6 +36,16 @@ def token_dtype_of(value: Any) -> torch.dtype | None:
     return value
 
 
+_RAW_TOKENS = (torch.uint16, torch.uint32)
+
+
+def cast_tokens(batch: dict, token_dtype: torch.dtype) -> dict:
+    """``batch`` (a dict of tensors) with its uint16/uint32 tensors as ``token_dtype``: the
+    conversion of token columns a worker sent as stored (``BatchKey.raw_tokens``)."""
+    return {k: v.to(token_dtype) if isinstance(v, torch.Tensor) and v.dtype in _RAW_TOKENS
+            else v for k, v in batch.items()}
+
+
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor in shared memory, for a batch a DataLoader worker sends to
     the main process (sent as a file descriptor, no copy). Allocated the way torch's

@@ -241,7 +241,8 @@ class StreamingDataset(torch.utils.data.Dataset):
         if key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),
-                                        token_dtype=self.token_dtype, pin_memory=self.pin_memory)
+                                        token_dtype=None if key.raw_tokens else self.token_dtype,
+                                        pin_memory=self.pin_memory)
             batch = Columns(batch)
         else:
             batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch.utils.data
 
 from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged
+from streamshard.collate import cast_tokens
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
 from streamshard.sampler.ledgers import Ledgers
@@ -52,7 +53,14 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
                 )
         if kwargs.get("in_order", True) is not True:
             raise ConfigError("StreamingDataLoader needs in_order=True: it counts batches in order")
-        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True)
+        # With workers, fixed-size token columns cross to this process as stored (uint16: a
+        # quarter of int64's bytes of shared memory to fault in on both sides) and are converted
+        # here. Not with pin_memory: the pinning thread must see the final tensors.
+        self._cast_tokens = (collate_fn is None and bool(kwargs.get("num_workers"))
+                             and not kwargs.get("pin_memory") and dataset.token_dtype is not None
+                             and dataset._columns is not None)
+        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True,
+                                           raw_tokens=self._cast_tokens)
         super().__init__(
             dataset,
             batch_sampler=self._keys,
@@ -238,4 +246,6 @@ class _LoaderIterator:
         self._served += 1
         loader._last_step = step
         loader._step = step + 1
+        if loader._cast_tokens:
+            batch = cast_tokens(batch, loader.streaming_dataset.token_dtype)
         return batch

@@ -143,3 +143,26 @@ def test_shared_empty_is_shared_and_shaped():
     t.numpy()[...] = 7
     assert int(t.sum()) == 84
     assert tuple(shared_empty((0, 5), torch.int64).shape) == (0, 5)
+
+
+def test_workers_send_tokens_as_stored_and_the_loader_casts(mixed_path):
+    """With workers, token columns cross to the main process as uint16 (a quarter of the shared
+    memory) and come out of StreamingDataLoader as token_dtype, equal to 0 workers."""
+    from streamshard import StreamingDataLoader, StreamingDataset, World
+    from streamshard.batch_keys import BatchKey
+    from streamshard.testing import take
+
+    def loader(**kw):
+        ds = StreamingDataset(mixed_path, global_batch_size=8, seed=2, world=World())
+        return StreamingDataLoader(ds, **kw)
+
+    two = loader(num_workers=2, multiprocessing_context="fork")
+    assert two._cast_tokens and two._keys.raw_tokens
+    assert not loader()._cast_tokens and not loader(num_workers=2, pin_memory=True)._cast_tokens
+    got = take(two, 12)
+    assert all(b["tok"].dtype == torch.int64 for b in got)
+    assert [batch_key(b) for b in got] == [batch_key(b) for b in take(loader(), 12)]
+    ds = two.streaming_dataset
+    raw = ds.__getitems__(BatchKey(0, (0, 0), (3, 4), columnar=True, raw_tokens=True))
+    assert raw["tok"].dtype == torch.uint16
+    assert raw["tok"].long().tolist() == [row(3)["tok"].tolist(), row(4)["tok"].tolist()]
