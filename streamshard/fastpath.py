@@ -124,9 +124,8 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         rows = _flat(dataset, row).gather(ids, dtype, items)
         if rows is not None:
             return rows, None
-    shards, within = dataset.index.locate(ids)
-    order = np.argsort(shards, kind="stable")
-    shards, within = shards[order], within[order]
+    order = np.argsort(ids, kind="stable")  # by shard, then offset: a block's samples in a row
+    shards, within = dataset.index.locate(ids[order])
     cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
     bounds = [0, *cuts, len(ids)]
     out = np.empty((len(ids), items), dtype)
