@@ -42,6 +42,8 @@ _LAZY = {
     "OrderOptions": "streamshard.options",
     "ReadOptions": "streamshard.options",
     "sample_rng": "streamshard.sampler.rng",
+    "Packing": "streamshard.packing",
+    "TokenBudget": "streamshard.packing",
 }
 
 
@@ -67,9 +69,9 @@ def __getattr__(name: str):
 __all__ = [
     "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "DestinationLockedError",
     "FormatError", "InputError", "MissingDependencyError", "NumpyBatchIterator", "OrderOptions",
-    "ReadOptions", "SchemaError", "ShardWriter", "StateMismatchError", "StorageError", "Stream",
-    "StreamingDataLoader", "StreamingDataset", "StreamshardError", "World", "WriteSummary",
-    "detect_world",
+    "Packing", "ReadOptions", "SchemaError", "ShardWriter", "StateMismatchError", "StorageError",
+    "Stream", "StreamingDataLoader", "StreamingDataset", "StreamshardError", "TokenBudget",
+    "World", "WriteSummary", "detect_world",
     "merge_datasets", "open_dataset", "sample_rng", "verify_dataset",
 ]
 assert sorted(__all__) == __all__

@@ -42,6 +42,8 @@ _RAW_TOKENS = (torch.uint16, torch.uint32)
 def cast_tokens(batch: dict, token_dtype: torch.dtype) -> dict:
     """``batch`` (a dict of tensors) with its uint16/uint32 tensors as ``token_dtype``: the
     conversion of token columns a worker sent as stored (``BatchKey.raw_tokens``)."""
+    if not isinstance(batch, dict):
+        return batch
     return {k: v.to(token_dtype) if isinstance(v, torch.Tensor) and v.dtype in _RAW_TOKENS
             else v for k, v in batch.items()}
 

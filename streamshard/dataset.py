@@ -22,16 +22,19 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
-from streamshard import fastpath
-from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
+from streamshard import fastpath, packplan
+from streamshard.batch_keys import BatchKey, Buckets, Columns, StreamingBatchSampler, Tagged
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
+from streamshard.packing import Packing, TokenBudget, check_column, check_config
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
 )
 from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import derive_key
+from streamshard.sampler.order import DEFAULT_MAX_LANES
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -52,7 +55,9 @@ class StreamingDataset(torch.utils.data.Dataset):
     ``world`` defaults to :func:`detect_world` (no collectives).
     ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
     sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
-    index (remote: fetched once into ``cache_dir``); shards are read lazily.
+    index (remote: fetched once into ``cache_dir``); shards are read lazily. ``packing``: a
+    :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
+    packed rows or length buckets instead of samples (docs/LOADER.md).
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class StreamingDataset(torch.utils.data.Dataset):
         world: World | None = None,
         transform: Transform | None = None,
         token_dtype: torch.dtype | None = torch.int64,
+        packing: Packing | TokenBudget | None = None,
         **options: Any,
     ):
         super().__init__()
@@ -76,6 +82,9 @@ class StreamingDataset(torch.utils.data.Dataset):
         streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
+        if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
+            check_config(packing, self.global_batch_size, self.world.world_size)
+        self.packing = packing
         self.seed, self.shuffle, self.transform = order.seed, order.shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
@@ -87,11 +96,16 @@ class StreamingDataset(torch.utils.data.Dataset):
             streams, cache_dir=reading.cache_dir, cache_limit=reading.cache_limit,
             storage_options=reading.storage_options, block_cache=reading.block_cache,
             verify_blocks=reading.verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
+        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
         sampler_order, orders = build_order(
             self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
             window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
             block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
-            global_batch_size=self.global_batch_size)
+            global_batch_size=self.global_batch_size
+            // (packing.group if packing is not None else 1))  # lanes divide windows per step
         self.lookahead = reading.lookahead
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         # Lanes and the block grouping left to their defaults are fixed by the first run: a
@@ -104,6 +118,9 @@ class StreamingDataset(torch.utils.data.Dataset):
         ))
         if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self._stream_orders = orders  # each stream's own order (restream.py re-keys them)
+        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
+        self._epoch_size_adoptable = order.epoch_size is None
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
@@ -146,6 +163,29 @@ class StreamingDataset(torch.utils.data.Dataset):
         self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
                                           drop_last=old.drop_last))
         return lambda: self._set_sequence(old)
+
+    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
+        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
+        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
+        order = self._stream_orders[i]
+        if len(self.streams) == 1 and self._lanes_adoptable:
+            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
+        return order.reseeded(derive_key(self.seed, stream_id))
+
+    def adopt_layout(self, streams: tuple, datasets: tuple,
+                     sequence: SampleSequence) -> Callable[[], None]:
+        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
+        history (streamshard.restream). Returns an undo callable."""
+        old = (self.streams, self.datasets, self._remote, self._columns, self.sequence)
+        self.streams, self.datasets = streams, datasets
+        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
+        self._columns = self._columns if len(datasets) == 1 else None
+        self._set_sequence(sequence)
+
+        def undo() -> None:
+            self.streams, self.datasets, self._remote, self._columns = old[:4]
+            self._set_sequence(old[4])
+        return undo
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
@@ -191,6 +231,8 @@ class StreamingDataset(torch.utils.data.Dataset):
             raise IndexError(f"rank batch {index} out of range [0, {self.steps_per_epoch})")
         step = self._epoch * self.steps_per_epoch + int(index)
         w = self.world
+        if self.packing is not None:
+            return self.__getitems__(self.pack_planner.key(step))
         streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
         return self.fetch(step, streams, samples)
 
@@ -238,7 +280,9 @@ class StreamingDataset(torch.utils.data.Dataset):
                 ds = self.datasets[stream]
                 ds.source.prefetch([ds.index.shards[shard]
                                     for s, shard in key.prefetch if s == stream])
-        if key.columnar and self._columns is not None:
+        if isinstance(key, packplan.PackKey):
+            batch = _to_torch(packplan.serve(self, key), self.packing.column, self.token_dtype)
+        elif key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),
                                         token_dtype=None if key.raw_tokens else self.token_dtype,
@@ -258,11 +302,26 @@ class StreamingDataset(torch.utils.data.Dataset):
             yield self.__getitems__(key)
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
+
+
+def _to_torch(batch: Any, column: str, token_dtype: torch.dtype | None) -> Any:
+    """A numpy packed batch (-> :class:`Columns` of tensors) or list of buckets (->
+    :class:`Buckets` of dicts of tensors); the token column comes out in ``token_dtype``."""
+    if isinstance(batch, list):
+        return Buckets(dict(_to_torch(b, column, token_dtype)) for b in batch)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        value = value.astype(np.int64) if value.dtype.kind == "u" else value
+        tensor = (torch.from_numpy(np.ascontiguousarray(value)) if value.ndim
+                  else torch.tensor(value.item()))
+        out[name] = tensor.to(token_dtype) if name == column and token_dtype is not None else tensor
+    return Columns(out)
 
 
 def _saved_blocks(value: Any) -> BlockGroups | None | bool:

@@ -32,7 +32,8 @@ import numpy as np
 from streamshard.errors import ConfigError
 from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.mixing import restore, reweight_ledgers
+from streamshard.state import KEY_STEP, build_state
 from streamshard.streams import (
     Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
 )
@@ -264,10 +265,10 @@ class NumpyBatchIterator:
                            steps_per_epoch=self.steps_per_epoch, step=self.step,
                            ledgers=self._ledgers)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore strictly (a mismatch shows the saved and the live value side by side)."""
-        validate_state(state_dict, self.state_dict())
-        self._set_ledgers(Ledgers.from_state(state_dict))
+    def load_state_dict(self, state_dict: dict[str, Any], reweight: bool = False) -> None:
+        """Restore strictly (a mismatch shows the saved and the live value side by side);
+        ``reweight`` as ``StreamingDataLoader.load_state_dict``."""
+        self._set_ledgers(restore(self, state_dict, self.state_dict, reweight))
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
         self._generation += 1
@@ -294,6 +295,10 @@ class NumpyBatchIterator:
         more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
         self._set_ledgers(self._ledgers.merged(more))
 
+    def reweight(self, weights, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight`` (docs/LOADER.md, "Mixtures that change")."""
+        self._set_ledgers(reweight_ledgers(self._seq, self.streams, weights, from_step, self.step))
+
     @property
     def ledgers(self) -> Ledgers:
         return self._ledgers
@@ -309,6 +314,6 @@ class NumpyBatchIterator:
             ds.close()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (f"NumpyBatchIterator([{names}], global_batch_size={self.global_batch_size}, "
                 f"steps_per_epoch={self.steps_per_epoch}, {self.world})")
