@@ -27,6 +27,7 @@ makes "all blocks of this batch checked already" one vectorized test.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -72,10 +73,13 @@ class FlatGather:
         self._views: dict[tuple[np.dtype, int], tuple[int, np.ndarray]] = {}
         self._generation = dataset.reader_generation
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def gather(self, ids: np.ndarray, dtype: np.dtype, items: int) -> np.ndarray | None:
         """``(len(ids), items)`` array of ``dtype``: row ``i`` is sample ``ids[i]``'s bytes
         (int64 ``ids``, in range), or ``None`` when some shard is not uniform."""
+        if self._pid != os.getpid():  # a forked worker: the parent's lock may have been held
+            self._lock, self._pid = threading.Lock(), os.getpid()
         with self._lock:
             return self._gather(ids, dtype, items)
 
