@@ -62,6 +62,12 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
                              and dataset._columns is not None and dataset.packing is None)
         self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True,
                                            raw_tokens=self._cast_tokens)
+        if kwargs.get("num_workers"):  # obstore does not survive fork: forkserver by default
+            from streamshard.remote.obstore_fs import worker_context
+
+            kwargs["multiprocessing_context"] = worker_context(
+                dataset.streams, dataset.reading.storage_options,
+                kwargs.get("multiprocessing_context"))
         super().__init__(
             dataset,
             batch_sampler=self._keys,
