@@ -208,7 +208,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[int, int, int], None] | None = None,
-            on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
+            on_chunk: Callable[[int], None] | None = None,
+            packing: Any = None,
+            on_tokens: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
 
     ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
@@ -219,6 +221,10 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
     in ``input_cache`` (kept), or in a temporary directory removed after success
     (:mod:`streamshard.inputs`).
+
+    ``packing`` (a :class:`streamshard.converters.packing.PackSpec`) tokenizes and packs the
+    documents instead (``streamshard/convert_packing.py``): same plan, parallelism and resume;
+    ``on_tokens(index)`` is then called after each chunk's tokens are written.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -240,7 +246,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     files, identities = inputs.discover_inputs(sources, conv.extensions, exclude=dest,
                                                cache_dir=cache,
                                                storage_options=input_storage_options)
-    columns = dict(conv.columns([p for p, _ in files], opts))
+    columns = dict(conv.columns([p for p, _ in files], opts))  # also checks the inputs' layout
+    if packing is not None:
+        columns = packing.columns()
     from streamshard.schema import Schema
 
     Schema(columns)  # a bad column type fails here, before anything is written
@@ -250,6 +258,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
             "chunk_size": chunk_bytes, **writer,
             "inputs": [identities.get(p) or [p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+    if packing is not None:
+        live["packing"] = packing.marker()
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
@@ -258,18 +268,30 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     try:
         done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
         todo = [c for c in chunks if c.index not in done]
-        if on_start:
-            on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
-        jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors,
-                     dict(storage_options or {})) for c in todo]
         report = progress or (lambda s, b: None)
+        if packing is None:
+            if on_start:
+                on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
+            jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors,
+                         dict(storage_options or {})) for c in todo]
+            results = _run(jobs, workers, report)
+        else:
+            from streamshard.convert_packing import PackRun
+
+            packer = PackRun(packing, chunks, done, fs=fs, root=root)
+            if on_start:
+                on_start(len(chunks), len(done), packer.bytes_to_tokenize)
+            results = packer.results(dest=dest, format=format, options=opts, writer=writer,
+                                     skip_errors=skip_errors,
+                                     storage_options=dict(storage_options or {}),
+                                     workers=workers, report=report, on_tokens=on_tokens)
         worker_cpu = 0.0
-        for result in _run(jobs, workers, report):
+        for result in results:
             done[result["chunk"]] = result
             worker_cpu += result.get("cpu_seconds", 0.0)
             if on_chunk is not None:
                 on_chunk(result["chunk"])
-        if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
+        if packing is None and (workers == 1 or len(todo) <= 1):  # ran here: in our own time
             worker_cpu = 0.0
 
         from streamshard.merge import merge_datasets
@@ -279,8 +301,12 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
         skipped = sum(r["skipped"] for r in results)
         meta = {"converter": {"format": format, "options": opts, "chunk_size": chunk_bytes,
                               "chunks": len(chunks), "skipped_records": skipped, **counters}}
+        if packing is not None:
+            meta["packing"] = packing.metadata(format)
         index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
                                overwrite=True, metadata=meta, storage_options=storage_options)
+        if packing is not None:
+            packer.cleanup()  # the token files: after the index, so a crash here loses nothing
         _remove(fs, f"{root}/{MARKER}")
         if identities and input_cache is None:
             inputs.remove_cache(cache)
@@ -361,14 +387,17 @@ class _Tally:
         return result
 
 
-def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None]):
+def _run(jobs: Sequence[Any], workers: int, report: Callable[[int, int], None],
+         fn: Callable[[Any, Callable[[int, int], None]], dict] = convert_chunk):
     """Yield each job's stats as it finishes; in this process for one worker, else in worker
-    processes whose progress is forwarded through a queue and aggregated here."""
+    processes whose progress is forwarded through a queue and aggregated here. ``fn(job,
+    report)`` does one job (a module-level function: it is pickled by name); every job has a
+    ``chunk``."""
     tally = _Tally(report)
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             i = job.chunk.index
-            yield tally.finish(convert_chunk(job, lambda s, b: tally.add(i, s, b)))
+            yield tally.finish(fn(job, lambda s, b: tally.add(i, s, b)))
         return
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -385,11 +414,11 @@ def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None])
         # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (streamshard/lifeline.py)
         os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
         mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
-                                   "streamshard.converters"])
+                                   "streamshard.converters", fn.__module__])
     q = mp.Queue()
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
                                initializer=_init_worker, initargs=(q, os.getpid()))
-    pending = {pool.submit(_worker_run, job) for job in jobs}
+    pending = {pool.submit(_worker_run, fn, job) for job in jobs}
     error: BaseException | None = None
     try:
         while pending:
@@ -421,9 +450,9 @@ def _init_worker(q: Any, owner: int) -> None:
     lifeline.arm(owner)  # a worker dies with the converting process, also on its SIGKILL
 
 
-def _worker_run(job: _Job) -> dict:
+def _worker_run(fn: Callable[[Any, Callable[[int, int], None]], dict], job: Any) -> dict:
     i = job.chunk.index
-    return convert_chunk(job, lambda s, b: _QUEUE.put((i, s, b)))
+    return fn(job, lambda s, b: _QUEUE.put((i, s, b)))
 
 
 def _drain(q: Any, tally: _Tally) -> None:

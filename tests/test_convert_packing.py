@@ -153,19 +153,6 @@ def test_command_line_honours_writer_flags(tmp_path, tokenizer_json, capsys):
     assert (index.compression_level, index.block_size) == (19, 4096)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--resume"], "packing cannot resume"),              # one sequential pass: nothing to resume
-    (["--workers", "2"], "--workers 2 does not apply"),   # one process by nature
-    (["--chunk-size", "1MB"], "--chunk-size is the unit of parallel conversion"),
-])
-def test_command_line_refuses_flags_packing_cannot_honour(tmp_path, capsys, flags, message):
-    write_jsonl(tmp_path / "c.jsonl", [{"ids": [1, 2, 3]}] * 5)
-    rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
-              "--token-field", "ids", "--eod-id", "0", "--seq-len", "4", *flags])
-    assert rc == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()  # refused before anything was written
-
-
 def test_missing_tokenizers_package_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'streamshard\[tokenizers\]'"):

@@ -1,0 +1,314 @@
+"""Packing inside the conversion driver (``streamshard convert --tokenizer/--token-field``).
+
+A packed sequence may start in one chunk and end in the next, so packing runs the driver's plan
+(chunks of input, ``streamshard/convert.py``) in two rounds of the same process pool:
+
+1. **Tokenize** chunk ``i`` (in parallel): its documents in input order, each followed by the
+   eod id, go to ``DEST/parts/tokens/chunk-{i:06d}.bin`` (the token stream in the token dtype,
+   little-endian, then every document's length with its eod as ``<u8``), then its sidecar
+   ``chunk-{i:06d}.json`` (counts, xxh64 of the ``.bin``, skipped records): the sidecar, written
+   last and atomically, marks the chunk tokenized.
+2. **Pack** chunk ``i`` (in parallel), once every chunk's token count ``n_j`` is known: with
+   ``S_i = n_0 + ... + n_{i-1}``, chunk ``i`` owns the global sequences ``k`` whose first token
+   ``k * seq_len`` lies in ``[S_i, S_i + n_i)`` and writes them to ``parts/chunk-{i:06d}``
+   (its own ``ShardWriter``, as every conversion); the last of them may read up to
+   ``seq_len - 1`` tokens of the following chunks' files. The very last sequence is padded.
+
+The samples are exactly those of :func:`streamshard.converters.packing.pack` over the whole
+corpus, and the shards depend on the plan only, never on the worker count. Resume uses the
+driver's rules: a chunk with a part index is done, a tokenized chunk is not tokenized again, and
+the token files are removed once the final index is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import xxhash
+
+from streamshard.atomic import atomic_write_json, put_atomic
+from streamshard.convert import PARTS, STATS_FILE, Chunk, _get_json, _remove, _run
+from streamshard.converters.packing import _BATCH_DOCS, PackSpec, check_document, field_value
+from streamshard.errors import CorruptionError, InputError
+from streamshard.location import resolve
+
+TOKENS = f"{PARTS}/tokens"
+_DOC_DTYPE = np.dtype("<u8")  # a document's length with its eod
+
+
+def _bin(chunk: int) -> str:
+    return f"{TOKENS}/chunk-{chunk:06d}.bin"
+
+
+def _meta(chunk: int) -> str:
+    return f"{TOKENS}/chunk-{chunk:06d}.json"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    from streamshard.converters.packing import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+# -- round 1: tokenize a chunk ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenJob:
+    """Tokenize one chunk (picklable: sent to worker processes)."""
+
+    chunk: Chunk
+    dest: str
+    format: str
+    options: dict
+    spec: PackSpec
+    skip_errors: bool
+    storage_options: dict = field(default_factory=dict)
+
+
+def tokenize_chunk(job: TokenJob, report: Callable[[int, int], None]) -> dict:
+    """Write the chunk's token stream and document lengths, then its sidecar; return the
+    sidecar. Bad records raise or are counted (``--skip-errors``) like any conversion; on an
+    error nothing of this chunk is left behind."""
+    import streamshard.converters as converters
+
+    spec, cfg = job.spec, job.spec.config
+    conv = converters.get(job.format)
+    loc = resolve(job.dest, job.storage_options)
+    fs, root = loc.fs, loc.root
+    ctx = converters.CountingContext(job.skip_errors, report)
+    tok = _tokenizer(spec.tokenizer) if spec.tokenizer else None
+    cpu0 = time.process_time()
+    docs: list[np.ndarray] = []
+    batch: list[tuple[str, str]] = []
+
+    def take(ids: Any, where: str) -> None:
+        try:
+            docs.append(check_document(ids, cfg.dtype, where))
+        except InputError as exc:
+            ctx.bad_record(exc)
+            return
+        ctx.samples += 1
+        if not ctx.samples & 15:
+            ctx.tick()
+
+    def flush() -> None:
+        encodings = tok.encode_batch([t for t, _ in batch], add_special_tokens=False)
+        for enc, (_, where) in zip(encodings, batch):
+            take(np.asarray(enc.ids, dtype=np.int64), where)
+        batch.clear()
+
+    try:
+        for piece in job.chunk.pieces:
+            for sample in conv.read(piece, job.options, ctx):
+                where = ctx.where()
+                try:
+                    value = field_value(sample, spec.field)
+                except KeyError:
+                    ctx.bad_record(InputError(f"{where}: record has no field {spec.field!r}"))
+                    continue
+                if tok is None:
+                    take(value, where)
+                elif not isinstance(value, str):
+                    ctx.bad_record(InputError(f"{where}: text field must be a string, got "
+                                              f"{type(value).__name__}"))
+                else:
+                    batch.append((value, where))
+                    if len(batch) >= _BATCH_DOCS:
+                        flush()
+        if batch:
+            flush()
+        lengths = np.fromiter((d.size + 1 for d in docs), dtype=_DOC_DTYPE, count=len(docs))
+        stream = np.empty(int(lengths.sum()), dtype=np.dtype(cfg.dtype).newbyteorder("<"))
+        ends = np.cumsum(lengths)
+        for d, end in zip(docs, ends.tolist()):
+            stream[end - d.size - 1:end - 1] = d
+        stream[ends - 1] = cfg.eod_id
+        data = stream.tobytes() + lengths.tobytes()
+        put_atomic(f"{root}/{_bin(job.chunk.index)}", data, fs=fs, fsync=False)
+        meta = {"chunk": job.chunk.index, "tokens": int(stream.size), "documents": len(docs),
+                "bytes": len(data), "xxh64": xxhash.xxh64(data).hexdigest(),
+                "skipped": ctx.skipped, "examples": ctx.examples,
+                "input_bytes": job.chunk.nbytes,
+                "cpu_seconds": round(time.process_time() - cpu0, 6)}
+        atomic_write_json(f"{root}/{_meta(job.chunk.index)}", meta, fs=fs)
+    except BaseException:
+        for rel in (_meta(job.chunk.index), _bin(job.chunk.index)):
+            _remove(fs, f"{root}/{rel}")
+        raise
+    ctx.tick(force=True)
+    return {**meta, "samples": meta["documents"]}
+
+
+def _valid_meta(meta: Any, chunk: int) -> bool:
+    """A sidecar as :func:`tokenize_chunk` writes it (sizes checked before any use)."""
+    if not isinstance(meta, dict) or meta.get("chunk") != chunk:
+        return False
+    counts = ("tokens", "documents", "bytes", "skipped", "input_bytes")
+    return (all(type(meta.get(k)) is int and meta[k] >= 0 for k in counts)
+            and isinstance(meta.get("xxh64"), str) and isinstance(meta.get("examples"), list)
+            and meta["documents"] <= meta["tokens"])
+
+
+# -- round 2: pack a chunk -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackJob:
+    """Write the sequences that start in one chunk (picklable).
+
+    ``start``: global position of the chunk's first token; ``total``: tokens of the corpus;
+    ``sources``: ``(chunk, start, sidecar)`` of the chunks whose tokens those sequences hold."""
+
+    chunk: Chunk
+    dest: str
+    spec: PackSpec
+    writer: dict
+    start: int
+    tokens: int
+    total: int
+    sources: tuple[tuple[int, int, dict], ...]
+    tokenized: dict
+    storage_options: dict = field(default_factory=dict)
+
+
+def _load(fs: Any, root: str, chunk: int, meta: dict, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's ``(token stream, document lengths)``, size and xxh64 checked."""
+    path = f"{root}/{_bin(chunk)}"
+    data = fs.cat_file(path)
+    itemsize = np.dtype(dtype).itemsize
+    if (len(data) != meta["bytes"] or meta["tokens"] * itemsize + meta["documents"] * 8 != len(data)
+            or xxhash.xxh64(data).hexdigest() != meta["xxh64"]):
+        raise CorruptionError(f"{path}: token file does not match its sidecar (size "
+                              f"{len(data)}, expected {meta['bytes']}); rerun the conversion with "
+                              f"--no-resume")
+    cut = meta["tokens"] * itemsize
+    tokens = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=meta["tokens"])
+    return tokens, np.frombuffer(data, dtype=_DOC_DTYPE, offset=cut)
+
+
+def pack_chunk(job: PackJob, report: Callable[[int, int], None]) -> dict:
+    """Write the chunk's part dataset and its stats; on any error remove the part."""
+    from streamshard.writer import SIZE_WARNING, ShardWriter
+
+    cfg = job.spec.config
+    n = cfg.seq_len
+    loc = resolve(job.dest, job.storage_options)
+    fs, root = loc.fs, loc.root
+    part_path = f"{root}/{job.chunk.part}"
+    cpu0 = time.process_time()
+    first = -(-job.start // n)                     # sequences whose first token is in the chunk
+    stop = -(-(job.start + job.tokens) // n)
+    a = first * n  # the tokens those sequences hold: global positions [a, b)
+    b = max(a, min(stop * n, job.total))
+    pieces, starts = [], []
+    for chunk, begin, meta in job.sources:
+        tokens, lengths = _load(fs, root, chunk, meta, cfg.dtype)
+        lo, hi = max(a, begin), min(b, begin + tokens.size)
+        pieces.append(tokens[lo - begin:hi - begin])
+        ends = np.cumsum(lengths, dtype=np.int64)
+        doc = begin + ends - lengths.astype(np.int64)
+        starts.append(doc[(doc >= lo) & (doc < hi)])
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, cfg.dtype)
+    if stream.size != b - a:
+        raise CorruptionError(f"{part_path}: packing found {stream.size} tokens for "
+                              f"[{a}, {b}), expected {b - a}; rerun with --no-resume")
+    padded = (stop - first) * n - stream.size
+    rows = np.full((stop - first) * n, cfg.pad, dtype=cfg.dtype)
+    rows[:stream.size] = stream
+    rows = rows.reshape(-1, n)
+    offsets = (np.concatenate(starts) - a) if starts else np.zeros(0, np.int64)
+    cuts = np.searchsorted(offsets, np.arange(stop - first + 1) * n)
+    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
+    try:
+        with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.spec.columns(),
+                         storage_options=job.storage_options, **job.writer) as writer:
+            for r in range(stop - first):
+                sample: dict[str, Any] = {"tokens": rows[r],
+                                          "length": n if r < stop - first - 1 else n - padded}
+                if cfg.doc_boundaries:
+                    sample["doc_starts"] = (offsets[cuts[r]:cuts[r + 1]] - r * n).astype(np.uint32)
+                writer.write(sample)
+            t = job.tokenized
+            stats = {"chunk": job.chunk.index, "samples": stop - first, "skipped": t["skipped"],
+                     "examples": t["examples"], "input_bytes": t["input_bytes"],
+                     "stream_tokens": job.tokens,
+                     "counters": {"documents": t["documents"],
+                                  "tokens": t["tokens"] - t["documents"],
+                                  "padded_tokens": padded},
+                     "cpu_seconds": round(time.process_time() - cpu0, 6)}
+            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
+    except BaseException:
+        _remove(fs, part_path)
+        raise
+    finally:
+        SIZE_WARNING.reset(token)
+    return stats
+
+
+# -- both rounds ---------------------------------------------------------------------------------
+
+class PackRun:
+    """The two rounds for the chunks a conversion has left (``done``: chunks with a part)."""
+
+    def __init__(self, spec: PackSpec, chunks: Sequence[Chunk], done: dict[int, dict], *,
+                 fs: Any, root: str):
+        self.spec, self.chunks, self.done = spec, list(chunks), done
+        self.fs, self.root = fs, root
+        self.tokenized: dict[int, dict] = {}
+        if len(done) < len(self.chunks):
+            for c in self.chunks:
+                meta = _get_json(fs, f"{root}/{_meta(c.index)}")
+                if _valid_meta(meta, c.index) and fs.exists(f"{root}/{_bin(c.index)}"):
+                    self.tokenized[c.index] = meta
+        # Packing any chunk needs every chunk's token count, and its own and the next chunks'
+        # tokens: all of them are tokenized (token files go only once every chunk is packed).
+        self.to_tokenize = ([c for c in self.chunks if c.index not in self.tokenized]
+                            if len(done) < len(self.chunks) else [])
+
+    @property
+    def bytes_to_tokenize(self) -> int:
+        return sum(c.nbytes for c in self.to_tokenize)
+
+    def results(self, *, dest: str, format: str, options: dict, writer: dict,
+                skip_errors: bool, storage_options: dict, workers: int,
+                report: Callable[[int, int], None],
+                on_tokens: Callable[[int], None] | None = None) -> Iterator[dict]:
+        """Tokenize what is missing, then yield each packed chunk's stats as it completes."""
+        jobs = [TokenJob(c, dest, format, options, self.spec, skip_errors, storage_options)
+                for c in self.to_tokenize]
+        cpu: dict[int, float] = {}  # CPU time of worker processes (in-process time is ours)
+        pooled = workers > 1 and len(jobs) > 1
+        for meta in _run(jobs, workers, report, tokenize_chunk):
+            meta = {k: v for k, v in meta.items() if k != "samples"}
+            self.tokenized[meta["chunk"]] = meta
+            cpu[meta["chunk"]] = meta["cpu_seconds"] if pooled else 0.0
+            if on_tokens is not None:
+                on_tokens(meta["chunk"])
+        if len(self.done) == len(self.chunks):
+            return
+        counts = [self.tokenized[c.index]["tokens"] for c in self.chunks]
+        begins = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
+        total, n = begins[-1], self.spec.config.seq_len
+        packs = []
+        for c in self.chunks:
+            if c.index in self.done:
+                continue
+            i = c.index
+            a = -(-begins[i] // n) * n
+            b = min(-(-begins[i + 1] // n) * n, total)
+            sources = tuple((j, begins[j], self.tokenized[j]) for j in range(i, len(counts))
+                            if b > a and begins[j] < b and begins[j + 1] > a)
+            packs.append(PackJob(c, dest, self.spec, writer, begins[i], counts[i], total,
+                                 sources, self.tokenized[i], storage_options))
+        pooled = workers > 1 and len(packs) > 1
+        for stats in _run(packs, workers, lambda s, b: None, pack_chunk):
+            yield {**stats, "cpu_seconds": (stats["cpu_seconds"] if pooled else 0.0)
+                   + cpu.get(stats["chunk"], 0.0)}
+
+    def cleanup(self) -> None:
+        """Remove the token files (after the final index is written)."""
+        _remove(self.fs, f"{self.root}/{TOKENS}")
