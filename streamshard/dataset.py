@@ -23,14 +23,17 @@ import numpy as np
 import torch.utils.data
 
 from streamshard import blockshuffle, fastpath
-from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
+from streamshard.batch_keys import (
+    BatchKey, Columns, StreamingBatchSampler, Tagged, start_prefetch,
+)
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
-    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
+    resolve_batch,
 )
-from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -40,7 +43,7 @@ Transform = Callable[[dict, np.random.Generator], Any]
 _resolve_batch = resolve_batch
 
 
-class StreamingDataset(torch.utils.data.Dataset):
+class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
     """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
@@ -99,14 +102,9 @@ class StreamingDataset(torch.utils.data.Dataset):
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
-        self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
-        # Lanes and the block grouping left to their defaults are fixed by the first run: a
-        # saved state's win (states from before those defaults hold 64 lanes and no blocks).
-        self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
-        self._blocks_adoptable = block_shuffle is None and isinstance(order, EpochOrder)
-        self._set_sequence(SampleSequence(
+        self._init_sequence(SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
-        ))
+        ), lanes=lanes, block_shuffle=block_shuffle)  # adopt_saved_order: streams.SequenceHost
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
@@ -114,43 +112,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-
-    def _set_sequence(self, sequence: SampleSequence) -> None:
-        self.sequence = sequence
-        self.steps_per_epoch = sequence.steps_per_epoch
-        self.working_set_shards = sequence.working_set_shards(
-            self.world.rank, self.world.world_size, self.world.local_world_size)
-        self._ledger_cache = None
-        for ds, remote in zip(self.datasets, self._remote):
-            if remote:
-                # A budget that cannot hold what one device reads at once would deadlock on
-                # pins: refuse it now. And pin no more shards than that working set.
-                ds.source.check_budget(self.working_set_shards)
-                ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
-
-    def adopt_saved_order(self, saved_sequence: Any) -> Callable[[], None]:
-        """Take a saved state's ``lanes`` and ``blocks`` where this dataset's were left to the
-        default (the first run fixes them; states from before the locality default hold 64 lanes,
-        states from before the block-aware shuffle hold no ``blocks``). A malformed saved value
-        is left for :func:`streamshard.state.validate_state` to refuse. Returns an undo callable
-        (the loader calls it if the rest of the state does not validate)."""
-        old = self.sequence
-        if not isinstance(saved_sequence, dict):
-            return lambda: None
-        order = old.order
-        lanes = saved_sequence.get("lanes")
-        if (self._lanes_adoptable and not isinstance(lanes, bool) and isinstance(lanes, int)
-                and lanes >= 1 and lanes != order.lanes):
-            order = order.with_lanes(lanes)
-        if self._blocks_adoptable:
-            blocks = _saved_blocks(saved_sequence.get("blocks"))
-            if blocks is not False and blocks != order.blocks:
-                order = order.with_blocks(blocks)
-        if order is old.order:
-            return lambda: None
-        self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
-                                          drop_last=old.drop_last))
-        return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
@@ -165,19 +126,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = epoch
-
-    def is_remote(self, stream: int) -> bool:
-        return self._remote[stream]
-
-    @property
-    def batch_size(self) -> int:
-        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
-        return int(self.sequence.assignment(self.world.world_size,
-                                            self.world.local_world_size).rank_sizes()[self.world.rank])
-
-    @property
-    def fingerprints(self) -> list[str]:
-        return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
         """Rank batches per epoch (every rank serves the same number of steps)."""
@@ -200,16 +148,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         return self.fetch(step, streams, samples)
 
     # -- iteration ----------------------------------------------------------------------------
-    def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
-        """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
-        ledgers only, not on which steps a plan serves)."""
-        cached = self._ledger_cache
-        if cached is not None and cached[0] == ledgers:
-            return cached[1]
-        seq = self.sequence.with_ledgers(ledgers)
-        self._ledger_cache = (ledgers, seq)
-        return seq
-
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
@@ -237,11 +175,8 @@ class StreamingDataset(torch.utils.data.Dataset):
                 f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
                 "batch_sampler=ds.batch_sampler())")
-        if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
-            for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
-                ds = self.datasets[stream]
-                ds.source.prefetch([ds.index.shards[shard]
-                                    for s, shard in key.prefetch if s == stream])
+        if key.prefetch:
+            start_prefetch(self.datasets, key)
         if key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),
@@ -267,14 +202,3 @@ class StreamingDataset(torch.utils.data.Dataset):
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
 
-
-def _saved_blocks(value: Any) -> BlockGroups | None | bool:
-    """A saved ``sequence.blocks`` as a BlockGroups, ``None`` (absent: window order), or
-    ``False`` when it is malformed (then nothing is adopted and strict validation refuses it)."""
-    if value is None:
-        return None
-    try:
-        k, g = value
-        return BlockGroups(k, g)
-    except (TypeError, ValueError, ConfigError):
-        return False
