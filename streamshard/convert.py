@@ -389,56 +389,98 @@ class _Tally:
 
 def _run(jobs: Sequence[Any], workers: int, report: Callable[[int, int], None],
          fn: Callable[[Any, Callable[[int, int], None]], dict] = convert_chunk):
-    """Yield each job's stats as it finishes; in this process for one worker, else in worker
-    processes whose progress is forwarded through a queue and aggregated here. ``fn(job,
-    report)`` does one job (a module-level function: it is pickled by name); every job has a
-    ``chunk``."""
-    tally = _Tally(report)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            i = job.chunk.index
-            yield tally.finish(fn(job, lambda s, b: tally.add(i, s, b)))
-        return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    """Yield each job's stats as it finishes (one round of :class:`Workers`)."""
+    with Workers(workers) as pool:
+        yield from pool.run(jobs, report, fn)
 
-    # forkserver: workers fork from a clean server process that imported the converters once,
-    # so each costs a fork instead of a fresh interpreter (~0.25 CPU-s each with spawn), and
-    # nothing of the caller's threads or state is inherited (unlike plain fork).
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file and not os.path.exists(main_file):
-        # A script read from stdin cannot be re-imported by a new interpreter: fork instead.
-        mp = multiprocessing.get_context("fork")
-    else:
-        mp = multiprocessing.get_context("forkserver")
-        # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (streamshard/lifeline.py)
-        os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
-        mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
-                                   "streamshard.converters", fn.__module__])
-    q = mp.Queue()
-    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
-                               initializer=_init_worker, initargs=(q, os.getpid()))
-    pending = {pool.submit(_worker_run, fn, job) for job in jobs}
-    error: BaseException | None = None
-    try:
-        while pending:
-            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-            _drain(q, tally)
-            for fut in finished:
-                if fut.cancelled():
-                    continue
-                exc = fut.exception()
-                if exc is None:
-                    yield tally.finish(fut.result())
-                elif error is None:
-                    # Stop handing out chunks; chunks already running finish and are kept.
-                    error = exc
-                    for other in pending:
-                        other.cancel()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if error is not None:
-        raise error
+
+class Workers:
+    """The worker processes of one conversion: started on the first round that needs them and
+    reused by later rounds (packing runs two), shut down by ``close()``. Not thread-safe."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: Any = None
+        self._queue: Any = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _start(self, size: int, fn: Callable) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: workers fork from a clean server process that imported the converters
+        # once, so each costs a fork instead of a fresh interpreter (~0.25 CPU-s each with
+        # spawn), and nothing of the caller's threads or state is inherited (unlike plain fork).
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file and not os.path.exists(main_file):
+            # A script read from stdin cannot be re-imported by a new interpreter: fork instead.
+            mp = multiprocessing.get_context("fork")
+        else:
+            mp = multiprocessing.get_context("forkserver")
+            # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (lifeline.py)
+            os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
+            # Everything a job imports is imported once there, not again in every worker
+            # (fsspec alone costs ~0.25 s per process; a converter module ~0.1 s).
+            mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
+                                       "streamshard.converters", *converters._BUILTIN,
+                                       "fsspec.implementations.local", "streamshard.writer",
+                                       fn.__module__])
+        self._queue = mp.Queue()
+        self._pool = ProcessPoolExecutor(size, mp_context=mp, initializer=_init_worker,
+                                         initargs=(self._queue, os.getpid()))
+        return self._pool
+
+    def run(self, jobs: Sequence[Any], report: Callable[[int, int], None],
+            fn: Callable[[Any, Callable[[int, int], None]], dict] = convert_chunk):
+        """Yield each job's stats as it finishes; in this process for one worker (or one job),
+        else in the worker processes, whose progress is forwarded through a queue and
+        aggregated here. ``fn(job, report)`` does one job (a module-level function: it is
+        pickled by name); every job has a ``chunk``. On an error no new job starts, jobs
+        already running finish (their stats are yielded), then the error is raised."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        tally = _Tally(report)
+        if self.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                i = job.chunk.index
+                yield tally.finish(fn(job, lambda s, b: tally.add(i, s, b)))
+            return
+        pool = self._pool or self._start(min(self.workers, len(jobs)), fn)
+        pending = {pool.submit(_worker_run, fn, job) for job in jobs}
+        error: BaseException | None = None
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                _drain(self._queue, tally)
+                for fut in finished:
+                    if fut.cancelled():
+                        continue
+                    exc = fut.exception()
+                    if exc is None:
+                        yield tally.finish(fut.result())
+                    elif error is None:
+                        # Stop handing out chunks; chunks already running finish and are kept.
+                        error = exc
+                        for other in pending:
+                            other.cancel()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            self.close()
+            raise
+        if error is not None:
+            self.close()
+            raise error
 
 
 _QUEUE: Any = None

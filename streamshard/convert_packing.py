@@ -31,7 +31,7 @@ import numpy as np
 import xxhash
 
 from streamshard.atomic import atomic_write_json, put_atomic
-from streamshard.convert import PARTS, STATS_FILE, Chunk, _get_json, _remove, _run
+from streamshard.convert import PARTS, STATS_FILE, Chunk, Workers, _get_json, _remove
 from streamshard.converters.packing import _BATCH_DOCS, PackSpec, check_document, field_value
 from streamshard.errors import CorruptionError, InputError
 from streamshard.location import resolve
@@ -280,9 +280,16 @@ class PackRun:
         """Tokenize what is missing, then yield each packed chunk's stats as it completes."""
         jobs = [TokenJob(c, dest, format, options, self.spec, skip_errors, storage_options)
                 for c in self.to_tokenize]
+        with Workers(workers) as pool:  # one set of processes for both rounds
+            yield from self._rounds(pool, jobs, dest, writer, storage_options, report, on_tokens)
+
+    def _rounds(self, pool: Workers, jobs: list, dest: str, writer: dict, storage_options: dict,
+                report: Callable[[int, int], None],
+                on_tokens: Callable[[int], None] | None) -> Iterator[dict]:
+        workers = pool.workers
         cpu: dict[int, float] = {}  # CPU time of worker processes (in-process time is ours)
         pooled = workers > 1 and len(jobs) > 1
-        for meta in _run(jobs, workers, report, tokenize_chunk):
+        for meta in pool.run(jobs, report, tokenize_chunk):
             meta = {k: v for k, v in meta.items() if k != "samples"}
             self.tokenized[meta["chunk"]] = meta
             cpu[meta["chunk"]] = meta["cpu_seconds"] if pooled else 0.0
@@ -305,7 +312,7 @@ class PackRun:
             packs.append(PackJob(c, dest, self.spec, writer, begins[i], counts[i], total,
                                  sources, self.tokenized[i], storage_options))
         pooled = workers > 1 and len(packs) > 1
-        for stats in _run(packs, workers, lambda s, b: None, pack_chunk):
+        for stats in pool.run(packs, lambda s, b: None, pack_chunk):
             yield {**stats, "cpu_seconds": (stats["cpu_seconds"] if pooled else 0.0)
                    + cpu.get(stats["chunk"], 0.0)}
 
