@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from streamshard.convert import convert  # noqa: E402
-from streamshard.converters.packing import make_spec  # noqa: E402
+from streamshard.convert_packing import make_spec  # noqa: E402
 
 
 def make_corpus(path: str, megabytes: float, seed: int = 0) -> None:

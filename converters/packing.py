@@ -20,7 +20,9 @@ Documents come from any registered input format (jsonl, text, parquet, hf, ...) 
 (each sequence's start depends on every token before it), but it splits in two: documents are
 tokenized chunk by chunk in parallel, then each chunk writes the sequences that start in its
 tokens once every chunk's token count is known (``streamshard/convert_packing.py``); the dataset
-is the same for every worker count and a crashed conversion resumes (docs/CONVERTERS.md).
+is the same for every worker count and a crashed conversion resumes (docs/CONVERTERS.md). This
+module holds the pure parts; the conversion (``PackSpec``, ``make_spec``, ``pack_corpus``) is
+``streamshard.convert_packing``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from streamshard.errors import ConfigError, InputError, missing_dependency
-from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
 
 # End-of-document tokens looked up in a tokenizer's vocabulary when --eod-id is not given.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -168,7 +169,8 @@ def unpack(samples: Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, list[int]]
 
 # -- tokenizer ---------------------------------------------------------------------------------
 
-def _tokenizer_file(path: str) -> str:
+def tokenizer_file(path: str) -> str:
+    """``path`` itself, or ``path/tokenizer.json`` for a directory."""
     return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
 
 
@@ -178,7 +180,7 @@ def load_tokenizer(path: str):
         from tokenizers import Tokenizer
     except ImportError:
         raise missing_dependency("tokenizers", "tokenizers", "--tokenizer") from None
-    path = _tokenizer_file(path)
+    path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--tokenizer {path}: no such file (expected a Hugging Face "
                           f"tokenizer.json)")
@@ -208,99 +210,3 @@ def field_value(sample: Mapping[str, Any], name: str) -> Any:
     if isinstance(record, dict) and name in record:
         return record[name]
     raise KeyError(name)
-
-
-@dataclass(frozen=True)
-class PackSpec:
-    """A packing conversion: the sequence layout, the field documents come from and, for text,
-    the tokenizer file with its identity (size, xxh64), recorded in the resume marker so a
-    tokenizer changed since a crash is refused. Picklable (sent to worker processes)."""
-
-    config: PackingConfig
-    field: str
-    tokenizer: str | None = None       # absolute path of tokenizer.json; None = pre-tokenized
-    tokenizer_id: tuple[int, str] | None = None
-
-    def columns(self) -> dict[str, str]:
-        return self.config.columns()
-
-    def marker(self) -> dict[str, Any]:
-        """What must not change between a crashed conversion and its resume."""
-        c = self.config
-        return {"seq_len": c.seq_len, "eod_id": c.eod_id, "pad_id": c.pad,
-                "doc_boundaries": c.doc_boundaries, "dtype": c.dtype, "field": self.field,
-                "tokenizer": ([self.tokenizer, *self.tokenizer_id] if self.tokenizer else None)}
-
-    def metadata(self, source_format: str) -> dict[str, Any]:
-        c = self.config
-        return {"seq_len": c.seq_len, "eod_id": c.eod_id, "pad_id": c.pad,
-                "tokenizer": os.path.basename(self.tokenizer) if self.tokenizer else None,
-                "field": self.field, "source_format": source_format}
-
-
-def make_spec(*, seq_len: int, tokenizer: str | None = None, text_field: str = "text",
-              token_field: str | None = None, eod_id: int | None = None,
-              pad_id: int | None = None, doc_boundaries: bool = False,
-              token_dtype_name: str | None = None) -> PackSpec:
-    """The :class:`PackSpec` of the command-line options: exactly one of ``tokenizer`` /
-    ``token_field``; the eod id defaults to the tokenizer's (:data:`EOD_TOKENS`); the dtype is
-    ``uint16`` when the vocabulary, eod and pad ids fit (pre-tokenized input: ``uint32``)."""
-    import xxhash
-
-    if (tokenizer is None) == (token_field is None):
-        raise ConfigError("packing needs exactly one of --tokenizer PATH or --token-field NAME")
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    if eod_id is None:
-        eod_id = default_eod(tok) if tok is not None else None
-        if eod_id is None:
-            raise ConfigError("--eod-id is required: " + (
-                f"the tokenizer has none of {', '.join(EOD_TOKENS)}" if tok is not None
-                else "pre-tokenized input has no tokenizer to take it from"))
-    if token_dtype_name is None:
-        vocab = tok.get_vocab_size(with_added_tokens=True) - 1 if tok is not None else 2**32 - 1
-        fits16 = max(vocab, eod_id, pad_id or 0) <= np.iinfo(np.uint16).max
-        token_dtype_name = "uint16" if fits16 else "uint32"
-    config = PackingConfig(seq_len, eod_id, pad_id, doc_boundaries, token_dtype_name)
-    if tok is None:
-        return PackSpec(config, token_field)  # type: ignore[arg-type]
-    path = os.path.abspath(_tokenizer_file(tokenizer))  # type: ignore[arg-type]
-    with open(path, "rb") as f:
-        data = f.read()
-    return PackSpec(config, text_field, path, (len(data), xxhash.xxh64(data).hexdigest()))
-
-
-def pack_corpus(sources: Sequence[str], dest: str, *, format: str, seq_len: int,
-                options: Mapping[str, Any] | None = None, tokenizer: str | None = None,
-                text_field: str = "text", token_field: str | None = None,
-                eod_id: int | None = None, pad_id: int | None = None,
-                doc_boundaries: bool = False, token_dtype_name: str | None = None,
-                skip_errors: bool = False, shard_size: str | int = DEFAULT_SHARD_SIZE,
-                block_size: str | int = DEFAULT_BLOCK_SIZE, compression: str | None = "zstd",
-                compression_level: int = DEFAULT_COMPRESSION_LEVEL, overwrite: bool = False,
-                workers: int = 1, chunk_size: int | str = "64MB",
-                resume: bool | None = None) -> PackStats:
-    """Tokenize (or take pre-tokenized) documents from ``sources`` and write packed sequences to
-    ``dest`` through the conversion driver (:func:`streamshard.convert.convert` with
-    ``packing=``: chunks tokenized in ``workers`` processes, crash-resumable, the dataset
-    identical for every ``workers``). Exactly one of ``tokenizer`` / ``token_field``. Returns
-    the packing statistics; the dataset's metadata records the packing settings."""
-    from streamshard.convert import convert
-
-    spec = make_spec(seq_len=seq_len, tokenizer=tokenizer, text_field=text_field,
-                     token_field=token_field, eod_id=eod_id, pad_id=pad_id,
-                     doc_boundaries=doc_boundaries, token_dtype_name=token_dtype_name)
-    s = convert(sources, dest, format=format, options=options, shard_size=shard_size,
-                block_size=block_size, compression=compression,
-                compression_level=compression_level, workers=workers, chunk_size=chunk_size,
-                skip_errors=skip_errors, overwrite=overwrite, resume=resume, packing=spec)
-    return stats_of(s)
-
-
-def stats_of(summary: Any) -> PackStats:
-    """The :class:`PackStats` of a packing conversion's ``ConvertSummary``."""
-    c = summary.counters
-    return PackStats(documents=c.get("documents", 0), tokens=c.get("tokens", 0),
-                     sequences=summary.samples, padded_tokens=c.get("padded_tokens", 0),
-                     skipped=summary.skipped, seconds=summary.seconds,
-                     examples=list(summary.skipped_examples))
-

@@ -142,7 +142,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
     from streamshard.convert import convert
-    from streamshard.converters.packing import make_spec, stats_of
+    from streamshard.convert_packing import make_spec, stats_of
 
     seq_len = options.pop("seq_len", None)
     if not seq_len:

@@ -222,9 +222,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     in ``input_cache`` (kept), or in a temporary directory removed after success
     (:mod:`streamshard.inputs`).
 
-    ``packing`` (a :class:`streamshard.converters.packing.PackSpec`) tokenizes and packs the
-    documents instead (``streamshard/convert_packing.py``): same plan, parallelism and resume;
-    ``on_tokens(index)`` is then called after each chunk's tokens are written.
+    ``packing`` (a :class:`streamshard.convert_packing.PackSpec`, from ``make_spec``) tokenizes
+    and packs the documents instead: same plan, parallelism and resume; ``on_tokens(index)`` is
+    then called after each chunk's tokens are written.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -276,9 +276,7 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
                          dict(storage_options or {})) for c in todo]
             results = _run(jobs, workers, report)
         else:
-            from streamshard.convert_packing import PackRun
-
-            packer = PackRun(packing, chunks, done, fs=fs, root=root)
+            packer = packing.start(chunks, done, fs=fs, root=root)
             if on_start:
                 on_start(len(chunks), len(done), packer.bytes_to_tokenize)
             results = packer.results(dest=dest, format=format, options=opts, writer=writer,

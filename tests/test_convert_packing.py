@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamshard.cli import main as cli
-from streamshard.converters.packing import PackingConfig, load_tokenizer, pack, pack_corpus, unpack
+from streamshard.converters.packing import PackingConfig, load_tokenizer, pack, unpack
+from streamshard.convert_packing import pack_corpus
 from streamshard.index import DatasetIndex
 from streamshard import open_dataset
 from streamshard.errors import ConfigError, InputError, MissingDependencyError

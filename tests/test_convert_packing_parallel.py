@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from streamshard.convert import MARKER, convert
-from streamshard.convert_packing import TOKENS
-from streamshard.converters.packing import PackingConfig, make_spec, pack, pack_corpus, unpack
+from streamshard.convert_packing import TOKENS, make_spec, pack_corpus
+from streamshard.converters.packing import PackingConfig, pack, unpack
 from streamshard.errors import ConfigError, CorruptionError, InputError
 from streamshard.reader import open_dataset
 
@@ -117,7 +117,7 @@ def _cli(args, **kw):
 def _killed_run(srcs, dest, tokenizer, hook: str, ready) -> None:
     """Run the conversion in a subprocess paced by ``hook`` (0.4 s after each chunk of that
     round), SIGKILL it once ``ready()`` holds."""
-    script = (f"import time; from streamshard.converters.packing import make_spec; "
+    script = (f"import time; from streamshard.convert_packing import make_spec; "
               f"from streamshard.convert import convert; "
               f"spec = make_spec(seq_len=48, tokenizer={tokenizer!r}, doc_boundaries=True); "
               f"convert({srcs!r}, {str(dest)!r}, format='jsonl', chunk_size='12KB', "
