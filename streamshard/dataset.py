@@ -174,7 +174,8 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
                 f"DataLoader(ds, batch_size={len(key)}) would batch this dataset's rank batches "
                 f"again: use StreamingDataLoader(ds) (it accepts batch_size={self.batch_size}), "
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
-                "batch_sampler=ds.batch_sampler())")
+                "batch_sampler=ds.batch_sampler()); with transformers.Trainer, "
+                "streamshard.hf_trainer.StreamingTrainer")
         if key.prefetch:
             start_prefetch(self.datasets, key)
         if key.columnar and self._columns is not None:
