@@ -172,23 +172,3 @@ def test_rerun_with_a_kept_cache_follows_the_remote_listing(s3, tmp_path):
                      input_cache=cache, input_storage_options=s3.options())
     assert (first.samples, second.samples) == (6, 4)
 
-
-from tests.test_convert_packing import tokenizer_json  # noqa: E402,F401 (fixture)
-
-
-def test_packing_to_an_s3_destination(s3, corpus, tmp_path, tokenizer_json):
-    """Tokenize + pack into a remote destination: the token files go through the destination's
-    filesystem, the dataset equals the local one and the token files are gone afterwards (remote
-    inputs are staged locally first, as for every format: tested above)."""
-    from streamshard.convert_packing import TOKENS, make_spec
-
-    spec = make_spec(seq_len=8, tokenizer=tokenizer_json, doc_boundaries=True)
-    common = dict(format="jsonl", packing=spec)  # one chunk: every S3 call costs ~0.2 s here
-    local = convert([str(corpus / "*.jsonl.zst")], str(tmp_path / "local"), **common)
-    s3.make_bucket("packed")
-    remote = convert([str(corpus / "*.jsonl.zst")], "s3://packed/ds",
-                     storage_options=s3.options(), **common)
-    assert remote.counters["documents"] == 450 and remote.samples == local.samples
-    assert remote.fingerprint == local.fingerprint
-    fs = s3.fs()
-    assert not fs.exists(f"packed/ds/{TOKENS}") and fs.exists("packed/ds/index.json")

@@ -53,25 +53,6 @@ def source(s3, url, cache_dir, **kw) -> CachedSource:
     return CachedSource(url, cache_dir=str(cache_dir), storage_options=s3.options(), **kw)
 
 
-def test_opening_a_remote_dataset_parses_its_index_once(s3, tmp_path, monkeypatch):
-    """CachedSource parses the index to check it (fingerprint, budget); the Dataset takes that
-    parse (``load_index``) instead of parsing the bytes again, cold and warm, and a
-    StreamingDataset-style open through ``open_dataset`` does the same."""
-    from streamshard.index import DatasetIndex
-
-    url = upload(s3, write_id_dataset(str(tmp_path / "small"), 200, shard_size="2KB"))
-    calls = []
-    parse = DatasetIndex.from_bytes.__func__
-    monkeypatch.setattr(DatasetIndex, "from_bytes",
-                        classmethod(lambda cls, *a, **kw: calls.append(a[1:]) or parse(cls, *a, **kw)))
-    for cache in ("cold", "warm"):  # the warm open reads the node's cached copy
-        calls.clear()
-        ds = open_dataset(url, cache_dir=str(tmp_path / "cache"), storage_options=s3.options())
-        assert len(calls) == 1 and len(ds) == 200
-        assert ds.source.stats()[{"cold": "index_fetches", "warm": "index_hits"}[cache]] == 1
-        ds.close()
-
-
 def test_end_to_end_equal_to_local_and_index_fetched_once(s3, local_ds, tmp_path):
     url = upload(s3, local_ds)
     local = open_dataset(local_ds)
