@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.mixing import restore, reweight_ledgers
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_STEP, build_state
 
 
 # Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
@@ -52,6 +53,10 @@ class Columns(dict):
     """A rank batch already collated as columns (``columnar`` keys): collation passes it on."""
 
 
+class Buckets(list):
+    """A rank batch already collated as a list of micro-batches (``TokenBudget``): passed on."""
+
+
 class Tagged(NamedTuple):
     """``(step, batch)`` from a ``tagged`` key: StreamingDataLoader checks the step."""
 
@@ -75,6 +80,8 @@ class BatchCollate:
         return self._one(data)
 
     def _one(self, batch: Any) -> Any:
+        if isinstance(batch, Buckets):
+            return list(batch)
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
@@ -128,6 +135,8 @@ class StreamingBatchSampler:
         self.step = 0
         self.stop: int | None = None  # None: the end of the epoch of ``step``
         self.ledgers = Ledgers()
+        # load_state_dict's default for ``reweight`` (StatefulDataLoader passes none).
+        self.reweight_on_load = False
 
     def __len__(self) -> int:
         return self.dataset.steps_per_epoch
@@ -147,21 +156,25 @@ class StreamingBatchSampler:
     # -- Stateful -----------------------------------------------------------------------------
     def state_at(self, step: int) -> dict[str, Any]:
         ds = self.dataset
-        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence.state_fields(),
+        return build_state(fingerprints=ds.fingerprints, sequence=sequence_fields(ds),
                            steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
 
     def state_dict(self) -> dict[str, Any]:
         return self.state_at(self.dataset.sequence_with(self.ledgers).next_served_step(self.step))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        undo = self.dataset.adopt_saved_order(state.get("sequence") if isinstance(state, dict) else None)
-        try:
-            validate_state(state, self.state_at(0))
-        except Exception:
-            undo()
-            raise
-        self.ledgers = Ledgers.from_state(state)
+    def load_state_dict(self, state: dict[str, Any], reweight: bool | None = None) -> None:
+        """Restore a loader state; ``reweight`` (default :attr:`reweight_on_load`) continues a
+        mixture built with new weights (:mod:`streamshard.mixing`)."""
+        self.ledgers = restore(self.dataset, state, lambda: self.state_at(0),
+                               self.reweight_on_load if reweight is None else reweight)
         self.step, self.stop = int(state[KEY_STEP]), None
+
+    def reweight(self, weights: Any, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight``; applies from the next ``iter()`` (a live
+        iterator keeps the keys it planned), so ``from_step`` defaults to :attr:`step`."""
+        seq = self.dataset.sequence_with(self.ledgers)
+        self.ledgers = reweight_ledgers(seq, self.dataset.streams, weights, from_step,
+                                        seq.next_served_step(self.step))
 
 
 class _KeyIterator:
@@ -203,6 +216,13 @@ class _KeyIterator:
         ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
         in bytes."""
         dataset = self._sampler.dataset
+        planner = getattr(dataset, "pack_planner", None)  # packing= (streamshard/packplan.py)
+        if planner is not None:
+            served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
+            yield from planner.keys(
+                itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
+                columnar=self._sampler.columnar, tagged=self._sampler.tagged)
+            return
         remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
         chunks = self._chunks()
         ahead: collections.deque = collections.deque()
@@ -267,3 +287,13 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
                     seen.add((stream, shard))
                     out.append((stream, shard))
     return tuple(out)
+
+
+def sequence_fields(dataset: Any) -> dict[str, Any]:
+    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
+    when it serves packed or bucketed steps (streamshard/packing.py)."""
+    fields = dataset.sequence.state_fields()
+    packing = getattr(dataset, "packing", None)
+    if packing is not None:
+        fields["packing"] = packing.state_fields()
+    return fields

@@ -22,18 +22,21 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
-from streamshard import blockshuffle, fastpath
+from streamshard import blockshuffle, fastpath, packplan
 from streamshard.batch_keys import (
-    BatchKey, Columns, StreamingBatchSampler, Tagged, start_prefetch,
+    BatchKey, Buckets, Columns, StreamingBatchSampler, Tagged, start_prefetch,
 )
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
+from streamshard.packing import Packing, TokenBudget, check_column, check_config
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
     resolve_batch,
 )
-from streamshard.sampler import SampleSequence, sample_rng
+from streamshard.sampler import EpochOrder, SampleSequence, sample_rng
+from streamshard.sampler import derive_key
+from streamshard.sampler.order import DEFAULT_MAX_LANES
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -50,7 +53,9 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
     device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
     ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
     sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
-    index (remote: fetched once into ``cache_dir``); shards are read lazily.
+    index (remote: fetched once into ``cache_dir``); shards are read lazily. ``packing``: a
+    :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
+    packed rows or length buckets instead of samples (docs/LOADER.md).
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
         blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
         verify_blocks: bool = True,
+        packing: Packing | TokenBudget | None = None,
     ):
         super().__init__()
         streams = as_streams(source, storage_options)
@@ -84,6 +90,9 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
             raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
+        if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
+            check_config(packing, self.global_batch_size, self.world.world_size)
+        self.packing = packing
         self.seed, self.shuffle, self.transform = seed, shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
@@ -95,10 +104,15 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
             streams, cache_dir=cache_dir, cache_limit=cache_limit,
             storage_options=storage_options, block_cache=block_cache,
             verify_blocks=verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
+        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
         order, orders = build_order(
             self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
             epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
-            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size)
+            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size
+            // (packing.group if packing is not None else 1))  # lanes divide windows per step
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
@@ -107,11 +121,37 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
         ), lanes=lanes, block_shuffle=block_shuffle)  # adopt_saved_order: streams.SequenceHost
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self._stream_orders = orders  # each stream's own order (restream.py re-keys them)
+        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
+        self._epoch_size_adoptable = epoch_size is None
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
+
+    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
+        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
+        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
+        order = self._stream_orders[i]
+        if len(self.streams) == 1 and self._lanes_adoptable:
+            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
+        return order.reseeded(derive_key(self.seed, stream_id))
+
+    def adopt_layout(self, streams: tuple, datasets: tuple,
+                     sequence: SampleSequence) -> Callable[[], None]:
+        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
+        history (streamshard.restream). Returns an undo callable."""
+        old = (self.streams, self.datasets, self._remote, self._columns, self.sequence)
+        self.streams, self.datasets = streams, datasets
+        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
+        self._columns = self._columns if len(datasets) == 1 else None
+        self._set_sequence(sequence)
+
+        def undo() -> None:
+            self.streams, self.datasets, self._remote, self._columns = old[:4]
+            self._set_sequence(old[4])
+        return undo
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
@@ -144,6 +184,8 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
             raise IndexError(f"rank batch {index} out of range [0, {self.steps_per_epoch})")
         step = self._epoch * self.steps_per_epoch + int(index)
         w = self.world
+        if self.packing is not None:
+            return self.__getitems__(self.pack_planner.key(step))
         streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
         return self.fetch(step, streams, samples)
 
@@ -178,7 +220,9 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
                 "streamshard.hf_trainer.StreamingTrainer")
         if key.prefetch:
             start_prefetch(self.datasets, key)
-        if key.columnar and self._columns is not None:
+        if isinstance(key, packplan.PackKey):
+            batch = _to_torch(packplan.serve(self, key), self.packing.column, self.token_dtype)
+        elif key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),
                                         token_dtype=self.token_dtype, pin_memory=self.pin_memory)
@@ -197,9 +241,24 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
             yield self.__getitems__(key)
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
+
+
+def _to_torch(batch: Any, column: str, token_dtype: torch.dtype | None) -> Any:
+    """A numpy packed batch (-> :class:`Columns` of tensors) or list of buckets (->
+    :class:`Buckets` of dicts of tensors); the token column comes out in ``token_dtype``."""
+    if isinstance(batch, list):
+        return Buckets(dict(_to_torch(b, column, token_dtype)) for b in batch)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        value = value.astype(np.int64) if value.dtype.kind == "u" else value
+        tensor = (torch.from_numpy(np.ascontiguousarray(value)) if value.ndim
+                  else torch.tensor(value.item()))
+        out[name] = tensor.to(token_dtype) if name == column and token_dtype is not None else tensor
+    return Columns(out)
 

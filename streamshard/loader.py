@@ -16,12 +16,14 @@ from typing import Any, Callable, Iterator
 import torch.utils.data
 
 from streamshard.batch_keys import (
-    BatchCollate, StreamingBatchSampler, Tagged, with_quarantine, with_reseed, with_skip,
+    BatchCollate, StreamingBatchSampler, Tagged, sequence_fields, with_quarantine, with_reseed,
+    with_skip,
 )
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
+from streamshard.mixing import reweight_ledgers, restore
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_SEQUENCE, KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_STEP, build_state
 
 
 class StreamingDataLoader(torch.utils.data.DataLoader):
@@ -108,7 +110,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         ds = self.streaming_dataset
         return build_state(
             fingerprints=ds.fingerprints,
-            sequence=ds.sequence.state_fields(),
+            sequence=sequence_fields(ds),
             steps_per_epoch=self.steps_per_epoch,
             step=self.step,
             ledgers=self._ledgers,
@@ -118,18 +120,14 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         """Small JSON-able state, identical on every rank; counts consumed batches only."""
         return self._live_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], reweight: bool = False) -> None:
         """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
 
-        A live iterator notices and continues from the restored step."""
-        undo = self.streaming_dataset.adopt_saved_order(
-            state_dict.get(KEY_SEQUENCE) if isinstance(state_dict, dict) else None)
-        try:
-            validate_state(state_dict, self._live_state())
-        except Exception:
-            undo()
-            raise
-        self._ledgers = Ledgers.from_state(state_dict)
+        A mixture built with other weights than the saved ones is refused unless ``reweight``:
+        then the new weights apply from the saved step and the state keeps the history
+        (:mod:`streamshard.mixing`). A live iterator notices and continues from the restored
+        step."""
+        self._ledgers = restore(self.streaming_dataset, state_dict, self._live_state, reweight)
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
         self._generation += 1
@@ -148,6 +146,16 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         (docs/SAMPLER.md), so batches stay full; steps before ``from_step`` are unchanged.
         Idempotent; merged like skips."""
         self._set_ledgers(with_quarantine(self._ledgers, entries))
+
+    def reweight(self, weights, from_step: int | None = None) -> None:
+        """Serve the mixture with ``weights`` (one per stream, or a dict by source) from
+        absolute step ``from_step`` (default: the next step this loader serves) on: every block
+        of ``M`` positions from that step's first position holds exactly the new counts, and
+        each stream still serves each sample once per its own epoch. A served step is refused.
+        A ledger entry (in the state, identical on all ranks); idempotent."""
+        ds = self.streaming_dataset
+        self._set_ledgers(reweight_ledgers(self._sequence(), ds.streams, weights, from_step,
+                                           self.step))
 
     def apply_ledgers(self, ledgers: Ledgers) -> None:
         """Merge every ledger of ``ledgers`` into this loader's (idempotent)."""

@@ -34,6 +34,7 @@ from streamshard.batch_keys import (
     StreamingBatchSampler, start_prefetch, with_quarantine, with_reseed, with_skip,
 )
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
+from streamshard.mixing import reweight_ledgers
 from streamshard.streams import (
     SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
     resolve_batch,
@@ -241,11 +242,12 @@ class NumpyBatchIterator(SequenceHost):
         """The same small JSON-able state as ``StreamingDataLoader.state_dict()``."""
         return self._keys.state_at(self.step)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], reweight: bool = False) -> None:
         """Restore strictly (a mismatch shows the saved and the live value side by side),
-        adopting the saved lanes and block grouping where they were left to the defaults,
-        as ``StreamingDataLoader`` does. A live iterator continues from the restored step."""
-        self._keys.load_state_dict(state_dict)
+        adopting the saved lanes and block grouping where they were left to the defaults, as
+        ``StreamingDataLoader`` does; ``reweight`` as ``StreamingDataLoader.load_state_dict``.
+        A live iterator continues from the restored step."""
+        self._keys.load_state_dict(state_dict, reweight)
         self._last_step = None
         self._generation += 1
 
@@ -262,6 +264,11 @@ class NumpyBatchIterator(SequenceHost):
         ``StreamingDataLoader.quarantine``)."""
         self._set_ledgers(with_quarantine(self._keys.ledgers, entries))
 
+    def reweight(self, weights, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight`` (docs/LOADER.md, "Mixtures that change")."""
+        self._set_ledgers(reweight_ledgers(self.sequence_with(self._keys.ledgers), self.streams,
+                                           weights, from_step, self.step))
+
     @property
     def ledgers(self) -> Ledgers:
         return self._keys.ledgers
@@ -276,6 +283,6 @@ class NumpyBatchIterator(SequenceHost):
             ds.close()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (f"NumpyBatchIterator([{names}], global_batch_size={self.global_batch_size}, "
                 f"steps_per_epoch={self.steps_per_epoch}, {self.world})")

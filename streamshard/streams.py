@@ -20,19 +20,102 @@ from streamshard.sampler.order import default_lanes
 from streamshard.world import World
 
 
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 @dataclass(frozen=True)
 class Stream:
-    """One dataset of a weighted mixture. ``weight`` is relative; it need not sum to 1."""
+    """One dataset (a member) of a mixture, and how much of it the mixture takes.
+
+    Relative sampling: ``weight`` (need not sum to 1; 0 gives the stream no slot until a
+    reweight), or a piecewise schedule known in advance, ``[(step, weight), ...]`` from step 0
+    in increasing absolute data steps: the same as reweight ledger entries at those steps, so a
+    resume anywhere is exact. Absolute sampling (MosaicML Streaming's ``repeat``/``choose``):
+    ``repeat=2.5`` takes ``round(2.5 * N)`` samples of the stream per mixture epoch,
+    ``choose=n`` exactly ``n``; the mixture epoch is the sum. Absolute and relative sampling
+    are exclusive (docs/LOADER.md).
+    """
 
     source: str
-    weight: float = 1.0
+    weight: float | tuple[tuple[int, float], ...] = 1.0
     storage_options: dict | None = field(default=None, compare=False, hash=False)
+    repeat: float | None = None
+    choose: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"Stream source must be a path or URL string, got {self.source!r}")
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)) or self.weight <= 0:
-            raise ConfigError(f"Stream weight must be a positive number, got {self.weight!r}")
+        if isinstance(self.weight, (list, tuple)):
+            object.__setattr__(self, "weight", _schedule(self.weight, self.source))
+        elif not _number(self.weight) or self.weight < 0:
+            raise ConfigError(f"Stream weight must be a non-negative number or a list of "
+                              f"(step, weight) pairs, got {self.weight!r}")
+        if self.repeat is not None and (not _number(self.repeat) or self.repeat <= 0):
+            raise ConfigError(f"Stream repeat must be a positive number, got {self.repeat!r}")
+        if self.choose is not None and (isinstance(self.choose, bool)
+                                        or not isinstance(self.choose, int) or self.choose <= 0):
+            raise ConfigError(f"Stream choose must be a positive int, got {self.choose!r}")
+        if self.repeat is not None and self.choose is not None:
+            raise ConfigError(f"Stream {self.source}: give repeat or choose, not both")
+        if self.absolute and self.weight != 1.0:
+            raise ConfigError(
+                f"Stream {self.source}: repeat/choose (samples per epoch) and weight (a relative "
+                f"share) are exclusive: a mixture samples by one or the other")
+
+    @property
+    def absolute(self) -> bool:
+        """Sampled by ``repeat``/``choose`` rather than by a relative weight."""
+        return self.repeat is not None or self.choose is not None
+
+    @property
+    def schedule(self) -> tuple[tuple[int, float], ...]:
+        """``((step, weight), ...)``: ``((0, weight),)`` for a constant weight."""
+        return self.weight if isinstance(self.weight, tuple) else ((0, float(self.weight)),)
+
+    def weight_at(self, step: int) -> float:
+        """The relative weight in force at absolute data step ``step``."""
+        return [w for s, w in self.schedule if s <= step][-1]
+
+    def samples_per_epoch(self, size: int) -> int:
+        """Samples taken per mixture epoch when absolute (``size``: the stream's samples)."""
+        n = self.choose if self.choose is not None else round(self.repeat * size)
+        if n < 1:
+            raise ConfigError(f"Stream {self.source}: repeat={self.repeat} of {size} samples "
+                              f"takes no sample per epoch")
+        return n
+
+    def describe(self) -> str:
+        if self.choose is not None:
+            return f"{self.source}(choose={self.choose})"
+        if self.repeat is not None:
+            return f"{self.source}(repeat={self.repeat:g})"
+        if isinstance(self.weight, tuple):
+            return f"{self.source}(w={list(self.weight)})"
+        return f"{self.source}(w={self.weight:g})"
+
+
+def _schedule(pairs: Any, source: str) -> tuple[tuple[int, float], ...]:
+    """Validated ``((step, weight), ...)``: from step 0, steps increasing, weights >= 0."""
+    out: list[tuple[int, float]] = []
+    for item in pairs:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"Stream {source}: a weight schedule is (step, weight) pairs, "
+                              f"got {item!r:.80}")
+        step, weight = item
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"Stream {source}: schedule step must be an int >= 0, got {step!r}")
+        if not _number(weight) or weight < 0:
+            raise ConfigError(f"Stream {source}: schedule weight must be a non-negative number, "
+                              f"got {weight!r} at step {step}")
+        if out and step <= out[-1][0]:
+            raise ConfigError(f"Stream {source}: schedule steps must increase, got {step} after "
+                              f"{out[-1][0]}")
+        out.append((step, float(weight)))
+    if not out or out[0][0] != 0:
+        raise ConfigError(f"Stream {source}: a weight schedule starts at step 0, got {list(pairs)!r:.80}")
+    return tuple(out)
 
 
 def resolve_batch(batch_size: int | None, global_batch_size: int | None, world: World) -> int:
@@ -114,10 +197,36 @@ def build_order(datasets: Sequence[Dataset], streams: Sequence[Stream], *, seed:
         )
         for i, ds in enumerate(datasets)
     ]
-    if len(orders) == 1 and epoch_size is None:
-        return orders[0], orders
-    return MixtureOrder(orders, [s.weight for s in streams], seed=seed, block=mixture_block,
-                        epoch_size=epoch_size), orders
+    return mixture_of(orders, streams, seed=seed, epoch_size=epoch_size,
+                      mixture_block=mixture_block), orders
+
+
+def mixture_of(orders: Sequence[EpochOrder], streams: Sequence[Stream], *, seed: int,
+               epoch_size: int | None, mixture_block: int | None) -> EpochOrder | MixtureOrder:
+    """The order of ``streams``: one stream's own order, a weighted mixture (weights or a
+    schedule), or an absolute one (``repeat``/``choose``: one block of ``E = sum n_s`` positions
+    per mixture epoch holding exactly ``n_s`` of stream ``s``)."""
+    if any(s.absolute for s in streams):
+        relative = [s.source for s in streams if not s.absolute and s.weight != 1.0]
+        if relative:
+            raise ConfigError(f"streams {relative} have relative weights in a mixture sampled by "
+                              "repeat/choose: give each stream repeat or choose (a stream with "
+                              "neither is taken once per epoch)")
+        for name, value in (("epoch_size", epoch_size), ("mixture_block", mixture_block)):
+            if value is not None:
+                raise ConfigError(f"{name} cannot be set with repeat/choose: the mixture epoch is "
+                                  "the sum of the streams' samples per epoch")
+        n = [s.samples_per_epoch(o.size) if s.absolute else o.size
+             for s, o in zip(streams, orders)]
+        return MixtureOrder(orders, n, seed=seed, block=sum(n), epoch_size=sum(n))
+    changes = sorted({step for s in streams for step, _ in s.schedule if step > 0})
+    if len(orders) == 1 and epoch_size is None and not changes:
+        return orders[0]
+    if len(orders) == 1 and changes:
+        raise ConfigError("a weight schedule needs a mixture of two or more streams")
+    return MixtureOrder(orders, [s.weight_at(0) for s in streams], seed=seed,
+                        block=mixture_block, epoch_size=epoch_size,
+                        schedule=[(t, [s.weight_at(t) for s in streams]) for t in changes])
 
 
 def reserve_block_caches(datasets: Sequence[Dataset], orders: Sequence[EpochOrder],
