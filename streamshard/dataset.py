@@ -34,9 +34,7 @@ from streamshard.streams import (  # noqa: F401 (Stream re-exported)
     SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
     resolve_batch,
 )
-from streamshard.sampler import EpochOrder, SampleSequence, sample_rng
-from streamshard.sampler import derive_key
-from streamshard.sampler.order import DEFAULT_MAX_LANES
+from streamshard.sampler import SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -57,6 +55,8 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
     :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
     packed rows or length buckets instead of samples (docs/LOADER.md).
     """
+
+    _SINGLE_STREAM_PATHS = ("_columns",)  # fastpath columns: one stream only
 
     def __init__(
         self,
@@ -116,42 +116,17 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
         if not isinstance(lookahead, int) or lookahead < 1:
             raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
         self.lookahead = lookahead
+        # adopt_saved_order, stream_order, adopt_layout: streams.SequenceHost
         self._init_sequence(SampleSequence(
             order, global_batch_size=self.global_batch_size, drop_last=drop_last
-        ), lanes=lanes, block_shuffle=block_shuffle)  # adopt_saved_order: streams.SequenceHost
+        ), lanes=lanes, block_shuffle=block_shuffle, orders=orders, epoch_size=epoch_size)
         if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
-        self._stream_orders = orders  # each stream's own order (restream.py re-keys them)
-        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
-        self._epoch_size_adoptable = epoch_size is None
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-
-    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
-        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
-        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
-        order = self._stream_orders[i]
-        if len(self.streams) == 1 and self._lanes_adoptable:
-            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
-        return order.reseeded(derive_key(self.seed, stream_id))
-
-    def adopt_layout(self, streams: tuple, datasets: tuple,
-                     sequence: SampleSequence) -> Callable[[], None]:
-        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
-        history (streamshard.restream). Returns an undo callable."""
-        old = (self.streams, self.datasets, self._remote, self._columns, self.sequence)
-        self.streams, self.datasets = streams, datasets
-        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
-        self._columns = self._columns if len(datasets) == 1 else None
-        self._set_sequence(sequence)
-
-        def undo() -> None:
-            self.streams, self.datasets, self._remote, self._columns = old[:4]
-            self._set_sequence(old[4])
-        return undo
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:

@@ -142,6 +142,8 @@ class NumpyBatchIterator(SequenceHost):
     ``reseed_from`` / ``quarantine`` behave as on ``StreamingDataLoader``. Not thread-safe.
     """
 
+    _SINGLE_STREAM_PATHS = ("_rows",)  # the row gather: one stream only
+
     def __init__(self, source: str | Sequence[Stream], *, batch_size: int | None = None,
                  global_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
                  lanes: int | None = None, window: int | None = None, drop_last: bool = True,
@@ -172,7 +174,8 @@ class NumpyBatchIterator(SequenceHost):
         self.lookahead = lookahead
         self._init_sequence(SampleSequence(order, global_batch_size=self.global_batch_size,
                                            drop_last=drop_last),
-                            lanes=lanes, block_shuffle=block_shuffle)
+                            lanes=lanes, block_shuffle=block_shuffle, orders=orders,
+                            epoch_size=epoch_size)
         if block_cache is None:
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._keys = StreamingBatchSampler(self)  # owns the step, the ledgers and the state

@@ -16,7 +16,7 @@ from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import (
     BlockGroups, EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key,
 )
-from streamshard.sampler.order import default_lanes
+from streamshard.sampler.order import DEFAULT_MAX_LANES, default_lanes
 from streamshard.world import World
 
 
@@ -251,16 +251,26 @@ class SequenceHost:
     ``lookahead`` and call :meth:`_init_sequence` once."""
 
     datasets: tuple[Dataset, ...]
+    streams: tuple[Stream, ...]
     world: World
+    seed: int
     lookahead: int
+    # Attributes holding a single-stream fast path (``None`` when it does not apply): dropped
+    # while a resume lays out several streams (:meth:`adopt_layout`).
+    _SINGLE_STREAM_PATHS: tuple[str, ...] = ()
 
     def _init_sequence(self, sequence: SampleSequence, *, lanes: int | None,
-                       block_shuffle: bool | None) -> None:
+                       block_shuffle: bool | None, orders: Sequence[EpochOrder] = (),
+                       epoch_size: int | None = None) -> None:
+        """``orders``: each stream's own order (as ``build_order`` returns them)."""
         self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
         # Lanes and the block grouping left to their defaults are fixed by the first run: a
         # saved state's win (states from before those defaults hold 64 lanes and no blocks).
         self._lanes_adoptable = lanes is None and isinstance(sequence.order, EpochOrder)
         self._blocks_adoptable = block_shuffle is None and isinstance(sequence.order, EpochOrder)
+        self._stream_orders = list(orders)  # each stream's own order (restream.py re-keys them)
+        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
+        self._epoch_size_adoptable = epoch_size is None
         self._set_sequence(sequence)
 
     def _set_sequence(self, sequence: SampleSequence) -> None:
@@ -299,6 +309,34 @@ class SequenceHost:
         self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
                                           drop_last=old.drop_last))
         return lambda: self._set_sequence(old)
+
+    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
+        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
+        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
+        order = self._stream_orders[i]
+        if len(self.streams) == 1 and self._lanes_adoptable:
+            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
+        return order.reseeded(derive_key(self.seed, stream_id))
+
+    def adopt_layout(self, streams: tuple, datasets: tuple,
+                     sequence: SampleSequence) -> Callable[[], None]:
+        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
+        history (streamshard.restream). Returns an undo callable."""
+        fast = {name: getattr(self, name) for name in self._SINGLE_STREAM_PATHS}
+        old = (self.streams, self.datasets, self._remote, self.sequence)
+        self.streams, self.datasets = streams, datasets
+        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
+        if len(datasets) != 1:
+            for name in fast:
+                setattr(self, name, None)
+        self._set_sequence(sequence)
+
+        def undo() -> None:
+            self.streams, self.datasets, self._remote = old[:3]
+            for name, value in fast.items():
+                setattr(self, name, value)
+            self._set_sequence(old[3])
+        return undo
 
     def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
         """The base sequence with ``ledgers`` applied (cached: the sequence depends on the

@@ -165,6 +165,28 @@ def test_old_states_restore_across_loaders_both_ways(paths, case):
             restore_into(paths[0], **kw, **explicit).load_state_dict(state)
 
 
+def test_streams_added_and_removed_at_a_resume_restore_in_either_loader(id_dataset_factory):
+    """A mixture resumed with a stream removed and one added (reweight=True) lays its streams
+    out in the run's history order in both loaders (streams.SequenceHost.adopt_layout), so a
+    state saved by either continues identically in the other."""
+    a, b, c = (id_dataset_factory(n, shard_size="1KB") for n in (90, 61, 47))
+    kw = dict(global_batch_size=8, seed=3, world=World())
+    for save_with, restore_into in ((NumpyBatchIterator, torch_loader),
+                                    (torch_loader, NumpyBatchIterator)):
+        first = save_with([Stream(a), Stream(b)], **kw)
+        for _ in zip(range(3), first):
+            pass
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = restore_into([Stream(c, 2.0), Stream(b)], **kw)
+        same = save_with([Stream(c, 2.0), Stream(b)], **kw)
+        for loader in (resumed, same):
+            loader.load_state_dict(state, reweight=True)
+        assert resumed.state_dict() == same.state_dict()
+        assert len(resumed.state_dict()["fingerprints"]) == 3
+        assert [ids(x) for _, x in zip(range(6), resumed)] == \
+            [ids(x) for _, x in zip(range(6), same)]
+
+
 def test_numpy_iterator_is_driven_by_the_shared_batch_sampler(paths):
     """The iterator's step, ledgers and state are its StreamingBatchSampler's: no second copy."""
     from streamshard.batch_keys import StreamingBatchSampler
