@@ -66,15 +66,19 @@ def round_up(step: int, steps_per_epoch: int, pool: int) -> int:
 
 
 def pooled_ledgers(ledgers: Ledgers, steps_per_epoch: int, pool: int) -> Ledgers:
-    """The ledgers a pooled sequence maps with: reseed steps and quarantine ``from_step``s
-    rounded up to a pool boundary (skips are applied per step, as served)."""
-    if pool == 1 or not (ledgers.reseeds or ledgers.quarantine):
+    """The ledgers a pooled sequence maps with: reseed and reweight steps and quarantine
+    ``from_step``s rounded up to a pool boundary (skips are applied per step, as served), so a
+    pool's documents never change once its first step has been served."""
+    if pool == 1 or not (ledgers.reseeds or ledgers.quarantine or ledgers.reweights):
         return ledgers
     up = lambda s: round_up(s, steps_per_epoch, pool)  # noqa: E731
     return dataclasses.replace(
         ledgers,
         reseeds=tuple((up(r), salt) for r, salt in ledgers.reseeds),
-        quarantine=tuple((stream, sid, up(f)) for stream, sid, f in ledgers.quarantine))
+        quarantine=tuple((stream, sid, up(f)) for stream, sid, f in ledgers.quarantine),
+        # Two changes rounded into one pool boundary: the later one is in force there.
+        reweights=tuple((step,) + counts for step, counts in
+                        {up(entry[0]): tuple(entry[1:]) for entry in ledgers.reweights}.items()))
 
 
 def rank_windows(global_batch_size: int, group: int, lanes: int, world: Any) -> np.ndarray:

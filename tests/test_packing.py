@@ -21,7 +21,9 @@ import torch.utils.data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamshard import ConfigError, StateMismatchError, StreamingDataLoader, StreamingDataset, World
+from streamshard import (
+    ConfigError, StateMismatchError, Stream, StreamingDataLoader, StreamingDataset, World,
+)
 from streamshard.batch_keys import BatchCollate
 from streamshard.packing import (
     Packing, TokenBudget, bucket_batches, buckets, cu_seqlens, first_fit_decreasing, pack,
@@ -273,6 +275,9 @@ def test_pooled_ledgers_round_reseeds_and_quarantine_up_to_a_pool():
     assert got.quarantine == ((0, 17, 9),)       # 7 is inside [6, 9): from 9
     assert pooled_ledgers(Ledgers(reseeds=((9, 2),)), 10, 4).reseeds == ((10, 2),)  # short last pool
     assert pooled_ledgers(ledgers, 10, 1) == ledgers
+    reweighted = pooled_ledgers(Ledgers(reweights=((3, 20, 80), (4, 30, 70), (5, 40, 60))), 10, 3)
+    assert reweighted.reweights == ((3, 20, 80), (6, 40, 60))  # 4 and 5 are inside [3, 6): the
+    # later one is in force from 6
 
 
 # -- the loader, as a user's script drives it ----------------------------------------------------
@@ -486,3 +491,20 @@ def test_bad_configs_are_refused_with_the_value(path):
     ]:
         with pytest.raises(ConfigError, match=match):
             bad()
+
+
+def test_a_reweight_inside_a_pool_takes_effect_at_the_next_pool(tmp_path, path):
+    # A mixture of two copies of the corpus (distinct sources, so distinct streams).
+    import shutil
+    other = str(tmp_path / "copy")
+    shutil.copytree(path, other)
+    streams = [Stream(path, 1.0), Stream(other, 1.0)]
+    loader = StreamingDataLoader(dataset(streams))
+    served = take(loader, 4)  # step 4 is the second step of the pool [3, 6)
+    loader.reweight([1.0, 3.0], from_step=4)
+    served += take(loader, 4)
+    ref = StreamingDataLoader(dataset(streams))
+    want = take(ref, 6)
+    ref.reweight([1.0, 3.0], from_step=6)
+    want += take(ref, 2)
+    assert [batch_key(b) for b in served] == [batch_key(b) for b in want]
