@@ -92,6 +92,39 @@ class BatchCollate:
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
 
 
+# -- run-time ledger changes, validated once for every loader ----------------------------------
+
+def with_skip(ledgers: Ledgers, start_step: int, stop_step: int) -> Ledgers:
+    """``ledgers`` plus a skip of absolute steps ``[start_step, stop_step)`` (idempotent)."""
+    if not (isinstance(start_step, int) and isinstance(stop_step, int)) or \
+            not 0 <= start_step <= stop_step:
+        raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, "
+                          f"{stop_step})")
+    return ledgers.with_skip(start_step, stop_step) if start_step < stop_step else ledgers
+
+
+def with_reseed(ledgers: Ledgers, step: int, salt: int) -> Ledgers:
+    """``ledgers`` plus a reseed of the rest of ``step``'s epoch with ``salt`` (idempotent)."""
+    if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
+        raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, "
+                          f"{salt!r}")
+    return ledgers.with_reseed(step, salt)
+
+
+def with_quarantine(ledgers: Ledgers, entries: Any) -> Ledgers:
+    """``ledgers`` merged with ``(stream, sample_id, from_step)`` entries or a ``Ledgers``."""
+    more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
+    return ledgers.merged(more)
+
+
+def start_prefetch(datasets: Any, key: BatchKey) -> None:
+    """Hand a key's prefetch hint to the remote sources: one call per stream, in reading order
+    (it goes ahead of older hints)."""
+    for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
+        ds = datasets[stream]
+        ds.source.prefetch([ds.index.shards[shard] for s, shard in key.prefetch if s == stream])
+
+
 class StreamingBatchSampler:
     """Batch keys of one rank, one per served step, from the loader state it owns.
 

@@ -23,18 +23,19 @@ import numpy as np
 import torch.utils.data
 
 from streamshard import fastpath, packplan
-from streamshard.batch_keys import BatchKey, Buckets, Columns, StreamingBatchSampler, Tagged
+from streamshard.batch_keys import (
+    BatchKey, Buckets, Columns, StreamingBatchSampler, Tagged, start_prefetch,
+)
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
 from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
 from streamshard.packing import Packing, TokenBudget, check_column, check_config
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
-    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
+    resolve_batch,
 )
-from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
-from streamshard.sampler import derive_key
-from streamshard.sampler.order import DEFAULT_MAX_LANES
+from streamshard.sampler import SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -44,7 +45,7 @@ Transform = Callable[[dict, np.random.Generator], Any]
 _resolve_batch = resolve_batch
 
 
-class StreamingDataset(torch.utils.data.Dataset):
+class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
     """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
@@ -59,6 +60,8 @@ class StreamingDataset(torch.utils.data.Dataset):
     :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
     packed rows or length buckets instead of samples (docs/LOADER.md).
     """
+
+    _SINGLE_STREAM_PATHS = ("_columns",)  # fastpath columns: one stream only
 
     def __init__(
         self,
@@ -107,85 +110,18 @@ class StreamingDataset(torch.utils.data.Dataset):
             global_batch_size=self.global_batch_size
             // (packing.group if packing is not None else 1))  # lanes divide windows per step
         self.lookahead = reading.lookahead
-        self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
-        # Lanes and the block grouping left to their defaults are fixed by the first run: a
-        # saved state's win (states from before those defaults hold 64 lanes and no blocks).
-        self._lanes_adoptable = order.lanes is None and isinstance(sampler_order, EpochOrder)
-        self._blocks_adoptable = (order.block_shuffle is None
-                                  and isinstance(sampler_order, EpochOrder))
-        self._set_sequence(SampleSequence(
+        # adopt_saved_order, stream_order, adopt_layout: streams.SequenceHost
+        self._init_sequence(SampleSequence(
             sampler_order, global_batch_size=self.global_batch_size, drop_last=order.drop_last
-        ))
+        ), lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
+            epoch_size=order.epoch_size)
         if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
-        self._stream_orders = orders  # each stream's own order (restream.py re-keys them)
-        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
-        self._epoch_size_adoptable = order.epoch_size is None
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-
-    def _set_sequence(self, sequence: SampleSequence) -> None:
-        self.sequence = sequence
-        self.steps_per_epoch = sequence.steps_per_epoch
-        self.working_set_shards = sequence.working_set_shards(
-            self.world.rank, self.world.world_size, self.world.local_world_size)
-        self._ledger_cache = None
-        for ds, remote in zip(self.datasets, self._remote):
-            if remote:
-                # A budget that cannot hold what one device reads at once would deadlock on
-                # pins: refuse it now. And pin no more shards than that working set.
-                ds.source.check_budget(self.working_set_shards)
-                ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
-
-    def adopt_saved_order(self, saved_sequence: Any) -> Callable[[], None]:
-        """Take a saved state's ``lanes`` and ``blocks`` where this dataset's were left to the
-        default (the first run fixes them; states from before the locality default hold 64 lanes,
-        states from before the block-aware shuffle hold no ``blocks``). A malformed saved value
-        is left for :func:`streamshard.state.validate_state` to refuse. Returns an undo callable
-        (the loader calls it if the rest of the state does not validate)."""
-        old = self.sequence
-        if not isinstance(saved_sequence, dict):
-            return lambda: None
-        order = old.order
-        lanes = saved_sequence.get("lanes")
-        if (self._lanes_adoptable and not isinstance(lanes, bool) and isinstance(lanes, int)
-                and lanes >= 1 and lanes != order.lanes):
-            order = order.with_lanes(lanes)
-        if self._blocks_adoptable:
-            blocks = _saved_blocks(saved_sequence.get("blocks"))
-            if blocks is not False and blocks != order.blocks:
-                order = order.with_blocks(blocks)
-        if order is old.order:
-            return lambda: None
-        self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
-                                          drop_last=old.drop_last))
-        return lambda: self._set_sequence(old)
-
-    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
-        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
-        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
-        order = self._stream_orders[i]
-        if len(self.streams) == 1 and self._lanes_adoptable:
-            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
-        return order.reseeded(derive_key(self.seed, stream_id))
-
-    def adopt_layout(self, streams: tuple, datasets: tuple,
-                     sequence: SampleSequence) -> Callable[[], None]:
-        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
-        history (streamshard.restream). Returns an undo callable."""
-        old = (self.streams, self.datasets, self._remote, self._columns, self.sequence)
-        self.streams, self.datasets = streams, datasets
-        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
-        self._columns = self._columns if len(datasets) == 1 else None
-        self._set_sequence(sequence)
-
-        def undo() -> None:
-            self.streams, self.datasets, self._remote, self._columns = old[:4]
-            self._set_sequence(old[4])
-        return undo
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
@@ -200,19 +136,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = epoch
-
-    def is_remote(self, stream: int) -> bool:
-        return self._remote[stream]
-
-    @property
-    def batch_size(self) -> int:
-        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
-        return int(self.sequence.assignment(self.world.world_size,
-                                            self.world.local_world_size).rank_sizes()[self.world.rank])
-
-    @property
-    def fingerprints(self) -> list[str]:
-        return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
         """Rank batches per epoch (every rank serves the same number of steps)."""
@@ -237,16 +160,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         return self.fetch(step, streams, samples)
 
     # -- iteration ----------------------------------------------------------------------------
-    def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
-        """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
-        ledgers only, not on which steps a plan serves)."""
-        cached = self._ledger_cache
-        if cached is not None and cached[0] == ledgers:
-            return cached[1]
-        seq = self.sequence.with_ledgers(ledgers)
-        self._ledger_cache = (ledgers, seq)
-        return seq
-
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
@@ -275,11 +188,8 @@ class StreamingDataset(torch.utils.data.Dataset):
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
                 "batch_sampler=ds.batch_sampler()); with transformers.Trainer, "
                 "streamshard.hf_trainer.StreamingTrainer")
-        if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
-            for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
-                ds = self.datasets[stream]
-                ds.source.prefetch([ds.index.shards[shard]
-                                    for s, shard in key.prefetch if s == stream])
+        if key.prefetch:
+            start_prefetch(self.datasets, key)
         if isinstance(key, packplan.PackKey):
             batch = _to_torch(packplan.serve(self, key), self.packing.column, self.token_dtype)
         elif key.columnar and self._columns is not None:
@@ -323,14 +233,3 @@ def _to_torch(batch: Any, column: str, token_dtype: torch.dtype | None) -> Any:
         out[name] = tensor.to(token_dtype) if name == column and token_dtype is not None else tensor
     return Columns(out)
 
-
-def _saved_blocks(value: Any) -> BlockGroups | None | bool:
-    """A saved ``sequence.blocks`` as a BlockGroups, ``None`` (absent: window order), or
-    ``False`` when it is malformed (then nothing is adopted and strict validation refuses it)."""
-    if value is None:
-        return None
-    try:
-        k, g = value
-        return BlockGroups(k, g)
-    except (TypeError, ValueError, ConfigError):
-        return False

@@ -15,7 +15,10 @@ from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged, sequence_fields
+from streamshard.batch_keys import (
+    BatchCollate, StreamingBatchSampler, Tagged, sequence_fields, with_quarantine, with_reseed,
+    with_skip,
+)
 from streamshard.collate import cast_tokens
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
@@ -145,25 +148,18 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
 
     def skip(self, start_step: int, stop_step: int) -> None:
         """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
-        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or not 0 <= start_step <= stop_step:
-            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
-        if start_step == stop_step:
-            return
-        self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
+        self._set_ledgers(with_skip(self._ledgers, start_step, stop_step))
 
     def reseed_from(self, step: int, salt: int) -> None:
         """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``. Idempotent."""
-        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
-            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
-        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+        self._set_ledgers(with_reseed(self._ledgers, step, salt))
 
     def quarantine(self, entries) -> None:
         """Never serve these samples again: ``(stream, sample_id, from_step)`` entries (or a
         ``Ledgers`` to merge). Their positions are filled by the sampler's deterministic rule
         (docs/SAMPLER.md), so batches stay full; steps before ``from_step`` are unchanged.
         Idempotent; merged like skips."""
-        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
-        self._set_ledgers(self._ledgers.merged(more))
+        self._set_ledgers(with_quarantine(self._ledgers, entries))
 
     def reweight(self, weights, from_step: int | None = None) -> None:
         """Serve the mixture with ``weights`` (one per stream, or a dict by source) from

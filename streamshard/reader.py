@@ -39,6 +39,8 @@ class ShardSource(Protocol):
     url: str
 
     def read_index(self) -> bytes: ...
+    # Optional: ``load_index() -> DatasetIndex`` for a source that parses the index itself
+    # (``CachedSource`` checks fingerprint and budget): ``Dataset`` then does not parse it again.
     def shard_path(self, shard: ShardInfo) -> str: ...
     def unpin(self, shard: ShardInfo) -> None: ...
     def prefetch(self, shards: Sequence[ShardInfo]) -> None: ...
@@ -104,7 +106,9 @@ class Dataset:
         self.block_cache_bytes = 0 if block_cache in (0, "0") else parse_size(block_cache, name="block_cache")
         self.source = source
         if index is None:
-            index = DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}")
+            load = getattr(source, "load_index", None)  # optional: a source that parses anyway
+            index = (load() if load is not None else
+                     DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}"))
         self.index = index
         self.max_open_shards = max_open_shards
         if not isinstance(verify_blocks, bool):
