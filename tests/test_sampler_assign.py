@@ -120,7 +120,7 @@ def test_planner_bound_at_every_world_size_from_8_to_1024():
 
 
 @SETTINGS
-@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12).filter(lambda s: sum(s) >= 4),
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12).filter(lambda s: sum(s) >= 9),
        g=st.integers(1, 9), lanes=st.none() | st.integers(1, 12), world=st.integers(1, 9),
        local=st.integers(1, 4), drop_last=st.booleans(), first=st.integers(0, 40),
        count=st.integers(0, 30))
