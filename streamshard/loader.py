@@ -15,7 +15,11 @@ from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged, sequence_fields
+from streamshard.batch_keys import (
+    BatchCollate, StreamingBatchSampler, Tagged, sequence_fields, with_quarantine, with_reseed,
+    with_skip,
+)
+from streamshard.collate import cast_tokens
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
 from streamshard.mixing import reweight_ledgers, restore
@@ -53,7 +57,20 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
                 )
         if kwargs.get("in_order", True) is not True:
             raise ConfigError("StreamingDataLoader needs in_order=True: it counts batches in order")
-        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True)
+        # With workers, fixed-size token columns cross to this process as stored (uint16: a
+        # quarter of int64's bytes of shared memory to fault in on both sides) and are converted
+        # here. Not with pin_memory: the pinning thread must see the final tensors.
+        self._cast_tokens = (collate_fn is None and bool(kwargs.get("num_workers"))
+                             and not kwargs.get("pin_memory") and dataset.token_dtype is not None
+                             and dataset._columns is not None and dataset.packing is None)
+        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True,
+                                           raw_tokens=self._cast_tokens)
+        if kwargs.get("num_workers"):  # obstore does not survive fork: forkserver by default
+            from streamshard.remote.obstore_fs import worker_context
+
+            kwargs["multiprocessing_context"] = worker_context(
+                dataset.streams, dataset.reading.storage_options,
+                kwargs.get("multiprocessing_context"))
         super().__init__(
             dataset,
             batch_sampler=self._keys,
@@ -131,25 +148,18 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
 
     def skip(self, start_step: int, stop_step: int) -> None:
         """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
-        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or not 0 <= start_step <= stop_step:
-            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
-        if start_step == stop_step:
-            return
-        self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
+        self._set_ledgers(with_skip(self._ledgers, start_step, stop_step))
 
     def reseed_from(self, step: int, salt: int) -> None:
         """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``. Idempotent."""
-        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
-            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
-        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+        self._set_ledgers(with_reseed(self._ledgers, step, salt))
 
     def quarantine(self, entries) -> None:
         """Never serve these samples again: ``(stream, sample_id, from_step)`` entries (or a
         ``Ledgers`` to merge). Their positions are filled by the sampler's deterministic rule
         (docs/SAMPLER.md), so batches stay full; steps before ``from_step`` are unchanged.
         Idempotent; merged like skips."""
-        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
-        self._set_ledgers(self._ledgers.merged(more))
+        self._set_ledgers(with_quarantine(self._ledgers, entries))
 
     def reweight(self, weights, from_step: int | None = None) -> None:
         """Serve the mixture with ``weights`` (one per stream, or a dict by source) from
@@ -245,4 +255,6 @@ class _LoaderIterator:
         self._served += 1
         loader._last_step = step
         loader._step = step + 1
+        if loader._cast_tokens:
+            batch = cast_tokens(batch, loader.streaming_dataset.token_dtype)
         return batch

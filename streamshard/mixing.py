@@ -168,9 +168,8 @@ def restore(dataset: Any, state: Any, live_state: Callable[[], dict[str, Any]],
     """Validate ``state`` against ``dataset`` (adopting a saved default order, continuing a
     changed mixture when ``reweight``) and return the ledgers to serve with; on any error the
     dataset is left as it was."""
-    adopt = getattr(dataset, "adopt_saved_order", None)  # NumpyBatchIterator adopts nothing
-    undo_order = adopt(state.get(KEY_SEQUENCE) if isinstance(state, dict) else None) if adopt \
-        else (lambda: None)
+    undo_order = dataset.adopt_saved_order(  # both loaders: streams.SequenceHost
+        state.get(KEY_SEQUENCE) if isinstance(state, dict) else None)
     try:
         undo_layout = relayout(dataset, state)
     except Exception:

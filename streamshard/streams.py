@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from streamshard import blockshuffle
 from streamshard.errors import ConfigError
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
-from streamshard.sampler import EpochOrder, MixtureOrder, SampleSequence, derive_key
-from streamshard.sampler.order import default_lanes
+from streamshard.sampler import (
+    BlockGroups, EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key,
+)
+from streamshard.sampler.order import DEFAULT_MAX_LANES, default_lanes
 from streamshard.world import World
 
 
@@ -238,3 +240,135 @@ def reserve_block_caches(datasets: Sequence[Dataset], orders: Sequence[EpochOrde
                           .lanes_read(world.rank) if sequence.order is order else order.lanes)
             ds.reserve_block_cache(blockshuffle.cache_bytes_needed(ds.index, order.blocks,
                                                                   lanes_read))
+
+
+class SequenceHost:
+    """What a loader holds that the batch sampler (:class:`streamshard.batch_keys.StreamingBatchSampler`)
+    reads, without torch: the opened ``datasets``, the ``world``, the base ``sequence`` and its
+    ``steps_per_epoch``, ``lookahead``, and the saved-order adoption of a resume. Shared by
+    ``StreamingDataset`` (PyTorch) and ``NumpyBatchIterator`` (numpy / JAX), so a state saved
+    by one restores into the other in every case. Subclasses set ``datasets``, ``world`` and
+    ``lookahead`` and call :meth:`_init_sequence` once."""
+
+    datasets: tuple[Dataset, ...]
+    streams: tuple[Stream, ...]
+    world: World
+    seed: int
+    lookahead: int
+    # Attributes holding a single-stream fast path (``None`` when it does not apply): dropped
+    # while a resume lays out several streams (:meth:`adopt_layout`).
+    _SINGLE_STREAM_PATHS: tuple[str, ...] = ()
+
+    def _init_sequence(self, sequence: SampleSequence, *, lanes: int | None,
+                       block_shuffle: bool | None, orders: Sequence[EpochOrder] = (),
+                       epoch_size: int | None = None) -> None:
+        """``orders``: each stream's own order (as ``build_order`` returns them)."""
+        self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
+        # Lanes and the block grouping left to their defaults are fixed by the first run: a
+        # saved state's win (states from before those defaults hold 64 lanes and no blocks).
+        self._lanes_adoptable = lanes is None and isinstance(sequence.order, EpochOrder)
+        self._blocks_adoptable = block_shuffle is None and isinstance(sequence.order, EpochOrder)
+        self._stream_orders = list(orders)  # each stream's own order (restream.py re-keys them)
+        # A mixture's epoch length is the first run's (restream.py): adopted when left default.
+        self._epoch_size_adoptable = epoch_size is None
+        self._set_sequence(sequence)
+
+    def _set_sequence(self, sequence: SampleSequence) -> None:
+        self.sequence = sequence
+        self.steps_per_epoch = sequence.steps_per_epoch
+        self.working_set_shards = sequence.working_set_shards(
+            self.world.rank, self.world.world_size, self.world.local_world_size)
+        self._ledger_cache: tuple[Ledgers, SampleSequence] | None = None
+        for ds, remote in zip(self.datasets, self._remote):
+            if remote:
+                # A budget that cannot hold what one device reads at once would deadlock on
+                # pins: refuse it now. And pin no more shards than that working set.
+                ds.source.check_budget(self.working_set_shards)
+                ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
+
+    def adopt_saved_order(self, saved_sequence: Any) -> Callable[[], None]:
+        """Take a saved state's ``lanes`` and ``blocks`` where this loader's were left to the
+        default (the first run fixes them; states from before the locality default hold 64 lanes,
+        states from before the block-aware shuffle hold no ``blocks``). A malformed saved value
+        is left for :func:`streamshard.state.validate_state` to refuse. Returns an undo callable
+        (called if the rest of the state does not validate)."""
+        old = self.sequence
+        if not isinstance(saved_sequence, dict):
+            return lambda: None
+        order = old.order
+        lanes = saved_sequence.get("lanes")
+        if (self._lanes_adoptable and not isinstance(lanes, bool) and isinstance(lanes, int)
+                and lanes >= 1 and lanes != order.lanes):
+            order = order.with_lanes(lanes)
+        if self._blocks_adoptable:
+            blocks = _saved_blocks(saved_sequence.get("blocks"))
+            if blocks is not False and blocks != order.blocks:
+                order = order.with_blocks(blocks)
+        if order is old.order:
+            return lambda: None
+        self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
+                                          drop_last=old.drop_last))
+        return lambda: self._set_sequence(old)
+
+    def stream_order(self, i: int, stream_id: int) -> EpochOrder:
+        """Stream ``i``'s order as the mixture member with id ``stream_id`` (its key
+        ``derive_key(seed, stream_id)``; a lone dataset's default lanes become a member's)."""
+        order = self._stream_orders[i]
+        if len(self.streams) == 1 and self._lanes_adoptable:
+            order = order.with_lanes(max(1, min(DEFAULT_MAX_LANES, order.num_shards)))
+        return order.reseeded(derive_key(self.seed, stream_id))
+
+    def adopt_layout(self, streams: tuple, datasets: tuple,
+                     sequence: SampleSequence) -> Callable[[], None]:
+        """Serve ``streams`` (read from ``datasets``) in ``sequence``: a saved run's stream
+        history (streamshard.restream). Returns an undo callable."""
+        fast = {name: getattr(self, name) for name in self._SINGLE_STREAM_PATHS}
+        old = (self.streams, self.datasets, self._remote, self.sequence)
+        self.streams, self.datasets = streams, datasets
+        self._remote = [hasattr(getattr(ds, "source", None), "check_budget") for ds in datasets]
+        if len(datasets) != 1:
+            for name in fast:
+                setattr(self, name, None)
+        self._set_sequence(sequence)
+
+        def undo() -> None:
+            self.streams, self.datasets, self._remote = old[:3]
+            for name, value in fast.items():
+                setattr(self, name, value)
+            self._set_sequence(old[3])
+        return undo
+
+    def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
+        """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
+        ledgers only, not on which steps a plan serves)."""
+        cached = self._ledger_cache
+        if cached is not None and cached[0] == ledgers:
+            return cached[1]
+        seq = self.sequence.with_ledgers(ledgers)
+        self._ledger_cache = (ledgers, seq)
+        return seq
+
+    def is_remote(self, stream: int) -> bool:
+        return self._remote[stream]
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [ds.fingerprint for ds in self.datasets]
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
+        w = self.world
+        return int(self.sequence.assignment(w.world_size, w.local_world_size).rank_sizes()[w.rank])
+
+
+def _saved_blocks(value: Any) -> BlockGroups | None | bool:
+    """A saved ``sequence.blocks`` as a BlockGroups, ``None`` (absent: window order), or
+    ``False`` when it is malformed (then nothing is adopted and strict validation refuses it)."""
+    if value is None:
+        return None
+    try:
+        k, g = value
+        return BlockGroups(k, g)
+    except (TypeError, ValueError, ConfigError):
+        return False

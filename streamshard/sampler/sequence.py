@@ -223,6 +223,18 @@ class SampleSequence:
             raise ConfigError(f"rank must be < world_size={world_size}, got {rank}")
         return assignment.split(self.step_positions(step), rank)
 
+    def device_positions_of(self, steps, rank: int, world_size: int,
+                            local_world_size: int = 1) -> list[np.ndarray]:
+        """``[device_positions(s, ...) for s in steps]``, vectorized over the steps whose
+        positions do not wrap (all but a ``drop_last=False`` epoch's padded last step)."""
+        steps = [check_int(s, "step", minimum=0) for s in steps]
+        assignment = self.assignment(world_size, local_world_size)
+        first = (np.asarray(steps, dtype=np.int64) % self._steps) * self._g
+        wraps = first + self._g > self._e
+        if not wraps.any():
+            return list(assignment.split_contiguous(first, rank))
+        return [self.device_positions(s, rank, world_size, local_world_size) for s in steps]
+
     def batch(self, step: int, rank: int = 0, world_size: int = 1,
               local_world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(stream_ids, sample_ids) of rank ``rank``'s part of global batch ``step``."""
