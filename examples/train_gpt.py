@@ -104,8 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--rollback-margin", type=int, default=5)
     p.add_argument("--skip-before", type=int, default=0)
-    p.add_argument("--spike-window", type=int, default=32)
-    p.add_argument("--spike-threshold", type=float, default=8.0)
+    p.add_argument("--spike-window", type=int, default=SpikeConfig.window,
+                   help="loss spike detector window (default: the library's, see recovery/detectors.py)")
+    p.add_argument("--spike-threshold", type=float, default=SpikeConfig.threshold,
+                   help="robust sigmas on the log loss (default: the library's)")
     p.add_argument("--wd-floor", type=float, default=60.0,
                    help="in-process watchdog floor per phase, seconds (only without `streamshard launch`, "
                         "whose external heartbeat monitor replaces it)")
@@ -144,7 +146,8 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
     log = (lambda msg: print(f"[rank{rank}] {msg}", flush=True))
     plan, fired = fault_plan_from_env(os.environ), journal.fired()
     cfg = GuardConfig(
-        loss=SpikeConfig(window=args.spike_window, threshold=args.spike_threshold, min_samples=8),
+        loss=SpikeConfig(window=args.spike_window, threshold=args.spike_threshold,
+                         min_samples=min(SpikeConfig.min_samples, args.spike_window)),
         grad_norm=None,  # gradients are clipped; the loss carries the signal in this example
         persistence=PersistenceConfig(3),
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),

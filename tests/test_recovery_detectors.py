@@ -9,7 +9,7 @@ import pytest
 
 from streamshard.errors import ConfigError
 from streamshard.recovery.detectors import (
-    PersistenceConfig, PersistenceCounter, SpikeConfig, SpikeDetector, robust_z,
+    PersistenceConfig, PersistenceCounter, SpikeConfig, SpikeDetector, robust_z, spike_score,
 )
 from streamshard.recovery.slowdown import (
     SlowdownConfig, SlowdownDetector, StragglerConfig, StragglerDetector,
@@ -92,7 +92,79 @@ def test_state_round_trip():
         b.load_state_dict({"window": "nope"})
 
 
+def heavy_tailed_healthy(n: int = 3000, seed: int = 0) -> list[float]:
+    """A healthy loss shaped like the example GPT's in bench_recovery (issue 11): decays to 0.05,
+    Student-t (df 6) multiplicative minibatch noise of scale 0.12 in log, and natural bumps every
+    ~250 steps that ramp up over 6-20 steps to x1.5..x4 and come back within 5-40 steps."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    log_loss = np.log(0.05 + 4.0 * np.exp(-t / 150)) + 0.12 * rng.standard_t(6, n)
+    i = 200
+    while i < n:
+        i += int(rng.geometric(1 / 250))
+        up, down, peak = int(rng.integers(6, 20)), int(rng.integers(5, 40)), math.log(rng.uniform(1.5, 4))
+        bump = np.concatenate([np.linspace(0, peak, up + 1)[1:], np.linspace(peak, 0, down + 1)[1:]])
+        log_loss[i:i + len(bump)] += bump[: max(0, n - i)]
+        i += len(bump)
+    return list(np.exp(log_loss))
+
+
+OLD_RULE = SpikeConfig(log_scale=False, tail_factor=0.0)  # linear robust z only (before issue 11's fix)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_heavy_tailed_healthy_stream_is_not_flagged_at_defaults(seed):
+    stream = heavy_tailed_healthy(seed=seed)
+    det = SpikeDetector()  # library defaults
+    flagged = [(i, round(x, 3)) for i, x in enumerate(stream) if det.observe(x).anomalous]
+    assert flagged == []
+    # the linear robust z alone rolls such a stream back again and again (the bug this guards)
+    old = SpikeDetector(OLD_RULE)
+    assert sum(old.observe(x).anomalous for x in stream) > 40
+
+
+def test_injected_spike_in_heavy_tailed_stream_is_caught_and_persistent():
+    stream = heavy_tailed_healthy(seed=0)
+    det, counter = SpikeDetector(), PersistenceCounter()
+    for x in stream[:2500]:
+        det.observe(x)
+    # bench_recovery's spike: the loss x50 for three data steps -> three flags -> persistent
+    verdicts = [det.observe(50 * x) for x in stream[2500:2503]]
+    assert [v.reason for v in verdicts] == ["spike"] * 3
+    assert [counter.observe(i, v.anomalous) for i, v in enumerate(verdicts)] == [False, False, True]
+    assert det.observe(math.nan).reason == "nonfinite"
+    assert det.observe(stream[2503]).reason == "ok"  # the spikes did not enter the window
+
+
+@pytest.mark.parametrize("factor", [1.5, 3.0, 10.0])
+def test_divergence_spikes_x1_5_to_x10_caught_on_a_low_noise_loss(factor):
+    stream = noisy_decay(1600)  # 2% noise, as an LLM loss
+    det = SpikeDetector()
+    assert not any(det.observe(x).anomalous for x in stream[:1500])
+    assert det.observe(factor * stream[1500]).reason == "spike"
+
+
+def test_tail_condition_needs_a_rise_beyond_the_windows_own_tail():
+    window = [1.0] * 100 + [1.01] * 27 + [2.0]  # a healthy x2 step in the window
+    cfg = SpikeConfig()
+    assert spike_score(2.0, window, cfg)[1] > cfg.threshold  # far out in robust sigmas...
+    assert not spike_score(2.0, window, cfg)[0]  # ...but no further than the window's own tail
+    assert not spike_score(2.0 ** 2.4, window, cfg)[0]
+    assert spike_score(2.0 ** 2.6, window, cfg)[0]  # beyond tail_factor (2.5) x the largest log rise
+    assert spike_score(2.0, window, SpikeConfig(tail_factor=0.0))[0]
+
+
+def test_non_positive_values_fall_back_to_the_linear_scale():
+    cfg = SpikeConfig(tail_factor=0.0)
+    window = [-1.0, 0.0, 1.0] * 10
+    spike, z = spike_score(20.0, window, cfg)
+    assert spike and z == pytest.approx(robust_z(20.0, window, cfg))
+    assert not spike_score(-5.0, window, cfg)[0]
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"tail_factor": -1.0}, "tail_factor"),
+    ({"tail_factor": math.inf}, "tail_factor"),
     ({"window": 2}, "window must be >= 3"),
     ({"min_samples": 1}, "min_samples"),
     ({"threshold": 0}, "threshold must be positive"),

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 from streamshard.errors import ConfigError
 from streamshard.recovery import exitcodes
-from streamshard.recovery.detectors import SpikeConfig, robust_z
+from streamshard.recovery.detectors import SpikeConfig, spike_score
 
 DATA, HARDWARE, UNDECIDED = "data", "hardware", "undecided"
 
@@ -96,7 +96,7 @@ class Flagger:
     def __call__(self, loss: float) -> bool:
         if not math.isfinite(loss):
             return True
-        return self.warm and robust_z(loss, self.window, self.cfg) > self.cfg.threshold
+        return self.warm and spike_score(loss, self.window, self.cfg)[0]
 
     @property
     def baseline(self) -> float:
