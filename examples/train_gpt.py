@@ -108,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss spike detector window (default: the library's, see recovery/detectors.py)")
     p.add_argument("--spike-threshold", type=float, default=SpikeConfig.threshold,
                    help="robust sigmas on the log loss (default: the library's)")
+    p.add_argument("--spike-tail", type=float, default=SpikeConfig.tail_factor,
+                   help="a spike must rise more than this x the window's largest rise (0: off)")
+    p.add_argument("--spike-linear", action="store_true",
+                   help="judge the loss on the linear scale instead of its log")
     p.add_argument("--wd-floor", type=float, default=60.0,
                    help="in-process watchdog floor per phase, seconds (only without `streamshard launch`, "
                         "whose external heartbeat monitor replaces it)")
@@ -147,7 +151,8 @@ def train(args, out: Path, world, journal: Journal, rounds) -> int:
     plan, fired = fault_plan_from_env(os.environ), journal.fired()
     cfg = GuardConfig(
         loss=SpikeConfig(window=args.spike_window, threshold=args.spike_threshold,
-                         min_samples=min(SpikeConfig.min_samples, args.spike_window)),
+                         min_samples=min(SpikeConfig.min_samples, args.spike_window),
+                         tail_factor=args.spike_tail, log_scale=not args.spike_linear),
         grad_norm=None,  # gradients are clipped; the loss carries the signal in this example
         persistence=PersistenceConfig(3),
         policy=PolicyConfig(rollback_margin=args.rollback_margin, skip_before=args.skip_before, repeat_window=20),

@@ -28,7 +28,12 @@ from streamshard.testing import take
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 G, SEED, SAMPLES = 8, 17, 4003  # 500 steps per epoch; 3 tail samples drop_last never serves
-ARGS = ["--lr", "1e-2", "--forensics", "--global-batch", str(G), "--seed", str(SEED)]
+# One poisoned document in a global batch of 8 lifts this tiny model's loss only ~x2.6 while its
+# healthy steps reach ~x1.9 over the median: below the library's default spike rule (log scale,
+# tail_factor 2.5, built not to roll back heavy-tailed healthy losses). The test wants that
+# document caught, so it runs the sensitive rule: linear robust z, window 32, threshold 8, no tail.
+SPIKE = ["--spike-window", "32", "--spike-threshold", "8", "--spike-tail", "0", "--spike-linear"]
+ARGS = ["--lr", "1e-2", "--forensics", "--global-batch", str(G), "--seed", str(SEED), *SPIKE]
 pytestmark = pytest.mark.slow(reason="two torchrun jobs of a few hundred steps each (~1 min)")
 
 
