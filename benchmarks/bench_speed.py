@@ -17,7 +17,8 @@ Every ratio is between figures of this run, on the same bytes; each figure is th
 - ``gather``: uint16[1024] tokens, uncompressed, shuffled epoch through ``StreamingDataLoader``
   (int64 tokens by default, and ``token_dtype=None`` = uint16) vs a raw ``np.memmap`` with one
   fancy-index per batch of a random permutation through a plain ``DataLoader(batch_size=None)``
-  (uint16, and ``.astype(int64)``), at 0 and 2 workers.
+  (uint16, and ``.astype(int64)``), at 0 and 2 workers; each also as samples per CPU-second
+  (this process and its reaped workers), a figure less sensitive to a shared machine.
 - ``quality``: pure sampler, no I/O, on the tokens shapes: mean distinct shards per global batch,
   Spearman rank correlation of position vs sample id over the epoch, and the fraction of samples
   whose id-neighbour (id + 1) is served in the same global batch; a random permutation
@@ -192,6 +193,23 @@ def memmap_epoch(path: str, n: int, items: int, workers: int, to_int64: bool) ->
     return count / (time.perf_counter() - t0)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers, once joined)."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """``(samples/s of wall time as fn reports it, samples per CPU-second)`` for ``fn()``
+    returning ``(samples/s, samples)``: the second is less sensitive to other processes sharing
+    the machine (it includes loader construction and worker start-up, as the wall time does)."""
+    c0 = cpu_seconds()
+    rate, samples = fn()
+    return rate, samples / (cpu_seconds() - c0)
+
+
 def bench_gather(work: str, args) -> dict:
     items = 1024
     n = int(args.gather_mb * 1e6) // (2 * items)
@@ -206,20 +224,31 @@ def bench_gather(work: str, args) -> dict:
     del tokens
     res = {"samples": n}
     for workers in (0, 2):
+        usable = n // BATCH * BATCH
         cases = {
-            "memmap_uint16": lambda: memmap_epoch(flat, n, items, workers, False),
-            "memmap_int64": lambda: memmap_epoch(flat, n, items, workers, True),
-            "streamshard_int64": lambda: epoch(ds_path, workers)[0],
-            "streamshard_uint16": lambda: epoch(ds_path, workers, token_dtype=None)[0],
+            "memmap_uint16": lambda: (memmap_epoch(flat, n, items, workers, False), usable),
+            "memmap_int64": lambda: (memmap_epoch(flat, n, items, workers, True), usable),
+            "streamshard_int64": lambda: epoch(ds_path, workers)[:2],
+            "streamshard_uint16": lambda: epoch(ds_path, workers, token_dtype=None)[:2],
         }
         runs = {k: [] for k in cases}
+        cpu_runs = {k: [] for k in cases}
         for _ in range(args.repeats):  # interleaved, so load drifts hit every case alike
             for k, fn in cases.items():
-                runs[k].append(fn())
+                rate, cpu_rate = timed(fn)
+                runs[k].append(rate)
+                cpu_runs[k].append(cpu_rate)
         for k, v in runs.items():
             res[f"w{workers}/{k}"] = spread(v)
+            res[f"w{workers}/{k}/per_cpu_second"] = spread(cpu_runs[k])
             print(f"  gather w{workers} {k:20s} {statistics.median(v):>12,.0f} samples/s "
-                  f"[{min(v):,.0f}..{max(v):,.0f}]", flush=True)
+                  f"[{min(v):,.0f}..{max(v):,.0f}]; "
+                  f"{statistics.median(cpu_runs[k]):>10,.0f} per CPU-second", flush=True)
+        cpu_med = {k: statistics.median(v) for k, v in cpu_runs.items()}
+        res[f"w{workers}/cpu_ratio_int64_vs_memmap_uint16"] = (
+            cpu_med["streamshard_int64"] / cpu_med["memmap_uint16"])
+        print(f"  gather w{workers}: per CPU-second, streamshard int64 / memmap uint16 = "
+              f"{res[f'w{workers}/cpu_ratio_int64_vs_memmap_uint16']:.2f}", flush=True)
         med = {k: statistics.median(v) for k, v in runs.items()}
         res[f"w{workers}/ratio_int64_vs_memmap_uint16"] = med["streamshard_int64"] / med["memmap_uint16"]
         res[f"w{workers}/ratio_int64_vs_memmap_int64"] = med["streamshard_int64"] / med["memmap_int64"]

@@ -39,7 +39,11 @@ _LAZY = {
     "Stream": "streamshard.streams",
     "StreamingDataLoader": "streamshard.loader",
     "NumpyBatchIterator": "streamshard.numpy_loader",
+    "OrderOptions": "streamshard.options",
+    "ReadOptions": "streamshard.options",
     "sample_rng": "streamshard.sampler.rng",
+    "Packing": "streamshard.packing",
+    "TokenBudget": "streamshard.packing",
 }
 
 
@@ -64,9 +68,10 @@ def __getattr__(name: str):
 # The public names, and only these (docs/API.md lists exactly this list; a test checks it).
 __all__ = [
     "ConfigError", "CorruptionError", "Dataset", "DatasetExistsError", "DestinationLockedError",
-    "FormatError", "InputError", "MissingDependencyError", "NumpyBatchIterator", "SchemaError",
-    "ShardWriter", "StateMismatchError", "StorageError", "Stream", "StreamingDataLoader",
-    "StreamingDataset", "StreamshardError", "World", "WriteSummary", "detect_world",
+    "FormatError", "InputError", "MissingDependencyError", "NumpyBatchIterator", "OrderOptions",
+    "Packing", "ReadOptions", "SchemaError", "ShardWriter", "StateMismatchError", "StorageError",
+    "Stream", "StreamingDataLoader", "StreamingDataset", "StreamshardError", "TokenBudget",
+    "World", "WriteSummary", "detect_world",
     "merge_datasets", "open_dataset", "sample_rng", "verify_dataset",
 ]
 assert sorted(__all__) == __all__

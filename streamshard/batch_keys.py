@@ -20,12 +20,17 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from streamshard.errors import ConfigError
+from streamshard.mixing import restore, reweight_ledgers
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_STEP, build_state
 
 
 # Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
 HINT_CHUNKS = 16
+# Fewest epoch positions mapped per sampler call (several chunks at once when batches are small):
+# a call costs about the same from 512 to 4,096 positions (~20 us per 32-sample batch at 4,096
+# against ~150 us at 512, measured on bench_speed's gather workload).
+MAP_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,9 @@ class BatchKey:
 
     ``tagged``: ``__getitems__`` returns ``(step, batch)`` (StreamingDataLoader checks the step);
     ``columnar``: fixed-size schemas come back already collated (``streamshard.fastpath``);
-    ``prefetch``: ``(stream, shard index)`` pairs to start downloading, in reading order.
+    ``prefetch``: ``(stream, shard index)`` pairs to start downloading, in reading order;
+    ``raw_tokens``: columnar uint16/uint32 token columns come back as stored, for the main
+    process to convert (a quarter of int64's bytes cross through shared memory).
     """
 
     step: int
@@ -43,6 +50,7 @@ class BatchKey:
     prefetch: tuple[tuple[int, int], ...] = ()
     columnar: bool = False
     tagged: bool = False
+    raw_tokens: bool = False
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -50,6 +58,10 @@ class BatchKey:
 
 class Columns(dict):
     """A rank batch already collated as columns (``columnar`` keys): collation passes it on."""
+
+
+class Buckets(list):
+    """A rank batch already collated as a list of micro-batches (``TokenBudget``): passed on."""
 
 
 class Tagged(NamedTuple):
@@ -75,7 +87,42 @@ class BatchCollate:
         return self._one(data)
 
     def _one(self, batch: Any) -> Any:
+        if isinstance(batch, Buckets):
+            return list(batch)
         return dict(batch) if isinstance(batch, Columns) else self.collate_fn(batch)
+
+
+# -- run-time ledger changes, validated once for every loader ----------------------------------
+
+def with_skip(ledgers: Ledgers, start_step: int, stop_step: int) -> Ledgers:
+    """``ledgers`` plus a skip of absolute steps ``[start_step, stop_step)`` (idempotent)."""
+    if not (isinstance(start_step, int) and isinstance(stop_step, int)) or \
+            not 0 <= start_step <= stop_step:
+        raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, "
+                          f"{stop_step})")
+    return ledgers.with_skip(start_step, stop_step) if start_step < stop_step else ledgers
+
+
+def with_reseed(ledgers: Ledgers, step: int, salt: int) -> Ledgers:
+    """``ledgers`` plus a reseed of the rest of ``step``'s epoch with ``salt`` (idempotent)."""
+    if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
+        raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, "
+                          f"{salt!r}")
+    return ledgers.with_reseed(step, salt)
+
+
+def with_quarantine(ledgers: Ledgers, entries: Any) -> Ledgers:
+    """``ledgers`` merged with ``(stream, sample_id, from_step)`` entries or a ``Ledgers``."""
+    more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
+    return ledgers.merged(more)
+
+
+def start_prefetch(datasets: Any, key: BatchKey) -> None:
+    """Hand a key's prefetch hint to the remote sources: one call per stream, in reading order
+    (it goes ahead of older hints)."""
+    for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
+        ds = datasets[stream]
+        ds.source.prefetch([ds.index.shards[shard] for s, shard in key.prefetch if s == stream])
 
 
 class StreamingBatchSampler:
@@ -88,13 +135,16 @@ class StreamingBatchSampler:
     """
 
     def __init__(self, dataset: Any, *, columnar: bool = False,
-                 tagged: bool = False):
+                 tagged: bool = False, raw_tokens: bool = False):
         # ``dataset``: a StreamingDataset (not imported here: it imports this module).
         self.dataset = dataset
         self.columnar, self.tagged = bool(columnar), bool(tagged)
+        self.raw_tokens = bool(raw_tokens)
         self.step = 0
         self.stop: int | None = None  # None: the end of the epoch of ``step``
         self.ledgers = Ledgers()
+        # load_state_dict's default for ``reweight`` (StatefulDataLoader passes none).
+        self.reweight_on_load = False
 
     def __len__(self) -> int:
         return self.dataset.steps_per_epoch
@@ -114,21 +164,25 @@ class StreamingBatchSampler:
     # -- Stateful -----------------------------------------------------------------------------
     def state_at(self, step: int) -> dict[str, Any]:
         ds = self.dataset
-        return build_state(fingerprints=ds.fingerprints, sequence=ds.sequence.state_fields(),
+        return build_state(fingerprints=ds.fingerprints, sequence=sequence_fields(ds),
                            steps_per_epoch=ds.steps_per_epoch, step=step, ledgers=self.ledgers)
 
     def state_dict(self) -> dict[str, Any]:
         return self.state_at(self.dataset.sequence_with(self.ledgers).next_served_step(self.step))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        undo = self.dataset.adopt_saved_order(state.get("sequence") if isinstance(state, dict) else None)
-        try:
-            validate_state(state, self.state_at(0))
-        except Exception:
-            undo()
-            raise
-        self.ledgers = Ledgers.from_state(state)
+    def load_state_dict(self, state: dict[str, Any], reweight: bool | None = None) -> None:
+        """Restore a loader state; ``reweight`` (default :attr:`reweight_on_load`) continues a
+        mixture built with new weights (:mod:`streamshard.mixing`)."""
+        self.ledgers = restore(self.dataset, state, lambda: self.state_at(0),
+                               self.reweight_on_load if reweight is None else reweight)
         self.step, self.stop = int(state[KEY_STEP]), None
+
+    def reweight(self, weights: Any, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight``; applies from the next ``iter()`` (a live
+        iterator keeps the keys it planned), so ``from_step`` defaults to :attr:`step`."""
+        seq = self.dataset.sequence_with(self.ledgers)
+        self.ledgers = reweight_ledgers(seq, self.dataset.streams, weights, from_step,
+                                        seq.next_served_step(self.step))
 
 
 class _KeyIterator:
@@ -170,6 +224,13 @@ class _KeyIterator:
         ahead that a cold epoch does not wait on first-byte latency; the prefetcher bounds it
         in bytes."""
         dataset = self._sampler.dataset
+        planner = getattr(dataset, "pack_planner", None)  # packing= (streamshard/packplan.py)
+        if planner is not None:
+            served = (self._seq.nth_served_step(self._start, n) for n in itertools.count(self._served))
+            yield from planner.keys(
+                itertools.takewhile(lambda step: step < self._stop, served), self._sampler.ledgers,
+                columnar=self._sampler.columnar, tagged=self._sampler.tagged)
+            return
         remote = any(dataset.is_remote(s) for s in range(len(dataset.datasets)))
         chunks = self._chunks()
         ahead: collections.deque = collections.deque()
@@ -188,18 +249,23 @@ class _KeyIterator:
             for i, (step, streams, samples) in enumerate(current):
                 yield BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()),
                                hint if i == 0 else (), self._sampler.columnar,
-                               self._sampler.tagged)
+                               self._sampler.tagged, self._sampler.raw_tokens)
             fill()
 
     def _chunks(self) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
-        """Steps mapped ``lookahead`` at a time: one sampler call costs ~100 us of numpy
-        overhead whatever its size, more than reading a small batch."""
+        """Steps in chunks of ``lookahead`` (the prefetch hint's unit), mapped at least
+        ``MAP_POSITIONS`` positions per sampler call: one call costs ~1-3 ms of numpy overhead
+        up to a few thousand positions, more than reading 16 small batches."""
         ds, seq = self._sampler.dataset, self._seq
         world, per_epoch = ds.world, ds.steps_per_epoch
+        lookahead = ds.lookahead
+        per_step = max(1, len(seq.device_positions(self._start, world.rank, world.world_size,
+                                                   world.local_world_size)))
+        group = lookahead * max(1, -(-MAP_POSITIONS // (lookahead * per_step)))
         n = self._served
         while True:
             steps = []
-            while len(steps) < ds.lookahead:
+            while len(steps) < group:
                 step = seq.nth_served_step(self._start, n)
                 if step >= self._stop:
                     break
@@ -207,16 +273,17 @@ class _KeyIterator:
                 n += 1
             if not steps:
                 return
-            chunk = []
-            for epoch, group in itertools.groupby(steps, key=lambda s: s // per_epoch):
-                group = list(group)
-                parts = [seq.device_positions(s, world.rank, world.world_size,
-                                              world.local_world_size) for s in group]
+            mapped = []
+            for epoch, same in itertools.groupby(steps, key=lambda s: s // per_epoch):
+                same = list(same)
+                parts = seq.device_positions_of(same, world.rank, world.world_size,
+                                                world.local_world_size)
                 streams, samples = seq.map_positions(epoch, np.concatenate(parts))
                 cut = np.cumsum([0] + [len(p) for p in parts])
-                chunk += [(s, streams[a:b], samples[a:b])
-                          for s, a, b in zip(group, cut[:-1], cut[1:])]
-            yield chunk
+                mapped += [(s, streams[a:b], samples[a:b])
+                           for s, a, b in zip(same, cut[:-1], cut[1:])]
+            for i in range(0, len(mapped), lookahead):
+                yield mapped[i:i + lookahead]
 
 
 def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
@@ -234,3 +301,13 @@ def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
                     seen.add((stream, shard))
                     out.append((stream, shard))
     return tuple(out)
+
+
+def sequence_fields(dataset: Any) -> dict[str, Any]:
+    """The state's ``sequence`` of a loader's dataset: the sequence's fields, plus ``packing``
+    when it serves packed or bucketed steps (streamshard/packing.py)."""
+    fields = dataset.sequence.state_fields()
+    packing = getattr(dataset, "packing", None)
+    if packing is not None:
+        fields["packing"] = packing.state_fields()
+    return fields

@@ -74,7 +74,8 @@ def _add_convert(sub: Any) -> None:
         group.add_argument(flag, dest=f"fmt_{opt.dest}", **kwargs)
     pack = p.add_argument_group(
         "tokenize and pack for LLM pretraining (either --tokenizer or --token-field; sequences of "
-        "--seq-len tokens across document boundaries; one process, see docs/CONVERTERS.md)")
+        "--seq-len tokens across document boundaries; --workers and resume apply; see "
+        "docs/CONVERTERS.md)")
     pack.add_argument("--tokenizer", dest="pack_tokenizer", metavar="PATH",
                       help="local Hugging Face tokenizer.json (or its directory)")
     pack.add_argument("--token-field", dest="pack_token_field", metavar="NAME",
@@ -140,32 +141,44 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
-    from streamshard.converters.packing import pack_corpus
+    from streamshard.convert import convert
+    from streamshard.convert_packing import make_spec, stats_of
 
     seq_len = options.pop("seq_len", None)
     if not seq_len:
         raise ConfigError("packing needs --seq-len (tokens per sequence)")
-    # Packing is one sequential pass (a sequence's start depends on every earlier token): the
-    # options of the parallel, resumable driver are refused rather than silently ignored.
-    if args.workers != 1:
-        raise ConfigError(f"packing runs in one process (sequences cross document and input "
-                          f"boundaries); --workers {args.workers} does not apply")
-    if args.chunk_size is not None:
-        raise ConfigError("--chunk-size is the unit of parallel conversion; packing has none")
-    if args.resume:
-        raise ConfigError("packing cannot resume an interrupted run (it is one sequential "
-                          "pass); rerun it with --overwrite")
-    stats = pack_corpus(
-        sources, dest, format=args.format, seq_len=seq_len, options=options,
-        tokenizer=args.pack_tokenizer, text_field=args.pack_text_field,
-        token_field=args.pack_token_field, eod_id=args.pack_eod_id, pad_id=args.pack_pad_id,
-        doc_boundaries=args.pack_doc_boundaries, token_dtype_name=args.pack_token_dtype,
-        skip_errors=args.skip_errors, shard_size=args.shard_size, block_size=args.block_size,
-        compression=None if args.compression == "none" else "zstd",
-        compression_level=args.compression_level, overwrite=args.overwrite)
+    spec = make_spec(seq_len=seq_len, tokenizer=args.pack_tokenizer,
+                     text_field=args.pack_text_field, token_field=args.pack_token_field,
+                     eod_id=args.pack_eod_id, pad_id=args.pack_pad_id,
+                     doc_boundaries=args.pack_doc_boundaries,
+                     token_dtype_name=args.pack_token_dtype)
+    bar: list[ProgressBar] = []
+
+    def on_start(chunks: int, reused: int, nbytes: int) -> None:
+        if reused:
+            print(f"resuming: {reused} of {chunks} chunks already done", file=sys.stderr)
+        bar.append(ProgressBar(nbytes, label="tokenize", enabled=not args.quiet))
+
+    try:
+        s = convert(sources, dest, format=args.format, options=options,
+                    shard_size=args.shard_size, block_size=args.block_size,
+                    compression=args.compression, compression_level=args.compression_level,
+                    workers=args.workers, chunk_size=args.chunk_size or "64MB",
+                    skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
+                    input_cache=args.input_cache, packing=spec,
+                    progress=lambda n, b: bar[0].update(n, b) if bar else None,
+                    on_start=on_start)
+    finally:
+        if bar:
+            bar[0].close()
+    stats = stats_of(s)
     print(f"packed {stats.documents:,} documents ({stats.tokens:,} tokens) into "
           f"{stats.sequences:,} sequences of {seq_len} in {stats.seconds:.2f} s; "
           f"{stats.padded_tokens:,} pad tokens in the last one; {stats.skipped:,} records skipped")
+    print(f"{s.shards:,} shards ({s.chunks} chunks, {s.reused_chunks} reused); "
+          f"fingerprint {s.fingerprint}")
+    for example in s.skipped_examples:
+        print(f"  skipped: {example}")
     print(f"dataset {dest}")
     return EXIT_OK
 

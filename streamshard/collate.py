@@ -36,6 +36,35 @@ def token_dtype_of(value: Any) -> torch.dtype | None:
     return value
 
 
+_RAW_TOKENS = (torch.uint16, torch.uint32)
+
+
+def cast_tokens(batch: dict, token_dtype: torch.dtype) -> dict:
+    """``batch`` (a dict of tensors) with its uint16/uint32 tensors as ``token_dtype``: the
+    conversion of token columns a worker sent as stored (``BatchKey.raw_tokens``)."""
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v.to(token_dtype) if isinstance(v, torch.Tensor) and v.dtype in _RAW_TOKENS
+            else v for k, v in batch.items()}
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor in shared memory, for a batch a DataLoader worker sends to
+    the main process (sent as a file descriptor, no copy). Allocated the way torch's
+    ``default_collate`` does it in workers (``_new_shared`` on an empty tensor's storage):
+    ``torch.empty(...).share_memory_()``, the public spelling, first allocates ordinary memory
+    and then copies it into a new shared segment, measured 7-16 ms per 256 KB batch on a
+    loaded 2-core machine against 0.25-0.45 ms (fill included) this way."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    proto = torch.empty(0, dtype=dtype)
+    new_shared = getattr(proto._typed_storage(), "_new_shared", None)
+    if new_shared is None:  # a torch without it: the public, slower way
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    return proto.new(new_shared(numel, device=proto.device)).resize_(shape)
+
+
 def _stack_arrays(values: list[np.ndarray], token_dtype: torch.dtype | None) -> torch.Tensor | None:
     first = values[0]
     shape, dtype = first.shape, first.dtype
@@ -47,9 +76,10 @@ def _stack_arrays(values: list[np.ndarray], token_dtype: torch.dtype | None) -> 
     out_dtype = torch.from_numpy(first[:0]).dtype
     if token_dtype is not None and dtype.newbyteorder("<").str in TOKEN_DTYPES:
         out_dtype = token_dtype
-    out = torch.empty((len(values), *shape), dtype=out_dtype)
     if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
+        out = shared_empty((len(values), *shape), out_dtype)
+    else:
+        out = torch.empty((len(values), *shape), dtype=out_dtype)
     np.stack(values, out=out.numpy())
     return out
 

@@ -208,7 +208,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
             input_storage_options: dict | None = None, input_cache: str | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[int, int, int], None] | None = None,
-            on_chunk: Callable[[int], None] | None = None) -> ConvertSummary:
+            on_chunk: Callable[[int], None] | None = None,
+            packing: Any = None,
+            on_tokens: Callable[[int], None] | None = None) -> ConvertSummary:
     """Convert ``sources`` into the dataset ``dest`` (local path or fsspec URL); see module doc.
 
     ``options`` are the format's options keyed by ``Option.dest`` (``None`` = default).
@@ -219,6 +221,10 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     ``sources`` may be fsspec URLs (globs too), opened with ``input_storage_options`` and staged
     in ``input_cache`` (kept), or in a temporary directory removed after success
     (:mod:`streamshard.inputs`).
+
+    ``packing`` (a :class:`streamshard.convert_packing.PackSpec`, from ``make_spec``) tokenizes
+    and packs the documents instead: same plan, parallelism and resume; ``on_tokens(index)`` is
+    then called after each chunk's tokens are written.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -240,7 +246,9 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     files, identities = inputs.discover_inputs(sources, conv.extensions, exclude=dest,
                                                cache_dir=cache,
                                                storage_options=input_storage_options)
-    columns = dict(conv.columns([p for p, _ in files], opts))
+    columns = dict(conv.columns([p for p, _ in files], opts))  # also checks the inputs' layout
+    if packing is not None:
+        columns = packing.columns()
     from streamshard.schema import Schema
 
     Schema(columns)  # a bad column type fails here, before anything is written
@@ -250,6 +258,8 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     live = {"version": MARKER_VERSION, "format": format, "options": opts, "columns": columns,
             "chunk_size": chunk_bytes, **writer,
             "inputs": [identities.get(p) or [p, st.st_size, st.st_mtime_ns] for p, _, st in stats]}
+    if packing is not None:
+        live["packing"] = packing.marker()
 
     loc = resolve(dest, storage_options)
     fs, root = loc.fs, loc.root
@@ -258,18 +268,28 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
     try:
         done = _prepare_dest(fs, root, dest, live, chunks, overwrite, resume)
         todo = [c for c in chunks if c.index not in done]
-        if on_start:
-            on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
-        jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors,
-                     dict(storage_options or {})) for c in todo]
         report = progress or (lambda s, b: None)
+        if packing is None:
+            if on_start:
+                on_start(len(chunks), len(done), sum(c.nbytes for c in todo))
+            jobs = [_Job(c, dest, format, opts, columns, writer, skip_errors,
+                         dict(storage_options or {})) for c in todo]
+            results = _run(jobs, workers, report)
+        else:
+            packer = packing.start(chunks, done, fs=fs, root=root)
+            if on_start:
+                on_start(len(chunks), len(done), packer.bytes_to_tokenize)
+            results = packer.results(dest=dest, format=format, options=opts, writer=writer,
+                                     skip_errors=skip_errors,
+                                     storage_options=dict(storage_options or {}),
+                                     workers=workers, report=report, on_tokens=on_tokens)
         worker_cpu = 0.0
-        for result in _run(jobs, workers, report):
+        for result in results:
             done[result["chunk"]] = result
             worker_cpu += result.get("cpu_seconds", 0.0)
             if on_chunk is not None:
                 on_chunk(result["chunk"])
-        if workers == 1 or len(jobs) <= 1:  # chunks ran in this process: already in our own time
+        if packing is None and (workers == 1 or len(todo) <= 1):  # ran here: in our own time
             worker_cpu = 0.0
 
         from streamshard.merge import merge_datasets
@@ -279,8 +299,12 @@ def convert(sources: Sequence[str], dest: str, *, format: str,
         skipped = sum(r["skipped"] for r in results)
         meta = {"converter": {"format": format, "options": opts, "chunk_size": chunk_bytes,
                               "chunks": len(chunks), "skipped_records": skipped, **counters}}
+        if packing is not None:
+            meta["packing"] = packing.metadata(format)
         index = merge_datasets([f"{dest.rstrip('/')}/{c.part}" for c in chunks], dest,
                                overwrite=True, metadata=meta, storage_options=storage_options)
+        if packing is not None:
+            packer.cleanup()  # the token files: after the index, so a crash here loses nothing
         _remove(fs, f"{root}/{MARKER}")
         if identities and input_cache is None:
             inputs.remove_cache(cache)
@@ -361,55 +385,100 @@ class _Tally:
         return result
 
 
-def _run(jobs: Sequence[_Job], workers: int, report: Callable[[int, int], None]):
-    """Yield each job's stats as it finishes; in this process for one worker, else in worker
-    processes whose progress is forwarded through a queue and aggregated here."""
-    tally = _Tally(report)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            i = job.chunk.index
-            yield tally.finish(convert_chunk(job, lambda s, b: tally.add(i, s, b)))
-        return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+def _run(jobs: Sequence[Any], workers: int, report: Callable[[int, int], None],
+         fn: Callable[[Any, Callable[[int, int], None]], dict] = convert_chunk):
+    """Yield each job's stats as it finishes (one round of :class:`Workers`)."""
+    with Workers(workers) as pool:
+        yield from pool.run(jobs, report, fn)
 
-    # forkserver: workers fork from a clean server process that imported the converters once,
-    # so each costs a fork instead of a fresh interpreter (~0.25 CPU-s each with spawn), and
-    # nothing of the caller's threads or state is inherited (unlike plain fork).
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file and not os.path.exists(main_file):
-        # A script read from stdin cannot be re-imported by a new interpreter: fork instead.
-        mp = multiprocessing.get_context("fork")
-    else:
-        mp = multiprocessing.get_context("forkserver")
-        # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (streamshard/lifeline.py)
-        os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
-        mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
-                                   "streamshard.converters"])
-    q = mp.Queue()
-    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp,
-                               initializer=_init_worker, initargs=(q, os.getpid()))
-    pending = {pool.submit(_worker_run, job) for job in jobs}
-    error: BaseException | None = None
-    try:
-        while pending:
-            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-            _drain(q, tally)
-            for fut in finished:
-                if fut.cancelled():
-                    continue
-                exc = fut.exception()
-                if exc is None:
-                    yield tally.finish(fut.result())
-                elif error is None:
-                    # Stop handing out chunks; chunks already running finish and are kept.
-                    error = exc
-                    for other in pending:
-                        other.cancel()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if error is not None:
-        raise error
+
+class Workers:
+    """The worker processes of one conversion: started on the first round that needs them and
+    reused by later rounds (packing runs two), shut down by ``close()``. Not thread-safe."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: Any = None
+        self._queue: Any = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _start(self, size: int, fn: Callable) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: workers fork from a clean server process that imported the converters
+        # once, so each costs a fork instead of a fresh interpreter (~0.25 CPU-s each with
+        # spawn), and nothing of the caller's threads or state is inherited (unlike plain fork).
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file and not os.path.exists(main_file):
+            # A script read from stdin cannot be re-imported by a new interpreter: fork instead.
+            mp = multiprocessing.get_context("fork")
+        else:
+            mp = multiprocessing.get_context("forkserver")
+            # the forkserver arms PR_SET_PDEATHSIG when it preloads lifeline (lifeline.py)
+            os.environ[lifeline.FORKSERVER_PARENT_ENV] = str(os.getpid())
+            # Everything a job imports is imported once there, not again in every worker
+            # (fsspec alone costs ~0.25 s per process; a converter module ~0.1 s).
+            mp.set_forkserver_preload(["streamshard.lifeline", "streamshard.convert",
+                                       "streamshard.converters", *converters._BUILTIN,
+                                       "fsspec.implementations.local", "streamshard.writer",
+                                       fn.__module__])
+        self._queue = mp.Queue()
+        self._pool = ProcessPoolExecutor(size, mp_context=mp, initializer=_init_worker,
+                                         initargs=(self._queue, os.getpid()))
+        return self._pool
+
+    def run(self, jobs: Sequence[Any], report: Callable[[int, int], None],
+            fn: Callable[[Any, Callable[[int, int], None]], dict] = convert_chunk):
+        """Yield each job's stats as it finishes; in this process for one worker (or one job),
+        else in the worker processes, whose progress is forwarded through a queue and
+        aggregated here. ``fn(job, report)`` does one job (a module-level function: it is
+        pickled by name); every job has a ``chunk``. On an error no new job starts, jobs
+        already running finish (their stats are yielded), then the error is raised."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        tally = _Tally(report)
+        if self.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                i = job.chunk.index
+                yield tally.finish(fn(job, lambda s, b: tally.add(i, s, b)))
+            return
+        pool = self._pool or self._start(min(self.workers, len(jobs)), fn)
+        pending = {pool.submit(_worker_run, fn, job) for job in jobs}
+        error: BaseException | None = None
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                _drain(self._queue, tally)
+                for fut in finished:
+                    if fut.cancelled():
+                        continue
+                    exc = fut.exception()
+                    if exc is None:
+                        yield tally.finish(fut.result())
+                    elif error is None:
+                        # Stop handing out chunks; chunks already running finish and are kept.
+                        error = exc
+                        for other in pending:
+                            other.cancel()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            self.close()
+            raise
+        if error is not None:
+            self.close()
+            raise error
 
 
 _QUEUE: Any = None
@@ -421,9 +490,9 @@ def _init_worker(q: Any, owner: int) -> None:
     lifeline.arm(owner)  # a worker dies with the converting process, also on its SIGKILL
 
 
-def _worker_run(job: _Job) -> dict:
+def _worker_run(fn: Callable[[Any, Callable[[int, int], None]], dict], job: Any) -> dict:
     i = job.chunk.index
-    return convert_chunk(job, lambda s, b: _QUEUE.put((i, s, b)))
+    return fn(job, lambda s, b: _QUEUE.put((i, s, b)))
 
 
 def _drain(q: Any, tally: _Tally) -> None:

@@ -22,15 +22,20 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch.utils.data
 
-from streamshard import blockshuffle, fastpath
-from streamshard.batch_keys import BatchKey, Columns, StreamingBatchSampler, Tagged
+from streamshard import fastpath, packplan
+from streamshard.batch_keys import (
+    BatchKey, Buckets, Columns, StreamingBatchSampler, Tagged, start_prefetch,
+)
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
+from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
+from streamshard.packing import Packing, TokenBudget, check_column, check_config
 from streamshard.reader import Dataset
 from streamshard.streams import (  # noqa: F401 (Stream re-exported)
-    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
+    resolve_batch,
 )
-from streamshard.sampler import BlockGroups, EpochOrder, Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import SampleSequence, sample_rng
 from streamshard.world import World, detect_world
 
 Transform = Callable[[dict, np.random.Generator], Any]
@@ -40,15 +45,23 @@ Transform = Callable[[dict, np.random.Generator], Any]
 _resolve_batch = resolve_batch
 
 
-class StreamingDataset(torch.utils.data.Dataset):
+class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
     """Rank batches of one dataset or a weighted mixture, in the sampler's global order.
 
     ``source`` is a path/URL or a list of :class:`Stream`. Exactly one of ``batch_size`` (per
-    device) and ``global_batch_size``. ``world`` defaults to :func:`detect_world` (no collectives).
+    device) and ``global_batch_size``. ``order=OrderOptions(...)`` (shuffle, seed, lanes,
+    window, drop_last, block shuffle, mixture epoch) and ``reading=ReadOptions(...)`` (cache,
+    storage options, block cache, lookahead, first-touch check) group the other options; each
+    of their fields may also be passed as a keyword of its own (``seed=3``), not both.
+    ``world`` defaults to :func:`detect_world` (no collectives).
     ``transform(sample, rng)`` gets a per-sample generator from ``sample_rng(seed, epoch, stream,
     sample_id)``, so augmentations are the same whatever the world size. Opening reads only the
-    index (remote: fetched once into ``cache_dir``); shards are read lazily.
+    index (remote: fetched once into ``cache_dir``); shards are read lazily. ``packing``: a
+    :class:`~streamshard.packing.Packing` or :class:`~streamshard.packing.TokenBudget` serves
+    packed rows or length buckets instead of samples (docs/LOADER.md).
     """
+
+    _SINGLE_STREAM_PATHS = ("_columns",)  # fastpath columns: one stream only
 
     def __init__(
         self,
@@ -56,32 +69,26 @@ class StreamingDataset(torch.utils.data.Dataset):
         *,
         batch_size: int | None = None,
         global_batch_size: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        lanes: int | None = None,
-        window: int | None = None,
-        drop_last: bool = True,
+        order: OrderOptions | None = None,
+        reading: ReadOptions | None = None,
         world: World | None = None,
         transform: Transform | None = None,
-        cache_dir: str | None = None,
-        cache_limit: int | str | None = None,
-        storage_options: dict | None = None,
-        epoch_size: int | None = None,
-        mixture_block: int | None = None,
-        lookahead: int = 16,
-        block_cache: int | str | None = None,
-        block_shuffle: bool | None = None,
-        blocks_per_group: int = blockshuffle.DEFAULT_BLOCKS_PER_GROUP,
         token_dtype: torch.dtype | None = torch.int64,
-        verify_blocks: bool = True,
+        packing: Packing | TokenBudget | None = None,
+        **options: Any,
     ):
         super().__init__()
-        streams = as_streams(source, storage_options)
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+        # ``order``/``reading`` group the options (streamshard/options.py); each of their fields
+        # is also accepted as a keyword of its own (``seed=3``), as before they were grouped.
+        order, reading = resolve_options(order, reading, options, "StreamingDataset")
+        self.order, self.reading = order, reading
+        streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
-        self.seed, self.shuffle, self.transform = seed, shuffle, transform
+        if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
+            check_config(packing, self.global_batch_size, self.world.world_size)
+        self.packing = packing
+        self.seed, self.shuffle, self.transform = order.seed, order.shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
         self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
@@ -89,68 +96,32 @@ class StreamingDataset(torch.utils.data.Dataset):
         self.pin_memory = False
         self.streams = streams
         self.datasets: tuple[Dataset, ...] = open_streams(
-            streams, cache_dir=cache_dir, cache_limit=cache_limit,
-            storage_options=storage_options, block_cache=block_cache,
-            verify_blocks=verify_blocks)
-        order, orders = build_order(
-            self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes, window=window,
-            epoch_size=epoch_size, mixture_block=mixture_block, block_shuffle=block_shuffle,
-            blocks_per_group=blocks_per_group, global_batch_size=self.global_batch_size)
-        if not isinstance(lookahead, int) or lookahead < 1:
-            raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
-        self.lookahead = lookahead
-        self._remote = [hasattr(ds.source, "check_budget") for ds in self.datasets]
-        # Lanes and the block grouping left to their defaults are fixed by the first run: a
-        # saved state's win (states from before those defaults hold 64 lanes and no blocks).
-        self._lanes_adoptable = lanes is None and isinstance(order, EpochOrder)
-        self._blocks_adoptable = block_shuffle is None and isinstance(order, EpochOrder)
-        self._set_sequence(SampleSequence(
-            order, global_batch_size=self.global_batch_size, drop_last=drop_last
-        ))
-        if block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            streams, cache_dir=reading.cache_dir, cache_limit=reading.cache_limit,
+            storage_options=reading.storage_options, block_cache=reading.block_cache,
+            verify_blocks=reading.verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
+        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
+        sampler_order, orders = build_order(
+            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
+            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
+            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
+            global_batch_size=self.global_batch_size
+            // (packing.group if packing is not None else 1))  # lanes divide windows per step
+        self.lookahead = reading.lookahead
+        # adopt_saved_order, stream_order, adopt_layout: streams.SequenceHost
+        self._init_sequence(SampleSequence(
+            sampler_order, global_batch_size=self.global_batch_size, drop_last=order.drop_last
+        ), lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
+            epoch_size=order.epoch_size)
+        if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.
         self._columns = (fastpath.layout(self.datasets[0].schema)
                          if len(self.datasets) == 1 and transform is None else None)
-
-    def _set_sequence(self, sequence: SampleSequence) -> None:
-        self.sequence = sequence
-        self.steps_per_epoch = sequence.steps_per_epoch
-        self.working_set_shards = sequence.working_set_shards(
-            self.world.rank, self.world.world_size, self.world.local_world_size)
-        self._ledger_cache = None
-        for ds, remote in zip(self.datasets, self._remote):
-            if remote:
-                # A budget that cannot hold what one device reads at once would deadlock on
-                # pins: refuse it now. And pin no more shards than that working set.
-                ds.source.check_budget(self.working_set_shards)
-                ds.max_open_shards = max(1, min(ds.max_open_shards, self.working_set_shards))
-
-    def adopt_saved_order(self, saved_sequence: Any) -> Callable[[], None]:
-        """Take a saved state's ``lanes`` and ``blocks`` where this dataset's were left to the
-        default (the first run fixes them; states from before the locality default hold 64 lanes,
-        states from before the block-aware shuffle hold no ``blocks``). A malformed saved value
-        is left for :func:`streamshard.state.validate_state` to refuse. Returns an undo callable
-        (the loader calls it if the rest of the state does not validate)."""
-        old = self.sequence
-        if not isinstance(saved_sequence, dict):
-            return lambda: None
-        order = old.order
-        lanes = saved_sequence.get("lanes")
-        if (self._lanes_adoptable and not isinstance(lanes, bool) and isinstance(lanes, int)
-                and lanes >= 1 and lanes != order.lanes):
-            order = order.with_lanes(lanes)
-        if self._blocks_adoptable:
-            blocks = _saved_blocks(saved_sequence.get("blocks"))
-            if blocks is not False and blocks != order.blocks:
-                order = order.with_blocks(blocks)
-        if order is old.order:
-            return lambda: None
-        self._set_sequence(SampleSequence(order, global_batch_size=old.global_batch_size,
-                                          drop_last=old.drop_last))
-        return lambda: self._set_sequence(old)
 
     # -- plain DataLoader usage -------------------------------------------------------------
     def batch_sampler(self, *, columnar: bool = False) -> StreamingBatchSampler:
@@ -165,19 +136,6 @@ class StreamingDataset(torch.utils.data.Dataset):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = epoch
-
-    def is_remote(self, stream: int) -> bool:
-        return self._remote[stream]
-
-    @property
-    def batch_size(self) -> int:
-        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
-        return int(self.sequence.assignment(self.world.world_size,
-                                            self.world.local_world_size).rank_sizes()[self.world.rank])
-
-    @property
-    def fingerprints(self) -> list[str]:
-        return [ds.fingerprint for ds in self.datasets]
 
     def __len__(self) -> int:
         """Rank batches per epoch (every rank serves the same number of steps)."""
@@ -196,20 +154,12 @@ class StreamingDataset(torch.utils.data.Dataset):
             raise IndexError(f"rank batch {index} out of range [0, {self.steps_per_epoch})")
         step = self._epoch * self.steps_per_epoch + int(index)
         w = self.world
+        if self.packing is not None:
+            return self.__getitems__(self.pack_planner.key(step))
         streams, samples = self.sequence.batch(step, w.rank, w.world_size, w.local_world_size)
         return self.fetch(step, streams, samples)
 
     # -- iteration ----------------------------------------------------------------------------
-    def sequence_with(self, ledgers: Ledgers = Ledgers()) -> SampleSequence:
-        """The base sequence with ``ledgers`` applied (cached: the sequence depends on the
-        ledgers only, not on which steps a plan serves)."""
-        cached = self._ledger_cache
-        if cached is not None and cached[0] == ledgers:
-            return cached[1]
-        seq = self.sequence.with_ledgers(ledgers)
-        self._ledger_cache = (ledgers, seq)
-        return seq
-
     def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
         """Read (and transform) the samples of one device batch, in order."""
         epoch = step // self.steps_per_epoch
@@ -238,15 +188,15 @@ class StreamingDataset(torch.utils.data.Dataset):
                 "DataLoader(ds, batch_size=None) or DataLoader(ds, "
                 "batch_sampler=ds.batch_sampler()); with transformers.Trainer, "
                 "streamshard.hf_trainer.StreamingTrainer")
-        if key.prefetch:  # one hint per stream, in reading order (it goes ahead of older hints)
-            for stream in dict.fromkeys(stream for stream, _ in key.prefetch):
-                ds = self.datasets[stream]
-                ds.source.prefetch([ds.index.shards[shard]
-                                    for s, shard in key.prefetch if s == stream])
-        if key.columnar and self._columns is not None:
+        if key.prefetch:
+            start_prefetch(self.datasets, key)
+        if isinstance(key, packplan.PackKey):
+            batch = _to_torch(packplan.serve(self, key), self.packing.column, self.token_dtype)
+        elif key.columnar and self._columns is not None:
             batch = fastpath.read_batch(self.datasets[0], self._columns,
                                         np.asarray(key.sample_ids, dtype=np.int64),
-                                        token_dtype=self.token_dtype, pin_memory=self.pin_memory)
+                                        token_dtype=None if key.raw_tokens else self.token_dtype,
+                                        pin_memory=self.pin_memory)
             batch = Columns(batch)
         else:
             batch = self.fetch(key.step, np.asarray(key.stream_ids, dtype=np.int64),
@@ -262,20 +212,24 @@ class StreamingDataset(torch.utils.data.Dataset):
             yield self.__getitems__(key)
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (
             f"StreamingDataset([{names}], global_batch_size={self.global_batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch}, {self.world})"
         )
 
 
-def _saved_blocks(value: Any) -> BlockGroups | None | bool:
-    """A saved ``sequence.blocks`` as a BlockGroups, ``None`` (absent: window order), or
-    ``False`` when it is malformed (then nothing is adopted and strict validation refuses it)."""
-    if value is None:
-        return None
-    try:
-        k, g = value
-        return BlockGroups(k, g)
-    except (TypeError, ValueError, ConfigError):
-        return False
+def _to_torch(batch: Any, column: str, token_dtype: torch.dtype | None) -> Any:
+    """A numpy packed batch (-> :class:`Columns` of tensors) or list of buckets (->
+    :class:`Buckets` of dicts of tensors); the token column comes out in ``token_dtype``."""
+    if isinstance(batch, list):
+        return Buckets(dict(_to_torch(b, column, token_dtype)) for b in batch)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        value = value.astype(np.int64) if value.dtype.kind == "u" else value
+        tensor = (torch.from_numpy(np.ascontiguousarray(value)) if value.ndim
+                  else torch.tensor(value.item()))
+        out[name] = tensor.to(token_dtype) if name == column and token_dtype is not None else tensor
+    return Columns(out)
+

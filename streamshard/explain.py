@@ -135,7 +135,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
             orders = [_order(f, ds) for f, ds in zip(fields["streams"], datasets)]
             order: EpochOrder | MixtureOrder = MixtureOrder(
                 orders, fields["weights"], seed=fields["seed"], block=fields["block"],
-                epoch_size=fields["epoch_size"])
+                epoch_size=fields["epoch_size"],
+                schedule=[(step, w) for step, w in fields.get("schedule", [])])
         else:
             order = _order(fields, datasets[0])
         seq = SampleSequence(order, global_batch_size=fields["global_batch_size"],
@@ -143,6 +144,8 @@ def sequence_from_state(state: Mapping[str, Any], datasets: Sequence) -> tuple[S
     except (KeyError, TypeError, ConfigError) as e:
         raise StateMismatchError(f"loader state's sequence is incomplete or invalid ({e})") from None
     live = seq.state_fields()
+    if "packing" in fields:  # packed/bucketed steps hold the same documents (docs/SAMPLER.md)
+        live["packing"] = fields["packing"]
     problems = [f"sequence.{k}: saved={fields.get(k)!r}, live={live.get(k)!r}"
                 for k in sorted(set(fields) | set(live))
                 if k not in Ledgers.names() and fields.get(k) != live.get(k)]

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from streamshard.collate import TOKEN_DTYPES, token_dtype_of
+from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
 from streamshard.errors import CorruptionError
-from streamshard.gather import ShardRows
+from streamshard.flatgather import FlatGather
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,26 @@ def _out_dtype(column: Column, token_dtype: torch.dtype | None) -> np.dtype:
     return column.dtype.newbyteorder("=")
 
 
-def _empty(shape: tuple[int, ...], dtype: np.dtype, pin_memory: bool) -> torch.Tensor:
-    tensor_dtype = _NUMPY_TO_TORCH.get(dtype)
-    if tensor_dtype is None:
-        tensor_dtype = _NUMPY_TO_TORCH[dtype] = torch.from_numpy(np.empty(0, dtype)).dtype
+def _empty(shape: tuple[int, ...], dtype: np.dtype, pin_memory: bool
+           ) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialized output tensor and a numpy view of it."""
     if torch.utils.data.get_worker_info() is not None:
         # In a DataLoader worker the batch crosses to the main process: build it in shared
         # memory so that crossing costs no copy (default_collate does the same).
-        return torch.empty(shape, dtype=tensor_dtype).share_memory_()
+        out = shared_empty(shape, _torch_dtype(dtype))
+        return out, out.numpy()
     if pin_memory and _can_pin():
-        return torch.empty(shape, dtype=tensor_dtype, pin_memory=True)
-    return torch.empty(shape, dtype=tensor_dtype)
+        out = torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
+        return out, out.numpy()
+    array = np.empty(shape, dtype)  # numpy-owned memory: cheaper to make than torch.empty
+    return torch.from_numpy(array), array
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    tensor_dtype = _NUMPY_TO_TORCH.get(dtype)
+    if tensor_dtype is None:
+        tensor_dtype = _NUMPY_TO_TORCH[dtype] = torch.from_numpy(np.empty(0, dtype)).dtype
+    return tensor_dtype
 
 
 _PIN: list[bool] = []
@@ -93,106 +102,36 @@ def _can_pin() -> bool:
     return _PIN[0]
 
 
-class _Gatherer:
-    """Per-dataset state of the gather: each open shard's ``ShardRows`` (rebuilt when the
-    dataset reopens the shard) and their layout as arrays, so that a batch's byte positions are
-    computed for all its shards at once."""
-
-    def __init__(self, dataset, row: int):
-        self.dataset = dataset
-        self.row = row
-        s = dataset.num_shards
-        self.rows: list[tuple[object, ShardRows | None] | None] = [None] * s
-        self.uncompressed = dataset.index.compression is None
-        self.k = np.ones(s, dtype=np.int64)
-        self.stride = np.zeros(s, dtype=np.int64)
-        self.base = np.zeros(s, dtype=np.int64)
-        self.last_block = np.full(s, -1, dtype=np.int64)  # -1: the last block is full
-        self.last_base = np.zeros(s, dtype=np.int64)
-
-    def shard_rows(self, shard: int) -> ShardRows | None:
-        reader = self.dataset.shard_reader(shard)
-        cached = self.rows[shard]
-        if cached is None or cached[0] is not reader:
-            rows = ShardRows.of(reader, self.row) if self.uncompressed else None
-            self.rows[shard] = (reader, rows)
-            if rows is not None:
-                self.k[shard], self.stride[shard] = rows.k, rows.stride
-                self.base[shard] = rows.starts_unchecked(0)
-                short = rows.last_base != rows.starts_unchecked_regular(rows.last)
-                self.last_block[shard] = rows.last if short else -1
-                self.last_base[shard] = rows.last_base
-            return rows
-        return cached[1]
-
-    def starts(self, shards: np.ndarray, within: np.ndarray, segments: list) -> np.ndarray:
-        """Byte offsets of samples ``within`` of ``shards`` (sorted; each segment's shard
-        prepared by ``shard_rows``)."""
-        first = [s for s, _, _ in segments]
-        k0, stride0, base0 = self.k[first[0]], self.stride[first[0]], self.base[first[0]]
-        if all(self.k[s] == k0 and self.stride[s] == stride0 and self.base[s] == base0
-               and self.last_block[s] < 0 for s in first):
-            # The writer's case: one layout for every shard touched, no short last block.
-            blocks = within // k0
-            return base0 + blocks * stride0 + (within - blocks * k0) * self.row
-        k = self.k[shards]
-        blocks = within // k
-        starts = self.base[shards] + blocks * self.stride[shards] + (within - blocks * k) * self.row
-        short = blocks == self.last_block[shards]
-        if short.any():
-            starts[short] = (self.last_base[shards[short]]
-                             + (within[short] - blocks[short] * k[short]) * self.row)
-        return starts
-
-
-def _gatherer(dataset, row: int) -> _Gatherer:
+def _flat(dataset, row: int) -> FlatGather:
     # Kept on the Dataset (never pickled: Dataset.__getstate__ lists what travels).
-    g = dataset.__dict__.get("_fastpath_gatherer")
+    g = dataset.__dict__.get("_fastpath_flat")
     if g is None or g.row != row:
-        g = dataset.__dict__["_fastpath_gatherer"] = _Gatherer(dataset, row)
+        g = dataset.__dict__["_fastpath_flat"] = FlatGather(dataset, row)
     return g
 
 
 def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
-    ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). One fancy index per shard on uniform
-    uncompressed shards; other shards are read sample by sample."""
-    shards, within = dataset.index.locate(ids)  # IndexError names an id out of range
-    lo, hi = int(shards.min()), int(shards.max())
-    g = _gatherer(dataset, row)
-    if lo == hi:
-        order, segments = None, [(lo, 0, len(ids))]
-    else:
-        order = np.argsort(shards, kind="stable")
-        shards, within = shards[order], within[order]
-        cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
-        bounds = [0, *cuts, len(ids)]
-        segments = [(int(shards[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    rows_of = [g.shard_rows(s) for s, _, _ in segments]
-    starts = positions = None
-    if len(segments) == 1 and rows_of[0] is not None:
-        starts = rows_of[0].starts(within)  # checks blocks on first touch
-    elif all(r is not None for r in rows_of):
-        for r, (_, a, b) in zip(rows_of, segments):
-            if r.unchecked:
-                r.check(within[a:b] // r.k)
-        starts = g.starts(shards, within, segments)
-    else:  # some shard is not uniform: positions per gatherable segment
-        starts = np.zeros(len(ids), dtype=np.int64)
-        for r, (_, a, b) in zip(rows_of, segments):
-            if r is not None:
-                starts[a:b] = r.starts(within[a:b])
-    positions = starts // dtype.itemsize
+    ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). Uncompressed shards of uniform rows:
+    one fancy index for the whole batch (:mod:`streamshard.flatgather`); otherwise sample by
+    sample out of each shard's (cached) blocks, shard after shard."""
+    n = dataset.index.num_samples
+    if int(ids.min()) < 0 or int(ids.max()) >= n:
+        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
+        ids = np.where(ids < 0, ids + n, ids)
+    if dataset.index.compression is None:
+        rows = _flat(dataset, row).gather(ids, dtype, items)
+        if rows is not None:
+            return rows, None
+    order = np.argsort(ids, kind="stable")  # by shard, then offset: a block's samples in a row
+    shards, within = dataset.index.locate(ids[order])
+    cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
+    bounds = [0, *cuts, len(ids)]
     out = np.empty((len(ids), items), dtype)
-    for r, (seg, a, b) in zip(rows_of, segments):
-        view = r.view(dtype, items) if r is not None else None
-        if view is not None:
-            out[a:b] = view[positions[a:b]]
-        else:
-            src = (_span_rows(g.rows[seg][0], within[a:b], row) if r is None
-                   else r.byte_rows()[starts[a:b]])
-            out[a:b] = src.view(dtype).reshape(b - a, items)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        src = _span_rows(dataset.shard_reader(int(shards[a])), within[a:b], row)
+        out[a:b] = src.view(dtype).reshape(b - a, items)
     return out, order
 
 
@@ -210,11 +149,12 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
     n = len(ids)
     row = sum(c.nbytes for c in columns)
     if n == 0:
-        return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False) for c in columns}
+        return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False)[0]
+                for c in columns}
     single = columns[0] if len(columns) == 1 and not columns[0].scalar else None
     if single is not None:
-        out = _empty((n, *single.shape), _out_dtype(single, token_dtype), pin_memory)
-        flat = out.numpy().reshape(n, -1)
+        out, array = _empty((n, *single.shape), _out_dtype(single, token_dtype), pin_memory)
+        flat = array.reshape(n, -1)
         rows, order = _gather(dataset, ids, row, single.dtype, flat.shape[1])
         if order is None:
             flat[...] = rows
@@ -228,8 +168,8 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
     for c in columns:
         values = np.ascontiguousarray(rows[:, c.offset:c.offset + c.nbytes]).view(c.dtype)
         values = values.reshape(n) if c.scalar else values.reshape((n, *c.shape))
-        out = _empty(values.shape, _out_dtype(c, token_dtype), pin_memory)
-        out.numpy()[...] = values
+        out, array = _empty(values.shape, _out_dtype(c, token_dtype), pin_memory)
+        array[...] = values
         batch[c.name] = out
     return batch
 

@@ -36,6 +36,7 @@ class ShardRows:
         self.unchecked = reader.num_blocks  # blocks not yet touched (checked on first touch)
         self._bytes = np.frombuffer(reader.mapped, dtype=np.uint8)
         self._views: dict[np.dtype, np.ndarray] = {}
+        self._header: np.ndarray | None = None
 
     @classmethod
     def of(cls, reader: ShardFileReader, row: int) -> "ShardRows | None":
@@ -52,6 +53,10 @@ class ShardRows:
         raw = table["raw"].astype(np.int64)
         if not np.array_equal(raw, 16 + counts * (8 + row)):
             return None  # rows of another size: the per-sample path reports it by sample
+        stride = 16 + k * (8 + row)
+        if not np.array_equal(table["offset"].astype(np.int64),
+                              HEADER.size + stride * np.arange(len(first), dtype=np.int64)):
+            return None  # blocks not back to back: the per-sample path reads the table's offsets
         return cls(reader, row, k)
 
     def starts(self, offsets: np.ndarray) -> np.ndarray:
@@ -93,15 +98,41 @@ class ShardRows:
         return self.view(np.dtype(np.uint8), self.row)  # type: ignore[return-value]
 
     def check(self, blocks: np.ndarray) -> None:
-        """Check the blocks of ``blocks`` not checked yet (what a first touch does)."""
+        """Check the blocks of ``blocks`` not checked yet (what a first touch does): each
+        block's xxh64 once per process (``ShardFileReader.check_blocks``), then its header
+        (``u64 n | u64 offsets[n+1]``) against ``n`` back-to-back rows, all blocks at once."""
         todo = np.unique(blocks[~self._checked[blocks]])
-        for b in todo.tolist():
-            offs = self.reader.sample_offsets(b)  # checks the block's xxh64 on first touch
-            base = int(self.starts_unchecked(b))
-            expected = base + self.row * np.arange(len(offs), dtype=np.int64)
-            if len(offs) != (self.k if b < self.last else self.reader.num_samples - b * self.k) + 1 \
-                    or not np.array_equal(np.asarray(offs, dtype=np.int64), expected):
+        if not todo.size:
+            return
+        self.reader.check_blocks(todo)
+        full = todo[todo * self.k + self.k <= self.reader.num_samples]
+        if full.size:
+            expected = self._expected_header()
+            heads = self._headers()[full]
+            if not (heads == expected).all():
+                bad = int(full[np.flatnonzero((heads != expected).any(axis=1))[0]])
+                raise CorruptionError(f"{self.reader.name} block {bad}: sample offsets are not "
+                                      f"{self.row}-byte rows back to back")
+        if full.size < todo.size:  # the short last block: through the reader's own parse
+            b = self.last
+            offs = np.asarray(self.reader.sample_offsets(b), dtype=np.int64)
+            expected = self.last_base + self.row * np.arange(self.reader.num_samples - b * self.k + 1,
+                                                             dtype=np.int64)
+            if not np.array_equal(offs, expected):
                 raise CorruptionError(f"{self.reader.name} block {b}: sample offsets are not "
                                       f"{self.row}-byte rows back to back")
-            self._checked[b] = True
-            self.unchecked -= 1
+        self._checked[todo] = True
+        self.unchecked -= int(todo.size)
+
+    def _headers(self) -> np.ndarray:
+        """``(full blocks, k + 2)`` view of the full blocks' headers as little-endian u64."""
+        full = self.reader.num_samples // self.k
+        return np.ndarray((full, self.k + 2), dtype="<u8", buffer=self.reader.mapped,
+                          offset=HEADER.size, strides=(self.stride, 8))
+
+    def _expected_header(self) -> np.ndarray:
+        """``n = k`` then the payload-relative offsets ``0, row, ..., k * row``."""
+        if self._header is None:
+            self._header = np.concatenate([[self.k], self.row * np.arange(self.k + 1)]
+                                          ).astype(np.uint64)
+        return self._header

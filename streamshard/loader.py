@@ -15,11 +15,16 @@ from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-from streamshard.batch_keys import BatchCollate, StreamingBatchSampler, Tagged
+from streamshard.batch_keys import (
+    BatchCollate, StreamingBatchSampler, Tagged, sequence_fields, with_quarantine, with_reseed,
+    with_skip,
+)
+from streamshard.collate import cast_tokens
 from streamshard.dataset import StreamingDataset
 from streamshard.errors import ConfigError
+from streamshard.mixing import reweight_ledgers, restore
 from streamshard.sampler.ledgers import Ledgers
-from streamshard.state import KEY_SEQUENCE, KEY_STEP, build_state, validate_state
+from streamshard.state import KEY_STEP, build_state
 
 
 class StreamingDataLoader(torch.utils.data.DataLoader):
@@ -52,7 +57,20 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
                 )
         if kwargs.get("in_order", True) is not True:
             raise ConfigError("StreamingDataLoader needs in_order=True: it counts batches in order")
-        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True)
+        # With workers, fixed-size token columns cross to this process as stored (uint16: a
+        # quarter of int64's bytes of shared memory to fault in on both sides) and are converted
+        # here. Not with pin_memory: the pinning thread must see the final tensors.
+        self._cast_tokens = (collate_fn is None and bool(kwargs.get("num_workers"))
+                             and not kwargs.get("pin_memory") and dataset.token_dtype is not None
+                             and dataset._columns is not None and dataset.packing is None)
+        self._keys = StreamingBatchSampler(dataset, columnar=collate_fn is None, tagged=True,
+                                           raw_tokens=self._cast_tokens)
+        if kwargs.get("num_workers"):  # obstore does not survive fork: forkserver by default
+            from streamshard.remote.obstore_fs import worker_context
+
+            kwargs["multiprocessing_context"] = worker_context(
+                dataset.streams, dataset.reading.storage_options,
+                kwargs.get("multiprocessing_context"))
         super().__init__(
             dataset,
             batch_sampler=self._keys,
@@ -106,7 +124,7 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         ds = self.streaming_dataset
         return build_state(
             fingerprints=ds.fingerprints,
-            sequence=ds.sequence.state_fields(),
+            sequence=sequence_fields(ds),
             steps_per_epoch=self.steps_per_epoch,
             step=self.step,
             ledgers=self._ledgers,
@@ -116,43 +134,42 @@ class StreamingDataLoader(torch.utils.data.DataLoader):
         """Small JSON-able state, identical on every rank; counts consumed batches only."""
         return self._live_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], reweight: bool = False) -> None:
         """Restore a state from :meth:`state_dict`, strictly (see :mod:`streamshard.state`).
 
-        A live iterator notices and continues from the restored step."""
-        undo = self.streaming_dataset.adopt_saved_order(
-            state_dict.get(KEY_SEQUENCE) if isinstance(state_dict, dict) else None)
-        try:
-            validate_state(state_dict, self._live_state())
-        except Exception:
-            undo()
-            raise
-        self._ledgers = Ledgers.from_state(state_dict)
+        A mixture built with other weights than the saved ones is refused unless ``reweight``:
+        then the new weights apply from the saved step and the state keeps the history
+        (:mod:`streamshard.mixing`). A live iterator notices and continues from the restored
+        step."""
+        self._ledgers = restore(self.streaming_dataset, state_dict, self._live_state, reweight)
         self._step = int(state_dict[KEY_STEP])
         self._last_step = None
         self._generation += 1
 
     def skip(self, start_step: int, stop_step: int) -> None:
         """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
-        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or not 0 <= start_step <= stop_step:
-            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, {stop_step})")
-        if start_step == stop_step:
-            return
-        self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
+        self._set_ledgers(with_skip(self._ledgers, start_step, stop_step))
 
     def reseed_from(self, step: int, salt: int) -> None:
         """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``. Idempotent."""
-        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
-            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, {salt!r}")
-        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+        self._set_ledgers(with_reseed(self._ledgers, step, salt))
 
     def quarantine(self, entries) -> None:
         """Never serve these samples again: ``(stream, sample_id, from_step)`` entries (or a
         ``Ledgers`` to merge). Their positions are filled by the sampler's deterministic rule
         (docs/SAMPLER.md), so batches stay full; steps before ``from_step`` are unchanged.
         Idempotent; merged like skips."""
-        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
-        self._set_ledgers(self._ledgers.merged(more))
+        self._set_ledgers(with_quarantine(self._ledgers, entries))
+
+    def reweight(self, weights, from_step: int | None = None) -> None:
+        """Serve the mixture with ``weights`` (one per stream, or a dict by source) from
+        absolute step ``from_step`` (default: the next step this loader serves) on: every block
+        of ``M`` positions from that step's first position holds exactly the new counts, and
+        each stream still serves each sample once per its own epoch. A served step is refused.
+        A ledger entry (in the state, identical on all ranks); idempotent."""
+        ds = self.streaming_dataset
+        self._set_ledgers(reweight_ledgers(self._sequence(), ds.streams, weights, from_step,
+                                           self.step))
 
     def apply_ledgers(self, ledgers: Ledgers) -> None:
         """Merge every ledger of ``ledgers`` into this loader's (idempotent)."""
@@ -238,4 +255,6 @@ class _LoaderIterator:
         self._served += 1
         loader._last_step = step
         loader._step = step + 1
+        if loader._cast_tokens:
+            batch = cast_tokens(batch, loader.streaming_dataset.token_dtype)
         return batch

@@ -53,6 +53,15 @@ class LRU(Generic[K, V]):
             self.hits += 1
             return value
 
+    def touch(self, keys) -> None:
+        """Make each of ``keys`` that is held the most recent (in order), under one lock; no
+        hit or miss is counted (a bulk use, e.g. the shards one gathered batch read)."""
+        with self._lock:
+            entries = self._entries
+            for key in keys:
+                if key in entries:
+                    entries.move_to_end(key)
+
     def put(self, key: K, value: V) -> None:
         """Insert (or replace) ``key`` as the most recent entry, evicting the least recent ones
         until the total fits the capacity. A capacity <= 0 stores nothing."""

@@ -24,17 +24,19 @@ replaces that.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from streamshard.errors import ConfigError
-from streamshard.blockshuffle import DEFAULT_BLOCKS_PER_GROUP
+from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
+from streamshard.batch_keys import (
+    StreamingBatchSampler, start_prefetch, with_quarantine, with_reseed, with_skip,
+)
 from streamshard.sampler import Ledgers, SampleSequence, sample_rng
-from streamshard.state import KEY_STEP, build_state, validate_state
+from streamshard.mixing import reweight_ledgers
 from streamshard.streams import (
-    Stream, as_streams, build_order, open_streams, reserve_block_caches, resolve_batch,
+    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
+    resolve_batch,
 )
 from streamshard.world import World, detect_world
 
@@ -127,53 +129,54 @@ def collate_numpy(samples: Sequence[Any]) -> Any:
     return out
 
 
-class NumpyBatchIterator:
+class NumpyBatchIterator(SequenceHost):
     """Device batches of one dataset or a weighted mixture as numpy, with exact O(1) resume.
 
     Arguments as :class:`streamshard.StreamingDataset` (``source`` is a path/URL or a list of
     :class:`Stream`; exactly one of ``batch_size`` per device and ``global_batch_size``).
     Iterating serves the rest of the current epoch; the next ``iter()`` starts the next one.
-    ``state_dict`` / ``load_state_dict`` / ``skip`` / ``reseed_from`` / ``quarantine`` behave as
-    on ``StreamingDataLoader``. Not thread-safe.
+    What to read comes from the loader's own batch sampler
+    (:class:`streamshard.batch_keys.StreamingBatchSampler`, which owns the step, the ledgers and
+    the state), read here in this process. ``state_dict`` / ``load_state_dict`` / ``skip`` /
+    ``reseed_from`` / ``quarantine`` behave as on ``StreamingDataLoader``. Not thread-safe.
     """
 
+    _SINGLE_STREAM_PATHS = ("_rows",)  # the row gather: one stream only
+
     def __init__(self, source: str | Sequence[Stream], *, batch_size: int | None = None,
-                 global_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 lanes: int | None = None, window: int | None = None, drop_last: bool = True,
-                 world: World | None = None, transform: Transform | None = None,
-                 collate_fn: Callable[[list], Any] | None = None, cache_dir: str | None = None,
-                 cache_limit: int | str | None = None, storage_options: dict | None = None,
-                 epoch_size: int | None = None, mixture_block: int | None = None,
-                 block_cache: int | str | None = None, block_shuffle: bool | None = None,
-                 blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP, lookahead: int = 16,
-                 verify_blocks: bool = True):
-        streams = as_streams(source, storage_options)
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+                 global_batch_size: int | None = None, order: OrderOptions | None = None,
+                 reading: ReadOptions | None = None, world: World | None = None,
+                 transform: Transform | None = None,
+                 collate_fn: Callable[[list], Any] | None = None, **options: Any):
+        # ``order``/``reading`` as on StreamingDataset (streamshard/options.py); each field is
+        # also accepted as a keyword of its own.
+        order, reading = resolve_options(order, reading, options, "NumpyBatchIterator")
+        self.order, self.reading = order, reading
+        streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
-        self.seed, self.transform = seed, transform
+        self.seed, self.transform = order.seed, transform
         self.collate_fn = collate_fn or collate_numpy
         self.streams = streams
-        self.datasets = open_streams(streams, cache_dir=cache_dir, cache_limit=cache_limit,
-                                     storage_options=storage_options, block_cache=block_cache,
-                                     verify_blocks=verify_blocks)
-        order, orders = build_order(self.datasets, streams, seed=seed, shuffle=shuffle, lanes=lanes,
-                            window=window, epoch_size=epoch_size, mixture_block=mixture_block,
-                            block_shuffle=block_shuffle, blocks_per_group=blocks_per_group,
-                            global_batch_size=self.global_batch_size)
-        self.sequence = SampleSequence(order, global_batch_size=self.global_batch_size,
-                                       drop_last=drop_last)
-        self.steps_per_epoch = self.sequence.steps_per_epoch
-        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
-            raise ConfigError(f"lookahead must be a positive int, got {lookahead!r}")
-        self.lookahead = lookahead
-        if block_cache is None:
+        self.datasets = open_streams(streams, cache_dir=reading.cache_dir,
+                                     cache_limit=reading.cache_limit,
+                                     storage_options=reading.storage_options,
+                                     block_cache=reading.block_cache,
+                                     verify_blocks=reading.verify_blocks)
+        sampler_order, orders = build_order(
+            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
+            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
+            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
+            global_batch_size=self.global_batch_size)
+        self.lookahead = reading.lookahead
+        self._init_sequence(SampleSequence(sampler_order, global_batch_size=self.global_batch_size,
+                                           drop_last=order.drop_last),
+                            lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
+                            epoch_size=order.epoch_size)
+        if reading.block_cache is None:
             reserve_block_caches(self.datasets, orders, self.world, self.sequence)
-        self._step = 0
+        self._keys = StreamingBatchSampler(self)  # owns the step, the ledgers and the state
         self._last_step: int | None = None
-        self._ledgers = Ledgers()
-        self._seq = self.sequence
         self._generation = 0  # bumped by load_state_dict and ledger changes
         # One fixed-size stream, default collation, no transform: rows gathered as columns.
         rows = (row_dtype(self.datasets[0].schema) if len(self.datasets) == 1
@@ -182,19 +185,9 @@ class NumpyBatchIterator:
 
     # -- position -----------------------------------------------------------------------------
     @property
-    def batch_size(self) -> int:
-        """Samples in this rank's batches: ``G // D`` or ``G // D + 1`` (fixed per rank)."""
-        w = self.world
-        return int(self.sequence.assignment(w.world_size, w.local_world_size).rank_sizes()[w.rank])
-
-    @property
-    def fingerprints(self) -> list[str]:
-        return [ds.fingerprint for ds in self.datasets]
-
-    @property
     def step(self) -> int:
         """Absolute data step of the next batch (global batch index from epoch 0)."""
-        return self._seq.next_served_step(self._step)
+        return self.sequence_with(self._keys.ledgers).next_served_step(self._keys.step)
 
     @property
     def last_step(self) -> int | None:
@@ -209,43 +202,28 @@ class NumpyBatchIterator:
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
-        generation = -1
-        mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        keys = self._keys
         while True:
-            if generation != self._generation:  # first batch, or the state changed under us
-                generation = self._generation
-                stop = (self.step // self.steps_per_epoch + 1) * self.steps_per_epoch
-                mapped.clear()
-            step = self.step
-            if step >= stop:  # the epoch is over: the next iter() starts the next one
-                self._step = max(self._step, stop)
-                return
-            if step not in mapped:
-                mapped.clear()
-                mapped.update(self._map_ahead(step, stop))
-            batch = self._read(step, *mapped.pop(step))
-            self._last_step, self._step = step, step + 1
-            yield batch
-
-    def _map_ahead(self, step: int, stop: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """``(stream_ids, sample_ids)`` of this device for the next ``lookahead`` served steps
-        from ``step`` (same epoch): one sampler call for all of them, whose fixed cost (~100 us
-        of numpy) would otherwise exceed the cost of reading a small batch."""
-        seq, world = self._seq, self.world
-        steps = list(itertools.islice(seq.served_steps(step, stop), self.lookahead))
-        positions = np.concatenate([seq.device_positions(s, world.rank, world.world_size,
-                                                         world.local_world_size) for s in steps])
-        stream_ids, sample_ids = seq.map_positions(step // self.steps_per_epoch, positions)
-        per = len(positions) // len(steps)
-        return {s: (stream_ids[i * per:(i + 1) * per], sample_ids[i * per:(i + 1) * per])
-                for i, s in enumerate(steps)}
+            generation = self._generation
+            keys.step, keys.stop = self.step, None  # the rest of the current epoch
+            for key in keys:
+                if key.prefetch:
+                    start_prefetch(self.datasets, key)
+                batch = self._read(key.step, np.asarray(key.stream_ids, dtype=np.int64),
+                                   np.asarray(key.sample_ids, dtype=np.int64))
+                self._last_step, keys.step = key.step, key.step + 1
+                yield batch
+                if generation != self._generation:  # the state changed under us: re-plan
+                    break
+            else:
+                return  # the epoch is over: the sampler moved to the next one
 
     def batch_at(self, step: int) -> Any:
         """This device's batch of absolute step ``step`` (with the current ledgers), collated."""
-        seq = self._seq
         w = self.world
-        positions = seq.device_positions(step, w.rank, w.world_size, w.local_world_size)
-        return self._read(step, *seq.map_positions(step // self.steps_per_epoch, positions))
+        streams, samples = self.sequence_with(self._keys.ledgers).batch(
+            step, w.rank, w.world_size, w.local_world_size)
+        return self._read(step, streams, samples)
 
     def _read(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> Any:
         if self._rows is not None:
@@ -259,51 +237,45 @@ class NumpyBatchIterator:
             samples.append(item)
         return self.collate_fn(samples)
 
-    # -- state --------------------------------------------------------------------------------
+    # -- state (the batch sampler's) --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The same small JSON-able state as ``StreamingDataLoader.state_dict()``."""
-        return build_state(fingerprints=self.fingerprints, sequence=self.sequence.state_fields(),
-                           steps_per_epoch=self.steps_per_epoch, step=self.step,
-                           ledgers=self._ledgers)
+        return self._keys.state_at(self.step)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore strictly (a mismatch shows the saved and the live value side by side)."""
-        validate_state(state_dict, self.state_dict())
-        self._set_ledgers(Ledgers.from_state(state_dict))
-        self._step = int(state_dict[KEY_STEP])
+    def load_state_dict(self, state_dict: dict[str, Any], reweight: bool = False) -> None:
+        """Restore strictly (a mismatch shows the saved and the live value side by side),
+        adopting the saved lanes and block grouping where they were left to the defaults, as
+        ``StreamingDataLoader`` does; ``reweight`` as ``StreamingDataLoader.load_state_dict``.
+        A live iterator continues from the restored step."""
+        self._keys.load_state_dict(state_dict, reweight)
         self._last_step = None
         self._generation += 1
 
     def skip(self, start_step: int, stop_step: int) -> None:
         """Never serve absolute data steps ``[start_step, stop_step)``. Idempotent."""
-        if not (isinstance(start_step, int) and isinstance(stop_step, int)) or \
-                not 0 <= start_step <= stop_step:
-            raise ConfigError(f"skip needs 0 <= start_step <= stop_step, got [{start_step}, "
-                              f"{stop_step})")
-        if start_step < stop_step:
-            self._set_ledgers(self._ledgers.with_skip(start_step, stop_step))
+        self._set_ledgers(with_skip(self._keys.ledgers, start_step, stop_step))
 
     def reseed_from(self, step: int, salt: int) -> None:
         """Re-permute the rest of ``step``'s epoch (and key later epochs) with ``salt``."""
-        if not isinstance(step, int) or step < 0 or not isinstance(salt, int) or salt < 0:
-            raise ConfigError(f"reseed_from needs a step >= 0 and a salt >= 0, got {step!r}, "
-                              f"{salt!r}")
-        self._set_ledgers(self._ledgers.with_reseed(step, salt))
+        self._set_ledgers(with_reseed(self._keys.ledgers, step, salt))
 
     def quarantine(self, entries) -> None:
         """Never serve these ``(stream, sample_id, from_step)`` samples again (see
         ``StreamingDataLoader.quarantine``)."""
-        more = entries if isinstance(entries, Ledgers) else Ledgers(quarantine=tuple(entries))
-        self._set_ledgers(self._ledgers.merged(more))
+        self._set_ledgers(with_quarantine(self._keys.ledgers, entries))
+
+    def reweight(self, weights, from_step: int | None = None) -> None:
+        """As ``StreamingDataLoader.reweight`` (docs/LOADER.md, "Mixtures that change")."""
+        self._set_ledgers(reweight_ledgers(self.sequence_with(self._keys.ledgers), self.streams,
+                                           weights, from_step, self.step))
 
     @property
     def ledgers(self) -> Ledgers:
-        return self._ledgers
+        return self._keys.ledgers
 
     def _set_ledgers(self, ledgers: Ledgers) -> None:
-        if ledgers != self._ledgers:
-            self._ledgers = ledgers
-            self._seq = self.sequence.with_ledgers(ledgers)
+        if ledgers != self._keys.ledgers:
+            self._keys.ledgers = ledgers
             self._generation += 1
 
     def close(self) -> None:
@@ -311,6 +283,6 @@ class NumpyBatchIterator:
             ds.close()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.source}(w={s.weight:g})" for s in self.streams)
+        names = ", ".join(s.describe() for s in self.streams)
         return (f"NumpyBatchIterator([{names}], global_batch_size={self.global_batch_size}, "
                 f"steps_per_epoch={self.steps_per_epoch}, {self.world})")

@@ -39,6 +39,8 @@ class ShardSource(Protocol):
     url: str
 
     def read_index(self) -> bytes: ...
+    # Optional: ``load_index() -> DatasetIndex`` for a source that parses the index itself
+    # (``CachedSource`` checks fingerprint and budget): ``Dataset`` then does not parse it again.
     def shard_path(self, shard: ShardInfo) -> str: ...
     def unpin(self, shard: ShardInfo) -> None: ...
     def prefetch(self, shards: Sequence[ShardInfo]) -> None: ...
@@ -104,7 +106,9 @@ class Dataset:
         self.block_cache_bytes = 0 if block_cache in (0, "0") else parse_size(block_cache, name="block_cache")
         self.source = source
         if index is None:
-            index = DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}")
+            load = getattr(source, "load_index", None)  # optional: a source that parses anyway
+            index = (load() if load is not None else
+                     DatasetIndex.from_bytes(source.read_index(), f"{source.url}/{INDEX_FILE}"))
         self.index = index
         self.max_open_shards = max_open_shards
         if not isinstance(verify_blocks, bool):
@@ -123,6 +127,7 @@ class Dataset:
         # reordering: ~0.3 us of a ~3 us read). Set only by _reader, cleared on every eviction,
         # so it is always an open reader that is also the LRU's most recent entry.
         self._last = _NO_READER
+        self._generation = 0  # bumped when a reader is evicted or closed (reader_generation)
         self._decode = self.index.schema.decode
         self._blocks = (LRU(self.block_cache_bytes, size=_block_bytes)
                         if self.block_cache_bytes else None)
@@ -277,7 +282,22 @@ class Dataset:
         goes (POSIX keeps unlinked files readable, so unpinning now is safe even if the cache
         evicts the file)."""
         self._last = _NO_READER
+        self._generation += 1
         self.source.unpin(self.index.shards[s])
+
+    # -- for gathers that keep the maps of open shards (streamshard/flatgather.py) ----------
+    @property
+    def reader_generation(self) -> int:
+        """Changes whenever an open shard reader is evicted or the dataset is closed."""
+        return self._generation
+
+    def peek_reader(self, shard: int) -> ShardFileReader | None:
+        """The open reader of ``shard`` or ``None``, without counting a use."""
+        return self._readers.peek(shard)
+
+    def touch_readers(self, shards: Sequence[int]) -> None:
+        """Count a use of each open reader of ``shards`` (LRU order), in one locked pass."""
+        self._readers.touch(shards)
 
     def close(self) -> None:
         """Close every open shard and unpin it. The dataset stays usable (reopens lazily)."""
@@ -286,6 +306,7 @@ class Dataset:
                 r.close()
                 self.source.unpin(self.index.shards[s])
             self._last = _NO_READER  # after the drain: a concurrent _reader then sees it gone
+            self._generation += 1
 
     def __enter__(self) -> "Dataset":
         return self

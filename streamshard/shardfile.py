@@ -435,8 +435,9 @@ class ShardFileReader:
         """``(raw block, start, length, block number)`` of sample ``k`` in a compressed shard."""
         first = self._first
         b = _bisect_right(first, k) - 1
-        if self._block[0] == b:  # inlined cache hit: the in-order iteration case
-            raw, head = self._block[1], self._block[2]
+        cached = self._block  # read once: another thread may replace it between two reads
+        if cached[0] == b:  # inlined cache hit: the in-order iteration case
+            raw, head = cached[1], cached[2]
             self._stats.block_cache_hits += 1
         else:
             raw, head = self.block(b)

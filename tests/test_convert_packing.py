@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamshard.cli import main as cli
-from streamshard.converters.packing import PackingConfig, load_tokenizer, pack, pack_corpus, unpack
+from streamshard.converters.packing import PackingConfig, load_tokenizer, pack, unpack
+from streamshard.convert_packing import pack_corpus
 from streamshard.index import DatasetIndex
 from streamshard import open_dataset
 from streamshard.errors import ConfigError, InputError, MissingDependencyError
@@ -151,19 +152,6 @@ def test_command_line_honours_writer_flags(tmp_path, tokenizer_json, capsys):
     assert ds[len(ds) - 1]["length"] <= 16 and ds.schema.to_json()["tokens"] == "uint16[16]"
     index = DatasetIndex.from_bytes((tmp_path / "out" / "index.json").read_bytes(), "index.json")
     assert (index.compression_level, index.block_size) == (19, 4096)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--resume"], "packing cannot resume"),              # one sequential pass: nothing to resume
-    (["--workers", "2"], "--workers 2 does not apply"),   # one process by nature
-    (["--chunk-size", "1MB"], "--chunk-size is the unit of parallel conversion"),
-])
-def test_command_line_refuses_flags_packing_cannot_honour(tmp_path, capsys, flags, message):
-    write_jsonl(tmp_path / "c.jsonl", [{"ids": [1, 2, 3]}] * 5)
-    rc = cli(["convert", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--format", "jsonl",
-              "--token-field", "ids", "--eod-id", "0", "--seq-len", "4", *flags])
-    assert rc == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_missing_tokenizers_package_gives_install_hint(monkeypatch, tmp_path):

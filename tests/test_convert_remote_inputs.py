@@ -171,3 +171,4 @@ def test_rerun_with_a_kept_cache_follows_the_remote_listing(s3, tmp_path):
     second = convert(["s3://listing/d"], str(tmp_path / "two"), format="jsonl",
                      input_cache=cache, input_storage_options=s3.options())
     assert (first.samples, second.samples) == (6, 4)
+

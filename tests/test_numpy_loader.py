@@ -128,6 +128,78 @@ def test_mismatch_is_refused_with_both_values(paths):
         b.load_state_dict(a.state_dict())
 
 
+# What a run saved before a default changed (one row per default), and an explicit setting
+# that differs from it (refused: only settings left to the default adopt the saved ones).
+OLD_STATES = {
+    # before lanes were sized for locality: 64 lanes (any lanes a first run fixed)
+    "lanes": (dict(lanes=64), dict(lanes=2), "sequence.lanes"),
+    # before the block-aware shuffle of zstd shards: no "blocks" (the window order)
+    "blocks": (dict(block_shuffle=False), dict(block_shuffle=True), "sequence.blocks"),
+    # from before both defaults
+    "both": (dict(lanes=64, block_shuffle=False), dict(lanes=2), "sequence.lanes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OLD_STATES))
+def test_old_states_restore_across_loaders_both_ways(paths, case):
+    """A state from before the locality / block-aware defaults (saved by either loader) restores
+    into the other loader left on the defaults and continues that run's order; the saved lanes
+    and blocks are adopted by both alike, and refused where set explicitly."""
+    from streamshard import StateMismatchError
+
+    old, explicit, field = OLD_STATES[case]
+    kw = dict(global_batch_size=8, seed=13, world=World())
+    for save_with, restore_into in ((NumpyBatchIterator, torch_loader),
+                                    (torch_loader, NumpyBatchIterator)):
+        first = save_with(paths[0], **kw, **old)
+        head = [ids(b) for _, b in zip(range(4), first)]
+        state = json.loads(json.dumps(first.state_dict()))
+        tail = epoch_ids(first)
+        assert head and tail and ("blocks" in state["sequence"]) == ("block_shuffle" not in old)
+        resumed = restore_into(paths[0], **kw)  # defaults: other lanes / the block order
+        assert resumed.state_dict()["sequence"] != state["sequence"]
+        resumed.load_state_dict(state)
+        assert resumed.state_dict()["sequence"] == state["sequence"]
+        assert epoch_ids(resumed) == tail
+        with pytest.raises(StateMismatchError, match=field):
+            restore_into(paths[0], **kw, **explicit).load_state_dict(state)
+
+
+def test_streams_added_and_removed_at_a_resume_restore_in_either_loader(id_dataset_factory):
+    """A mixture resumed with a stream removed and one added (reweight=True) lays its streams
+    out in the run's history order in both loaders (streams.SequenceHost.adopt_layout), so a
+    state saved by either continues identically in the other."""
+    a, b, c = (id_dataset_factory(n, shard_size="1KB") for n in (90, 61, 47))
+    kw = dict(global_batch_size=8, seed=3, world=World())
+    for save_with, restore_into in ((NumpyBatchIterator, torch_loader),
+                                    (torch_loader, NumpyBatchIterator)):
+        first = save_with([Stream(a), Stream(b)], **kw)
+        for _ in zip(range(3), first):
+            pass
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = restore_into([Stream(c, 2.0), Stream(b)], **kw)
+        same = save_with([Stream(c, 2.0), Stream(b)], **kw)
+        for loader in (resumed, same):
+            loader.load_state_dict(state, reweight=True)
+        assert resumed.state_dict() == same.state_dict()
+        assert len(resumed.state_dict()["fingerprints"]) == 3
+        assert [ids(x) for _, x in zip(range(6), resumed)] == \
+            [ids(x) for _, x in zip(range(6), same)]
+
+
+def test_numpy_iterator_is_driven_by_the_shared_batch_sampler(paths):
+    """The iterator's step, ledgers and state are its StreamingBatchSampler's: no second copy."""
+    from streamshard.batch_keys import StreamingBatchSampler
+
+    it = NumpyBatchIterator(paths[0], global_batch_size=8, seed=4, world=World())
+    assert isinstance(it._keys, StreamingBatchSampler) and it._keys.dataset is it
+    stream = iter(it)
+    next(stream), next(stream)
+    it.skip(2, 4)
+    assert it._keys.ledgers is it.ledgers and it.state_dict() == it._keys.state_at(4)
+    assert it.state_dict()["step"] == 4 and it.last_step == 1
+
+
 BLOCKER = """
 import sys
 class _NoTorch:

@@ -47,6 +47,25 @@ def http(served):
     return server, local
 
 
+def test_opening_a_remote_dataset_parses_its_index_once(http, tmp_path, monkeypatch):
+    """CachedSource parses the index to check it (fingerprint, budget); the Dataset takes that
+    parse (``load_index``) instead of parsing the bytes again, cold and warm (the warm open
+    reads the node's cached copy). Before, every remote open parsed the index twice."""
+    from streamshard.index import DatasetIndex
+
+    server, local_path = http
+    calls = []
+    parse = DatasetIndex.from_bytes.__func__
+    monkeypatch.setattr(DatasetIndex, "from_bytes", classmethod(
+        lambda cls, *a, **kw: calls.append(a[1:]) or parse(cls, *a, **kw)))
+    for cache, counter in (("cold", "index_fetches"), ("warm", "index_hits")):
+        calls.clear()
+        ds = open_dataset(f"{server.url}/ds", cache_dir=str(tmp_path / "cache"))
+        assert len(calls) == 1 and len(ds) == 3000, cache
+        assert ds.source.stats()[counter] == 1
+        ds.close()
+
+
 def same(a, b) -> bool:
     return a["id"] == b["id"] and np.array_equal(a["tokens"], b["tokens"])
 

@@ -290,3 +290,29 @@ def test_retry_policy_is_the_only_retry_counted_at_the_server(s3, local_ds, tmp_
     finally:
         proxy.stop()
 
+
+
+@pytest.mark.slow(reason="forkserver DataLoader workers import torch afresh (~5-10 s)")
+def test_obstore_workers_start_from_a_forkserver(s3, local_ds, tmp_path):
+    """obstore's runtime blocks in forked children (even with a new store), so a loader over
+    an obstore stream starts its workers from a forkserver unless told otherwise, and refuses
+    "fork" by name; the batches equal the local dataset's."""
+    pytest.importorskip("obstore")
+    from streamshard.dataset import StreamingDataset
+    from streamshard.errors import ConfigError
+    from streamshard.loader import StreamingDataLoader
+
+    url = upload(s3, local_ds)
+    remote = StreamingDataset(url, batch_size=100, seed=5, cache_dir=str(tmp_path / "cache"),
+                              storage_options={**s3.options(), "backend": "obstore"})
+    assert remote[0]  # the parent has used obstore (index and a shard) before any worker starts
+    with pytest.raises(ConfigError, match="does not survive fork"):
+        StreamingDataLoader(remote, num_workers=2, collate_fn=ids_of,
+                            multiprocessing_context="fork")
+    loader = StreamingDataLoader(remote, num_workers=2, collate_fn=ids_of, timeout=120)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    got = [i for batch in loader for i in batch]
+    here = StreamingDataset(local_ds, batch_size=100, seed=5)
+    assert got == [int(s["id"]) for batch in here for s in batch]
+    plain = StreamingDataset(local_ds, batch_size=100, seed=5)
+    assert StreamingDataLoader(plain, num_workers=2).multiprocessing_context is None

@@ -117,3 +117,21 @@ def test_planner_bound_at_every_world_size_from_8_to_1024():
         assert plan.rank_batch_max - plan.rank_batch_min <= 1
         worst.append((plan.bytes_per_node_over_share_max, world_size))
     assert max(worst)[0] <= 1.2, max(worst)
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12).filter(lambda s: sum(s) >= 9),
+       g=st.integers(1, 9), lanes=st.none() | st.integers(1, 12), world=st.integers(1, 9),
+       local=st.integers(1, 4), drop_last=st.booleans(), first=st.integers(0, 40),
+       count=st.integers(0, 30))
+def test_positions_of_many_steps_equal_one_step_at_a_time(sizes, g, lanes, world, local,
+                                                          drop_last, first, count):
+    """The batch sampler maps hundreds of steps per call (device_positions_of, vectorized by
+    lane phase); it must equal device_positions step by step, the padded step included."""
+    seq = SampleSequence(EpochOrder(sizes, seed=4, lanes=lanes), global_batch_size=g,
+                         drop_last=drop_last)
+    steps = list(range(first, first + count))
+    for rank in range(world):
+        many = seq.device_positions_of(steps, rank, world, local)
+        one = [seq.device_positions(s, rank, world, local) for s in steps]
+        assert [p.tolist() for p in many] == [p.tolist() for p in one]

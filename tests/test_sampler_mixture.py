@@ -92,8 +92,9 @@ def test_default_block_is_smallest_that_gives_every_stream_a_slot():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(weights=[1.0]), "got 1 weights for 2 streams"),
-    (dict(weights=[1.0, 0.0]), "weight of stream 1 must be a positive number, got 0.0"),
-    (dict(weights=[1.0, float("nan")]), "weight of stream 1 must be a positive number"),
+    (dict(weights=[0.0, 0.0]), "at least one positive value"),  # 0 alone is fine: no slot
+    (dict(weights=[1.0, -1.0]), "weight of stream 1 must be a non-negative number, got -1.0"),
+    (dict(weights=[1.0, float("nan")]), "weight of stream 1 must be a non-negative number"),
     (dict(weights=[0.99, 0.01], block=10), "block=10 gives stream 1 .* no slot"),
     (dict(weights=[1e-9, 1.0]), "pass block= explicitly"),
     (dict(weights=[1, 1], epoch_size=0), "epoch_size must be positive, got 0"),

@@ -10,7 +10,7 @@ import pytest
 
 from streamshard.cli import main
 from streamshard.convert import convert
-from streamshard.converters.packing import pack_corpus
+from streamshard.convert_packing import pack_corpus
 from streamshard.index import DatasetIndex
 from streamshard.writer import (
     DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE, ShardWriter, WriterConfig,

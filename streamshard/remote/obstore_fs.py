@@ -39,6 +39,33 @@ def split_backend(url: str, storage_options: dict[str, Any]) -> tuple[str, dict[
     return backend, opts
 
 
+def uses_obstore(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether ``url`` is read through obstore with these storage options."""
+    return bool(storage_options) and storage_options.get("backend") == "obstore" \
+        and url.startswith("s3://")
+
+
+def worker_context(streams: Any, storage_options: dict[str, Any] | None,
+                   context: Any) -> Any:
+    """The ``multiprocessing_context`` for DataLoader workers of ``streams`` (``Stream``
+    values; ``storage_options`` the loader-wide default): obstore's Rust runtime does not
+    survive ``fork`` (a forked child blocks on its first request, even with a new store:
+    measured with obstore 0.12.1), so with an obstore stream no context means
+    ``"forkserver"`` (workers forked from a clean server process that never used obstore) and
+    ``"fork"`` is a ``ConfigError``. Any other stream: ``context`` unchanged."""
+    if not any(uses_obstore(s.source, s.storage_options if s.storage_options is not None
+                            else storage_options) for s in streams):
+        return context
+    if context is None:
+        return "forkserver"
+    method = context if isinstance(context, str) else context.get_start_method()
+    if method == "fork":
+        raise ConfigError("storage_options backend 'obstore' does not survive fork (its Rust "
+                          "runtime blocks in forked workers): use multiprocessing_context="
+                          "'forkserver' or 'spawn' (the default with obstore), or backend 's3fs'")
+    return context
+
+
 def make_fs(opts: dict[str, Any]) -> Any:
     """An ``FsspecStore`` for S3 from s3fs-style options (paths are ``bucket/key`` as in s3fs)."""
     unknown = sorted(set(opts) - _KNOWN)
@@ -61,7 +88,9 @@ def make_fs(opts: dict[str, Any]) -> Any:
         config["region"] = client["region_name"]
     client_options = {"allow_http": True} if str(endpoint or "").startswith("http://") else {}
     return FsspecStore("s3", config=config, client_options=client_options,
-                       retry_config={"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=60)}, skip_instance_cache=True)
+                       retry_config={"max_retries": 0,
+                                     "retry_timeout": datetime.timedelta(seconds=60)},
+                       skip_instance_cache=True)
 
 
 def classify(exc: BaseException) -> bool | None:

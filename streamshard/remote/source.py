@@ -161,6 +161,14 @@ class CachedSource:
     # ---- ShardSource ----------------------------------------------------------------------
     def read_index(self) -> bytes:
         """The remote index bytes, from the node's cache when the remote copy is unchanged."""
+        return self._fetch_index()[0]
+
+    def load_index(self) -> Any:
+        """The parsed :class:`~streamshard.index.DatasetIndex` (what ``Dataset`` opens with):
+        parsed once here, where it is checked, instead of once more by the caller."""
+        return self._fetch_index()[1]
+
+    def _fetch_index(self) -> tuple[bytes, Any]:
         from streamshard.index import DatasetIndex
 
         base = os.path.join(self.cache_dir, url_key(self.url, self.storage_options))
@@ -190,7 +198,7 @@ class CachedSource:
                 f"became {index.fingerprint}; reopen the dataset to read the new version")
         self.fingerprint = index.fingerprint
         self.check_budget()
-        return data
+        return data, index
 
     @staticmethod
     def _cached_index(cached: str, meta_path: str, token: str | None) -> bytes | None:

@@ -169,9 +169,32 @@ class Assignment:
             g == 1 or bool((np.diff(pos) == 1).all()))
         if not contiguous:  # a pad step wraps: keep the step's own order
             return pos[self.rank_of(pos) == rank]
-        phase = int(pos[0] % self.lanes)
+        order, bounds = self._pattern(int(pos[0] % self.lanes))
+        return pos[0] + order[bounds[rank]:bounds[rank + 1]]
+
+    def split_contiguous(self, first: np.ndarray, rank: int) -> np.ndarray:
+        """``split(first[i] + arange(G), rank)`` for every step start ``first[i]`` (int64
+        array), as one ``(len(first), rank_sizes()[rank])`` array: a few vectorized operations
+        per lane phase instead of a ``split`` call per step."""
+        rank = check_int(rank, "rank", minimum=0)
+        if rank >= self.world_size:
+            raise ConfigError(f"rank must be < world_size={self.world_size}, got {rank}")
+        first = np.asarray(first, dtype=np.int64).reshape(-1)
+        size = int(self.rank_sizes()[rank])
+        out = np.empty((first.size, size), dtype=np.int64)
+        phases = first % self.lanes
+        for phase in np.unique(phases).tolist():
+            order, bounds = self._pattern(phase)
+            mine = order[bounds[rank]:bounds[rank + 1]]
+            sel = phases == phase
+            out[sel] = first[sel, None] + mine  # a rank's share has the same size every step
+        return out
+
+    def _pattern(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
+        """(step offsets grouped by rank, rank bounds) of steps of lane phase ``phase``; cached."""
         pattern = self._patterns.get(phase)
         if pattern is None:
+            g = self.global_batch_size
             ranks = self.rank_of(np.arange(phase, phase + g, dtype=np.int64))
             order = np.argsort(ranks, kind="stable")  # offsets grouped by rank, ascending
             bounds = np.concatenate([[0], np.cumsum(np.bincount(ranks, minlength=self.world_size))])
@@ -179,8 +202,7 @@ class Assignment:
             cache = dict(self._patterns) if len(self._patterns) < 64 else {}
             cache[phase] = pattern
             object.__setattr__(self, "_patterns", cache)
-        order, bounds = pattern
-        return pos[0] + order[bounds[rank]:bounds[rank + 1]]
+        return pattern
 
     def period(self) -> int:
         """Steps after which the lane phase ``p0 mod L`` repeats: ``L / gcd(G, L)``."""

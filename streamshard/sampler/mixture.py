@@ -8,6 +8,11 @@ block ``b`` is its local position ``ell = b * c_s + i``; the stream's own epoch 
 ``ell // N_s`` and the sample is ``orders[s](ell // N_s, ell % N_s)``. Hence every aligned block
 of ``M`` holds exactly ``c_s`` samples of stream ``s``, and every stream serves each of its
 samples once per its own epoch (small streams repeat sooner). Seeking is O(1).
+
+Weights that change (a ``schedule`` known in advance, or the sequence's reweight ledger) are
+*segments* starting at absolute positions, each with its own counts and blocks from its first
+position (:mod:`streamshard.sampler.segments`); a stream's local positions stay contiguous
+across them. A weight may be 0 (the stream gets no slot: removed, or not joined yet).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 
 from streamshard.errors import ConfigError
 from streamshard.sampler.order import EpochOrder, check_int
-from streamshard.sampler.permutation import M64, check_positions, derive_keys, permute_grouped
+from streamshard.sampler.permutation import M64, check_positions
+from streamshard.sampler.segments import build_segments, locate_local
 
 MIN_BLOCK = 100
 # Default-block search stops here: weights this skewed need an explicit `block`.
@@ -39,7 +45,8 @@ def block_counts(block: int, weights: Sequence[Fraction]) -> list[int]:
 
 
 def default_block(weights: Sequence[Fraction]) -> int:
-    """Smallest ``M >= 100`` whose largest-remainder split gives every stream a slot."""
+    """Smallest ``M >= 100`` whose largest-remainder split gives every positive weight a slot."""
+    weights = [w for w in weights if w > 0]  # a zero weight never gets a slot (remainder 0)
     # M >= sum(w) / min(w) guarantees floor(M * w_s / sum(w)) >= 1, so the search terminates.
     bound = max(MIN_BLOCK, math.ceil(sum(weights) / min(weights)))
     if bound > MAX_DEFAULT_BLOCK:
@@ -52,11 +59,37 @@ def default_block(weights: Sequence[Fraction]) -> int:
     return bound
 
 
+
+
+def check_weights(weights: Sequence, what: str) -> tuple[float, ...]:
+    """Finite non-negative numbers, at least one positive (a 0 gives that stream no slot)."""
+    weights = tuple(weights)
+    for s, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"weight of stream {s}{what} must be a non-negative number, got {w!r}")
+    if weights and not any(w > 0 for w in weights):
+        raise ConfigError(f"weights{what} must have at least one positive value, got {list(weights)}")
+    return tuple(float(w) for w in weights)
+
+
+def _exact(weights: Sequence[float]) -> list[Fraction]:
+    return [Fraction(float(w)) for w in weights]  # exact rational: no platform rounding
+
+
 class MixtureOrder:
-    """Absolute mixture position -> ``(stream_ids, sample_ids)``; immutable and picklable."""
+    """Absolute mixture position -> ``(stream_ids, sample_ids)``; immutable and picklable.
+
+    ``schedule``: ``((step, weights), ...)`` weights known in advance from absolute data steps
+    ``> 0`` (the sequence turns steps into positions); ``segments``: ``((position, counts),
+    ...)`` the counts in force from absolute mixture positions ``>= 0`` (set by
+    :class:`~streamshard.sampler.sequence.SampleSequence` from the schedule and the reweight
+    ledger through :meth:`with_segments`).
+    """
 
     def __init__(self, orders: Sequence[EpochOrder], weights: Sequence[float], *, seed: int,
-                 block: int | None = None, epoch_size: int | None = None):
+                 block: int | None = None, epoch_size: int | None = None,
+                 schedule: Sequence = (), segments: Sequence = ()):
         orders = tuple(orders)
         if not orders:
             raise ConfigError("a mixture needs at least one stream, got 0")
@@ -65,60 +98,97 @@ class MixtureOrder:
                 raise ConfigError(f"stream {s} must be an EpochOrder, got {order!r:.80}")
             if order.size == 0:
                 raise ConfigError(f"stream {s} has no samples")
-        weights = tuple(weights)
+        weights = check_weights(weights, "")
         if len(weights) != len(orders):
             raise ConfigError(f"got {len(weights)} weights for {len(orders)} streams")
-        for s, w in enumerate(weights):
-            if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(w) or w <= 0:
-                raise ConfigError(f"weight of stream {s} must be a positive number, got {w!r}")
-        exact = [Fraction(float(w)) for w in weights]  # exact rational: no platform rounding
+        self._schedule = _check_schedule(schedule, len(orders))
         self._orders = orders
-        self._weights = tuple(float(w) for w in weights)
+        self._weights = weights
         self._seed = check_int(seed, "seed")
-        self._block = default_block(exact) if block is None else check_int(
-            block, "block", minimum=1)
-        counts = block_counts(self._block, exact)
-        for s, count in enumerate(counts):
-            if count == 0:
-                raise ConfigError(f"block={self._block} gives stream {s} (weight {weights[s]}) "
-                                  f"no slot; use a larger block")
+        if block is None:
+            self._block = max(default_block(_exact(w)) for w in
+                              [weights] + [w for _, w in self._schedule])
+        else:
+            self._block = check_int(block, "block", minimum=1)
+        counts = self._counts_of(weights, "")
+        for step, w in self._schedule:
+            self._counts_of(w, f" (schedule step {step})")
         self._counts = np.asarray(counts, dtype=np.int64)
-        self._count_starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
         self._sizes = np.asarray([o.size for o in orders], dtype=np.int64)
         self._epoch_size = (int(self._sizes.sum()) if epoch_size is None
                             else check_int(epoch_size, "epoch_size", minimum=1))
+        self._cuts = _check_segments(segments, len(orders))
+        # A segment at position 0 (a reweight from step 0) replaces the counts of the weights.
+        cuts = list(self._cuts) if self._cuts and self._cuts[0][0] == 0 else \
+            [(0, tuple(counts))] + list(self._cuts)
+        self._segments = build_segments(self._seed, cuts)
+
+    def _counts_of(self, weights: Sequence[float], where: str) -> list[int]:
+        counts = block_counts(self._block, _exact(weights))
+        for s, count in enumerate(counts):
+            if count == 0 and weights[s] > 0:
+                raise ConfigError(f"block={self._block} gives stream {s} (weight {weights[s]}"
+                                  f"{where}) no slot; use a larger block")
+        return counts
 
     orders = property(lambda self: self._orders)
-    weights = property(lambda self: self._weights)
+    weights = property(lambda self: self._weights, doc="Weights at position 0.")
     seed = property(lambda self: self._seed)
-    block = property(lambda self: self._block, doc="M, the block size.")
+    block = property(lambda self: self._block, doc="M, the block size at position 0.")
     epoch_size = property(lambda self: self._epoch_size, doc="Mixture positions per epoch.")
+    schedule = property(lambda self: self._schedule, doc="((step, weights), ...) known in advance.")
+    segments = property(lambda self: self._cuts, doc="((position, counts), ...) after position 0.")
 
     @property
     def counts(self) -> tuple[int, ...]:
-        """Slots per block for each stream (sums to ``block``)."""
+        """Slots per block for each stream at position 0 (sums to ``block``)."""
         return tuple(int(c) for c in self._counts)
 
+    def counts_for(self, weights: Sequence[float]) -> tuple[int, ...]:
+        """Slots per block for ``weights`` (one per stream, >= 0): split over this mixture's
+        block, or over the default block of ``weights`` when that leaves a positive weight
+        without a slot (the block is the sum of the counts, so a segment may change it)."""
+        weights = check_weights(weights, "")
+        if len(weights) != len(self._orders):
+            raise ConfigError(f"got {len(weights)} weights for {len(self._orders)} streams")
+        exact = _exact(weights)
+        counts = block_counts(self._block, exact)
+        if any(c == 0 and w > 0 for c, w in zip(counts, weights)):
+            counts = block_counts(default_block(exact), exact)
+        return tuple(counts)
+
+    def schedule_counts(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The schedule as ``((step, counts), ...)``."""
+        return tuple((step, tuple(self._counts_of(w, ""))) for step, w in self._schedule)
+
+    def with_segments(self, segments: Sequence) -> "MixtureOrder":
+        """The same mixture with ``segments`` (``((position, counts), ...)``) instead."""
+        if tuple(tuple((int(p), tuple(c))) for p, c in segments) == self._cuts:
+            return self
+        return MixtureOrder(self._orders, self._weights, seed=self._seed, block=self._block,
+                            epoch_size=self._epoch_size, schedule=self._schedule,
+                            segments=segments)
+
     def state_fields(self) -> dict:
-        """JSON-able definition (weights, block, epoch size, seed and every stream's order)."""
-        return {"seed": self._seed, "weights": list(self._weights), "block": self._block,
-                "epoch_size": self._epoch_size,
-                "streams": [order.state_fields() for order in self._orders]}
+        """JSON-able definition (weights, block, epoch size, seed, every stream's order and the
+        schedule when there is one; segments come from the sequence's ledger)."""
+        fields = {"seed": self._seed, "weights": list(self._weights), "block": self._block,
+                  "epoch_size": self._epoch_size,
+                  "streams": [order.state_fields() for order in self._orders]}
+        if self._schedule:  # absent without one: older states stay valid
+            fields["schedule"] = [[step, list(w)] for step, w in self._schedule]
+        return fields
 
     def __repr__(self) -> str:
         return (f"MixtureOrder({len(self._orders)} streams, weights={self._weights}, "
-                f"seed={self._seed}, block={self._block}, epoch_size={self._epoch_size})")
+                f"seed={self._seed}, block={self._block}, epoch_size={self._epoch_size}"
+                + (f", schedule={self._schedule}" if self._schedule else "")
+                + (f", {len(self._cuts)} segments" if self._cuts else "") + ")")
 
     def locate(self, positions):
         """(stream, stream epoch, position within that epoch) of absolute mixture positions."""
         pos, scalar = check_positions(positions, M64 >> 1, "mixture position")
-        blk, slot = np.divmod(pos, self._block)
-        blocks, group = np.unique(blk, return_inverse=True)
-        keys = derive_keys((self._seed, "mix"), blocks)
-        shuffled = permute_grouped(slot, self._block, keys, group.reshape(blk.shape))
-        stream = np.searchsorted(self._count_starts, shuffled, side="right") - 1
-        local = blk * self._counts[stream] + (shuffled - self._count_starts[stream])
+        stream, local = locate_local(self._segments, self._seed, pos)
         epoch, within = np.divmod(local, self._sizes[stream])
         if scalar:
             return int(stream), int(epoch), int(within)
@@ -146,3 +216,37 @@ class MixtureOrder:
                 out[at] = order.map_checked(e, within_s[at])
             samples[in_s] = out
         return stream, samples
+
+
+def _check_schedule(schedule: Sequence, n_streams: int) -> tuple:
+    out, last = [], 0
+    for item in schedule:
+        try:
+            step, weights = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"schedule entry must be (step, weights), got {item!r:.80}") from None
+        step = check_int(step, "schedule step", minimum=1)
+        if step <= last:
+            raise ConfigError(f"schedule steps must increase, got {step} after {last}")
+        weights = check_weights(weights, f" at schedule step {step}")
+        if len(weights) != n_streams:
+            raise ConfigError(f"schedule step {step} has {len(weights)} weights for "
+                              f"{n_streams} streams")
+        out.append((step, weights))
+        last = step
+    return tuple(out)
+
+
+def _check_segments(segments: Sequence, n_streams: int) -> tuple:
+    out, last = [], -1
+    for start, counts in segments:
+        start = check_int(start, "segment position", minimum=0)
+        if start <= last:
+            raise ConfigError(f"segment positions must increase, got {start} after {last}")
+        counts = tuple(check_int(c, "segment count", minimum=0) for c in counts)
+        if len(counts) != n_streams or not sum(counts):
+            raise ConfigError(f"segment at {start} needs {n_streams} counts, not all 0, "
+                              f"got {list(counts)}")
+        out.append((start, counts))
+        last = start
+    return tuple(out)

@@ -20,7 +20,9 @@ from streamshard.errors import ConfigError
 from streamshard.lru import LRU
 from streamshard.sampler.assign import Assignment
 from streamshard.sampler.ledgers import Ledgers, normalize_reseeds, normalize_skips  # noqa: F401
+from streamshard.sampler.ledgers import normalize_reweights
 from streamshard.sampler.mixture import MixtureOrder
+from streamshard.sampler.reweight import check_reweight_step, mixture_with_reweights
 from streamshard.sampler.order import EpochOrder, check_int
 from streamshard.sampler.permutation import derive_key, derive_keys, permute_array
 from streamshard.sampler.quarantine import fill as fill_quarantine
@@ -41,7 +43,8 @@ class SampleSequence:
     """
 
     def __init__(self, order: Order, *, global_batch_size: int, drop_last: bool = True,
-                 skips: Iterable = (), reseeds: Iterable = (), quarantine: Iterable = ()):
+                 skips: Iterable = (), reseeds: Iterable = (), quarantine: Iterable = (),
+                 reweights: Iterable = ()):
         if not isinstance(order, (EpochOrder, MixtureOrder)):
             raise ConfigError(f"order must be an EpochOrder or MixtureOrder, got {order!r:.80}")
         if not isinstance(drop_last, (bool, np.bool_)):
@@ -60,6 +63,8 @@ class SampleSequence:
         self._reseeds = normalize_reseeds(reseeds)
         self._quarantine = normalize_quarantine(quarantine)  # docs: sampler/quarantine.py
         self._quarantine_table = table_of(self._quarantine)
+        self._reweights = normalize_reweights(reweights)
+        self._mixed = mixture_with_reweights(order, self._reweights, self._g, self._steps)
         self._orders: LRU[int, EpochOrder] = LRU(_ORDER_CACHE_SIZE)
         self._assignments: dict[tuple[int, int], Assignment] = {}
 
@@ -71,11 +76,15 @@ class SampleSequence:
     reseeds = property(lambda self: self._reseeds, doc="Sorted reseed ledger ((step, salt), ...).")
     quarantine = property(lambda self: self._quarantine,
                           doc="Quarantine ledger ((stream, sample_id, from_step), ...).")
+    reweights = property(lambda self: self._reweights,
+                         doc="Reweight ledger ((from_step, count_0, count_1, ...), ...).")
+    mixture = property(lambda self: self._mixed,
+                       doc="The order with the schedule and reweights applied (what is served).")
 
     @property
     def ledgers(self):
         """All ledgers as one :class:`~streamshard.sampler.ledgers.Ledgers` value."""
-        return Ledgers(self._skips, self._reseeds, self._quarantine)
+        return Ledgers(self._skips, self._reseeds, self._quarantine, self._reweights)
 
     @property
     def epoch_size(self) -> int:
@@ -101,12 +110,14 @@ class SampleSequence:
         fields["skips"] = [list(pair) for pair in self._skips]
         fields["reseeds"] = [list(pair) for pair in self._reseeds]
         fields["quarantine"] = [list(entry) for entry in self._quarantine]
+        fields["reweights"] = [list(entry) for entry in self._reweights]
         return fields
 
     def __repr__(self) -> str:
         return (f"SampleSequence({self._order!r}, global_batch_size={self._g}, "
                 f"drop_last={self._drop_last}, skips={self._skips}, reseeds={self._reseeds}, "
-                f"quarantine={self._quarantine})")
+                f"quarantine={self._quarantine}"
+                + (f", reweights={self._reweights})" if self._reweights else ")"))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -115,14 +126,24 @@ class SampleSequence:
         return state
 
     # -- ledgers --------------------------------------------------------------------------
-    def _replace(self, skips, reseeds, quarantine=None) -> "SampleSequence":
+    def _replace(self, skips, reseeds, quarantine=None, reweights=None) -> "SampleSequence":
         return SampleSequence(self._order, global_batch_size=self._g, drop_last=self._drop_last,
                               skips=skips, reseeds=reseeds,
-                              quarantine=self._quarantine if quarantine is None else quarantine)
+                              quarantine=self._quarantine if quarantine is None else quarantine,
+                              reweights=self._reweights if reweights is None else reweights)
 
     def with_ledgers(self, ledgers) -> "SampleSequence":
         """The same order and batch size with ``ledgers`` (a ``Ledgers``) instead of these."""
-        return self._replace(ledgers.skips, ledgers.reseeds, ledgers.quarantine)
+        return self._replace(ledgers.skips, ledgers.reseeds, ledgers.quarantine,
+                             ledgers.reweights)
+
+    def with_reweight(self, from_step: int, counts) -> "SampleSequence":
+        """A sequence serving a mixture's ``counts`` per block from step ``from_step`` on
+        (replacing an entry at that step; checked by
+        :func:`streamshard.sampler.reweight.check_reweight_step`)."""
+        check_reweight_step(self, from_step)
+        return self._replace(self._skips, self._reseeds,
+                             reweights=self.ledgers.with_reweight(from_step, counts).reweights)
 
     def with_quarantine(self, stream: int, sample_id: int, from_step: int) -> "SampleSequence":
         """A sequence that never serves ``sample_id`` of ``stream`` from step ``from_step`` on."""
@@ -202,6 +223,18 @@ class SampleSequence:
             raise ConfigError(f"rank must be < world_size={world_size}, got {rank}")
         return assignment.split(self.step_positions(step), rank)
 
+    def device_positions_of(self, steps, rank: int, world_size: int,
+                            local_world_size: int = 1) -> list[np.ndarray]:
+        """``[device_positions(s, ...) for s in steps]``, vectorized over the steps whose
+        positions do not wrap (all but a ``drop_last=False`` epoch's padded last step)."""
+        steps = [check_int(s, "step", minimum=0) for s in steps]
+        assignment = self.assignment(world_size, local_world_size)
+        first = (np.asarray(steps, dtype=np.int64) % self._steps) * self._g
+        wraps = first + self._g > self._e
+        if not wraps.any():
+            return list(assignment.split_contiguous(first, rank))
+        return [self.device_positions(s, rank, world_size, local_world_size) for s in steps]
+
     def batch(self, step: int, rank: int = 0, world_size: int = 1,
               local_world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(stream_ids, sample_ids) of rank ``rank``'s part of global batch ``step``."""
@@ -243,7 +276,7 @@ class SampleSequence:
         if salts:  # a mixture's later epochs are re-permuted as a whole (docs/SAMPLER.md)
             key = derive_key(self._order.seed, "reseed-epoch", *salts, epoch)
             pos = self._class_permute(pos, 0, 1, key)
-        return self._order(epoch * self._e + pos)
+        return self._mixed(epoch * self._e + pos)
 
     def _epoch_order(self, salts: list[int]) -> EpochOrder:
         if not salts:
