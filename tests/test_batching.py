@@ -105,7 +105,7 @@ def sample_losses(model, batch) -> torch.Tensor:
     return (model(x).squeeze(1) - batch["id"].to(torch.float32) / 100) ** 2
 
 
-@pytest.mark.slow(reason="three gloo processes with DDP")
+@pytest.mark.slow(reason="three spawned gloo processes with DDP")
 def test_real_ddp_update_on_3_ranks_equals_the_one_process_update(id_dataset_factory, tmp_path):
     """8 samples on 3 gloo ranks (3, 3, 2): the same weights after one step as on one process."""
     import torch.multiprocessing as mp
@@ -122,13 +122,8 @@ def test_real_ddp_update_on_3_ranks_equals_the_one_process_update(id_dataset_fac
     per_sample.mean().backward()
     opt.step()
     out = str(tmp_path / "rank0.pt")
-    # Three real processes, forked from a forkserver: a fresh interpreter that has run no torch
-    # code and imports torch, torch._dynamo (which DDP's constructor imports: 800 modules) and
-    # this module once, instead of once per rank under spawn (~30 s -> ~12 s on 2 busy cores).
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "streamshard",
-                               "streamshard.testing", __name__])
     mp.start_processes(_ddp_step, args=(3, free_port(), data, out), nprocs=3,
-                       start_method="forkserver", join=True)
+                       start_method="spawn", join=True)
     got = torch.load(out)
     torch.testing.assert_close(got["weight"], model.weight.detach())
     torch.testing.assert_close(got["loss"].to(torch.float32), per_sample.mean().detach())
