@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from streamshard import packplan
 from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
+from streamshard.packing import Packing, TokenBudget, check_column, check_config
 from streamshard.batch_keys import (
     StreamingBatchSampler, start_prefetch, with_quarantine, with_reseed, with_skip,
 )
@@ -147,7 +149,8 @@ class NumpyBatchIterator(SequenceHost):
                  global_batch_size: int | None = None, order: OrderOptions | None = None,
                  reading: ReadOptions | None = None, world: World | None = None,
                  transform: Transform | None = None,
-                 collate_fn: Callable[[list], Any] | None = None, **options: Any):
+                 collate_fn: Callable[[list], Any] | None = None,
+                 packing: Packing | TokenBudget | None = None, **options: Any):
         # ``order``/``reading`` as on StreamingDataset (streamshard/options.py); each field is
         # also accepted as a keyword of its own.
         order, reading = resolve_options(order, reading, options, "NumpyBatchIterator")
@@ -155,6 +158,9 @@ class NumpyBatchIterator(SequenceHost):
         streams = as_streams(source, reading.storage_options)
         self.world = world if world is not None else detect_world()
         self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
+        if packing is not None:  # length-aware batches, as on StreamingDataset (packplan.py)
+            check_config(packing, self.global_batch_size, self.world.world_size)
+        self.packing = packing
         self.seed, self.transform = order.seed, transform
         self.collate_fn = collate_fn or collate_numpy
         self.streams = streams
@@ -163,11 +169,15 @@ class NumpyBatchIterator(SequenceHost):
                                      storage_options=reading.storage_options,
                                      block_cache=reading.block_cache,
                                      verify_blocks=reading.verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
         sampler_order, orders = build_order(
             self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
             window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
             block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
-            global_batch_size=self.global_batch_size)
+            global_batch_size=self.global_batch_size
+            // (packing.group if packing is not None else 1))  # lanes divide windows per step
         self.lookahead = reading.lookahead
         self._init_sequence(SampleSequence(sampler_order, global_batch_size=self.global_batch_size,
                                            drop_last=order.drop_last),
@@ -180,7 +190,7 @@ class NumpyBatchIterator(SequenceHost):
         self._generation = 0  # bumped by load_state_dict and ledger changes
         # One fixed-size stream, default collation, no transform: rows gathered as columns.
         rows = (row_dtype(self.datasets[0].schema) if len(self.datasets) == 1
-                and transform is None and collate_fn is None else None)
+                and transform is None and collate_fn is None and packing is None else None)
         self._rows = RowGather(self.datasets[0], rows) if rows is not None else None
 
     # -- position -----------------------------------------------------------------------------
@@ -209,8 +219,11 @@ class NumpyBatchIterator(SequenceHost):
             for key in keys:
                 if key.prefetch:
                     start_prefetch(self.datasets, key)
-                batch = self._read(key.step, np.asarray(key.stream_ids, dtype=np.int64),
-                                   np.asarray(key.sample_ids, dtype=np.int64))
+                if isinstance(key, packplan.PackKey):  # numpy rows or buckets (packplan.py)
+                    batch = packplan.serve(self, key)
+                else:
+                    batch = self._read(key.step, np.asarray(key.stream_ids, dtype=np.int64),
+                                       np.asarray(key.sample_ids, dtype=np.int64))
                 self._last_step, keys.step = key.step, key.step + 1
                 yield batch
                 if generation != self._generation:  # the state changed under us: re-plan
@@ -221,6 +234,8 @@ class NumpyBatchIterator(SequenceHost):
     def batch_at(self, step: int) -> Any:
         """This device's batch of absolute step ``step`` (with the current ledgers), collated."""
         w = self.world
+        if self.packing is not None:
+            return packplan.serve(self, self.pack_planner.key(step, self._keys.ledgers))
         streams, samples = self.sequence_with(self._keys.ledgers).batch(
             step, w.rank, w.world_size, w.local_world_size)
         return self._read(step, streams, samples)
@@ -228,6 +243,10 @@ class NumpyBatchIterator(SequenceHost):
     def _read(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> Any:
         if self._rows is not None:
             return self._rows(sample_ids)
+        return self.collate_fn(self.fetch(step, stream_ids, sample_ids))
+
+    def fetch(self, step: int, stream_ids: np.ndarray, sample_ids: np.ndarray) -> list:
+        """The samples of one device batch, read and transformed, in order (uncollated)."""
         epoch = step // self.steps_per_epoch
         samples = []
         for stream, sample in zip(stream_ids.tolist(), sample_ids.tolist()):
@@ -235,7 +254,7 @@ class NumpyBatchIterator(SequenceHost):
             if self.transform is not None:
                 item = self.transform(item, sample_rng(self.seed, epoch, stream, sample))
             samples.append(item)
-        return self.collate_fn(samples)
+        return samples
 
     # -- state (the batch sampler's) --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
