@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:  # torchrun's parser, not ours
         from streamshard.recovery.launch import main as launch_main
 
-        return launch_main(argv[1:])
+        return launch_main(argv[1:], exit_process=True)
     parser = build_parser()
     # SRC... DEST may come before and after options (`convert a b --format x DEST`): argparse
     # leaves the later positionals over, and they are appended in order.

@@ -34,8 +34,10 @@ def test_kill_and_hang_cost_one_process_start_each(tmp_path, data):
     restarts = [e for e in events if e["event"] == "inprocess_restart"]
     assert {e["rank"] for e in restarts} == {0, 1}  # each survived the other's fault
     (hang,) = [e for e in events if e["event"] == "hang"]
-    assert hang["keeper"] and hang["worker_rank"] == 0 and hang["timeout"] == 3.0
+    assert hang["keeper"] and hang["worker_rank"] == 0 and 3.0 <= hang["timeout"] < 60.0  # calibrated, floor 3 s
     assert [e["exitcode"] for e in events if e["event"] == "respawn"] == [-9, -9]
+    standby = [e for e in events if e["event"] == "standby"]  # every start was a fork of a warm zygote
+    assert sorted(e["worker_rank"] for e in standby) == [0, 1] and all(e["warm"] for e in standby), standby
     run = consumed(out)
     assert ids_of(run) == expected(data, 50)
     assert_no_sample_twice(run)

@@ -100,7 +100,7 @@ def test_hang_with_the_gil_held_is_killed_from_outside_and_restarted(tmp_path):
     hangs = {e["worker_rank"]: e for e in events(tmp_path, "hang")}
     hang = hangs[1]
     assert all(h["phase"] == "step" and h["step"] == 8 for h in hangs.values())
-    assert hang["timeout"] == 3.0  # calibrated from the first steps: the default 3 s floor, not 300 s
+    assert 3.0 <= hang["timeout"] < 60.0  # calibrated from the first steps (floor 3 s), not the 300 s start-up
     dump = Path(hang["dump"]).read_text()
     assert "launch_worker.py\", line 35" in dump and "no heartbeat for" in dump  # the libc.sleep loop
     assert any(e["hang"] for e in events(tmp_path, "worker_exit"))

@@ -1,7 +1,7 @@
 """Recovery hooks: detect loss spikes, hangs, slowdowns and GPU faults; recover by rolling back,
 skipping data, reseeding, lowering the LR, or exiting with a documented code for the launcher.
-See docs/RECOVERY.md. Importing this package does not import torch.distributed.checkpoint;
-``CheckpointManager`` is loaded lazily.
+See docs/RECOVERY.md. Importing this package does not import torch: ``CheckpointManager`` and
+``install_lr_scale`` are loaded lazily, so the launcher's per-rank keeper starts without it.
 
 This package exports what a training loop uses (configs, ``Recovery``, its actions, the journal,
 watchdog, health probes, checkpoints). The detectors, classifiers and parsers behind them stay in
@@ -27,11 +27,11 @@ from streamshard.recovery.watchdog import Watchdog, WatchdogConfig
 from streamshard.recovery.classify import classify_exception, exit_on_fault
 from streamshard.recovery.goodput import EffectiveTime
 from streamshard.recovery.heartbeat import Heartbeat, HeartbeatConfig, HeartbeatMonitor
-from streamshard.recovery.lr import install_lr_scale
 from streamshard.recovery.policy import Anomaly, Rung
 
 _LAZY = {"CheckpointManager": "streamshard.recovery.checkpoint",
-         "CheckpointInfo": "streamshard.recovery.checkpoint"}
+         "CheckpointInfo": "streamshard.recovery.checkpoint",
+         "install_lr_scale": "streamshard.recovery.lr"}
 
 __all__ = [
     "Action", "Anomaly", "CheckpointInfo", "CheckpointManager", "CheckpointRef", "EffectiveTime",

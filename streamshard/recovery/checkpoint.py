@@ -234,34 +234,48 @@ class CheckpointManager:
             self.fs.makedirs(d, exist_ok=True)
         self._barrier()
         tensors, osd = self._tensors(model, optimizer)
-        mf.put_bytes(self.fs, f"{d}/rng-rank{self.world.rank}.json", json.dumps(rng_state()).encode())
+        # the small files' contents are taken now (the state at this step); their writes (fsynced)
+        # happen in the background with the tensors' on an async save, before the manifest
+        small = [(f"{d}/rng-rank{self.world.rank}.json", json.dumps(rng_state()).encode())]
         if self.world.rank == 0:
-            mf.put_bytes(self.fs, f"{d}/{META}", json.dumps({
+            small.append((f"{d}/{META}", json.dumps({
                 "version": VERSION, "step": step, "data_step": data_step, "generation": generation,
                 "world_size": self.world.world_size,
                 "optim": {k: _jsonable(v, k) for k, v in osd.items() if not torch.is_tensor(v)},
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "loader": loader.state_dict() if loader is not None else None,
                 "extra": extra or {},
-            }, allow_nan=False).encode())
+            }, allow_nan=False).encode()))
         kw = dict(storage_writer=self._storage(d, reader=False), process_group=self._pg,
                   no_dist=not _distributed())
+        # nested by prefix: DCP flattens it to the same "model.<k>"/"optim.<k>" keys (so checkpoints
+        # are unchanged and load flat), but wraps each top-level entry in its method logger: 2
+        # entries instead of ~100 took 30-60 ms off every save's blocking part on the 2-core box
+        tensors = {"model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                   "optim": {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}}
         info = CheckpointInfo(step, data_step, generation, self.world.world_size, d)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             if not (self.async_save if blocking is None else not blocking):
+                self._put_small(small)
                 dcp.save(tensors, **kw)
                 self._finish(info, t0, self._clock() - t0)
                 return info
             future = dcp.async_save(tensors, **kw)
         blocked = self._clock() - t0
-        self._pending = threading.Thread(target=self._finish_async, args=(future, info, t0, blocked),
+        self._pending = threading.Thread(target=self._finish_async, args=(future, info, t0, blocked, small),
                                          name="streamshard-ckpt", daemon=True)
         self._pending.start()
         return info
 
-    def _finish_async(self, future, info: CheckpointInfo, t0: float, blocked: float) -> None:
+    def _put_small(self, small: list[tuple[str, bytes]]) -> None:
+        for path, data in small:
+            mf.put_bytes(self.fs, path, data)
+
+    def _finish_async(self, future, info: CheckpointInfo, t0: float, blocked: float,
+                      small: list[tuple[str, bytes]]) -> None:
         try:
+            self._put_small(small)
             future.result()
             self._finish(info, t0, blocked)
         except BaseException as e:  # re-raised by wait() in the training thread

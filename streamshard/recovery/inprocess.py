@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from streamshard.recovery.classify import classify_exception
 from streamshard.recovery.health import RESTART_HERE
+from streamshard.recovery.keeper import ENV_INPROCESS
 
-ENV_INPROCESS = "STREAMSHARD_INPROCESS"
 log = logging.getLogger(__name__)
 
 

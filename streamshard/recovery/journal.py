@@ -46,7 +46,9 @@ class Journal:
         self._lock = threading.Lock()
         self._seq: int | None = None
 
-    def append(self, event: str, **fields) -> dict:
+    def append(self, event: str, *, sync: bool = True, **fields) -> dict:
+        """Append one record, fsynced (``sync=False``: not, for figures such as ``goodput`` that the
+        next record replaces; a decision is always synced before it takes effect)."""
         with self._lock:
             fresh = self._seq is None
             if fresh:  # continue the sequence of a previous process of this rank
@@ -60,7 +62,8 @@ class Journal:
             fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, line)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             self._seq += 1

@@ -80,6 +80,31 @@ def build_parser():
     return p
 
 
+class RestartBudget:
+    """``--max-restarts`` per healthy stretch: the budget refills once the workers have run ``window``
+    seconds since their last (re)start without a fault, so it bounds crash loops, not a long job's
+    lifetime (a week-long job must not die of its 4th transient fault). ``clock`` is injectable."""
+
+    def __init__(self, max_restarts: int, window: float = RESTART_WINDOW_S, clock=time.monotonic):
+        if window <= 0:
+            raise ValueError(f"restart window must be positive, got {window}")
+        self.max_restarts, self.window, self._clock = max_restarts, window, clock
+        self._since = clock()
+
+    def started(self) -> None:
+        """The workers were (re)started now."""
+        self._since = self._clock()
+
+    def healthy_for(self) -> float:
+        return self._clock() - self._since
+
+    def refill(self, remaining: int) -> int | None:
+        """The new remaining count if the budget refills now (workers healthy, some spent), else None."""
+        if remaining < self.max_restarts and self.healthy_for() > self.window:
+            return self.max_restarts
+        return None
+
+
 def persistent_straggler(records, my_ranks) -> str | None:
     """Why this node should leave: the journal's latest straggler verdict names one of ``my_ranks``
     (the global ranks this node ran last round) as persistent; None otherwise."""
@@ -119,15 +144,15 @@ def _make_agent_class():
         """LocalElasticAgent + exit-code verdicts, health check, heartbeat monitor, journal."""
 
         def __init__(self, *a, journal: Journal | None, hb_dir: str, monitor: HeartbeatMonitor | None,
-                     probes: list, control, exclude_slow: bool = False, **kw):
+                     probes: list, control, exclude_slow: bool = False, clock=time.monotonic, **kw):
             super().__init__(*a, **kw)
+            self._budget = RestartBudget(self._worker_group.spec.max_restarts, clock=clock)
             self._exclude_slow = exclude_slow
             self._journal, self._hb_dir, self._hb, self._probes = journal, hb_dir, monitor, probes
             self._control = control
             self._hangs: dict[int, Hang] = {}
             self._next_stop_check = 0.0
             self._oom0 = _cgroup_oom_kills()
-            self._started_at = time.monotonic()
             if monitor is not None:
                 monitor._on_hang = self._on_hang
 
@@ -172,7 +197,7 @@ def _make_agent_class():
                 store.set(ROUND_KEY, uuid.uuid4().hex)
             os.environ[ENV_ROUND] = store.get(ROUND_KEY).decode()
             pids = super()._start_workers(worker_group)
-            self._started_at = time.monotonic()
+            self._budget.started()
             if self._hb is not None:
                 self._hb.unwatch_all()
                 for local, pid in pids.items():
@@ -209,11 +234,11 @@ def _make_agent_class():
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if (result.state == WorkerState.HEALTHY and self._remaining_restarts < worker_group.spec.max_restarts
-                    and time.monotonic() - self._started_at > RESTART_WINDOW_S):
-                # the restart budget is per window: a week-long job must not die of its 4th transient fault
-                self.note("restart_budget_reset", healthy_s=round(time.monotonic() - self._started_at, 1))
-                self._remaining_restarts = worker_group.spec.max_restarts
+            refill = self._budget.refill(self._remaining_restarts) if result.state == WorkerState.HEALTHY else None
+            if refill is not None:
+                self.note("restart_budget_reset", healthy_s=round(self._budget.healthy_for(), 1),
+                          remaining_before=self._remaining_restarts)
+                self._remaining_restarts = refill
             if self._stop_requested():
                 raise Terminal(exitcodes.DO_NOT_REQUEUE, "another node stopped the job (exit 78)")
             if result.state not in (WorkerState.FAILED, WorkerState.UNHEALTHY):
@@ -345,7 +370,75 @@ def launch(config, entrypoint, args: list, opts) -> int:
     return code
 
 
-def main(argv=None) -> int:
+def exit_now(code: int) -> None:
+    """Leave the process with ``code`` once the agent is done: flush, then ``os._exit``, skipping the
+    interpreter's teardown of torch's modules (1-4 s of CPU on a 2-core machine, for nothing)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def main(argv=None, *, exit_process: bool = False) -> int:
+    """``streamshard launch``; with ``exit_process`` (the CLI) the process ends here (:func:`exit_now`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    zygote = _early_zygote(argv)
+    try:
+        code = _main(argv)
+    finally:
+        if zygote is not None:
+            zygote.close()
+    if exit_process:
+        exit_now(code)
+    return code
+
+
+class _NodeZygote:
+    """The node's warm standby for ``--in-process`` (:mod:`zygote`), started before this agent imports
+    torch so the two imports overlap; the keepers find it through ``STREAMSHARD_ZYGOTE_SOCKET``."""
+
+    def __init__(self):
+        from streamshard.recovery.standby import start_zygote
+        from streamshard.recovery.zygote import ENV_SOCKET
+
+        self.dir = tempfile.mkdtemp(prefix="streamshard-zygote-")
+        path = os.path.join(self.dir, "sock")
+        self.proc = start_zygote(path, None, os.environ)
+        os.environ[ENV_SOCKET] = path
+
+    def close(self) -> None:
+        import shutil
+
+        from streamshard.recovery.zygote import ENV_SOCKET
+
+        os.environ.pop(ENV_SOCKET, None)
+        self.proc.terminate()  # its ranks die with it (PR_SET_PDEATHSIG); the keepers are gone by now
+        try:
+            self.proc.wait(timeout=5.0)
+        except Exception:  # noqa: BLE001 - TimeoutExpired: it is killed below
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _early_zygote(argv: list[str]) -> _NodeZygote | None:
+    """Start the zygote if ``--in-process`` is among the launcher's flags (checked again after parsing:
+    a script argument of that name only costs an idle zygote)."""
+    from streamshard.recovery.standby import ENV_ZYGOTE
+
+    if "--in-process" not in argv or os.environ.get(ENV_ZYGOTE, "1") == "0":
+        return None
+    try:
+        return _NodeZygote()
+    except OSError as e:
+        log.warning("no warm standby (%s): ranks start cold", e)
+        return None
+
+
+def _main(argv) -> int:
     from torch.distributed.run import config_from_args, parse_min_max_nnodes
 
     args = build_parser().parse_args(argv)
