@@ -72,11 +72,25 @@ def reference(data):
     return [b["id"].tolist() for b in take(loader, 40)]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, data):
+    """One 2-process torchrun of 40 steps that also saves its state after 17: the 2-rank case of
+    the equality test and the start of the resume test (one job start instead of two)."""
+    tmp = tmp_path_factory.mktemp("two")
+    state = str(tmp / "state.json")
+    records = torchrun(2, str(tmp / "run"), "--data", data, "--global-batch", str(G), "--steps", "40",
+                       "--workers", "0", "--save-at", "17", "--save", state)
+    return records, state
+
+
 @pytest.mark.slow(reason="real torchrun with gloo process groups")
 @pytest.mark.parametrize("nproc, workers", [(2, 0), (3, 2), (5, 0)])
-def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, workers):
-    records = torchrun(nproc, str(tmp_path / "run"), "--data", data, "--global-batch", str(G),
-                       "--steps", "40", "--workers", str(workers))
+def test_torchrun_matches_single_process(request, tmp_path, data, reference, nproc, workers):
+    if nproc == 2:
+        records = request.getfixturevalue("two_ranks")[0]
+    else:
+        records = torchrun(nproc, str(tmp_path / "run"), "--data", data, "--global-batch", str(G),
+                           "--steps", "40", "--workers", str(workers))
     assert [len(r["ids"][0]) for r in records] == sequence_of(data).assignment(nproc).rank_sizes().tolist()
     steps, batches = merge(records, sequence_of(data))
     assert steps == list(range(40))  # 25 steps per epoch: crosses an epoch boundary
@@ -84,10 +98,8 @@ def test_torchrun_matches_single_process(tmp_path, data, reference, nproc, worke
 
 
 @pytest.mark.slow(reason="real torchrun with gloo process groups")
-def test_torchrun_save_at_two_resume_at_three(tmp_path, data, reference):
-    state = str(tmp_path / "state.json")
-    torchrun(2, str(tmp_path / "a"), "--data", data, "--global-batch", str(G), "--steps", "17",
-             "--save-at", "17", "--save", state)
+def test_torchrun_save_at_two_resume_at_three(tmp_path, data, reference, two_ranks):
+    state = two_ranks[1]  # saved by 2 ranks after 17 global batches
     records = torchrun(3, str(tmp_path / "b"), "--data", data, "--global-batch", str(G),
                        "--steps", "23", "--load", state, "--workers", "1")
     steps, batches = merge(records, sequence_of(data))
