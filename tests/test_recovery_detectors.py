@@ -154,6 +154,17 @@ def test_tail_condition_needs_a_rise_beyond_the_windows_own_tail():
     assert spike_score(2.0, window, SpikeConfig(tail_factor=0.0))[0]
 
 
+def test_a_large_healthy_excursion_does_not_blind_the_detector_to_a_x50_spike():
+    # Run E of issue 11: the window held a x6 healthy bump, so the tail bar alone asked for
+    # x6^2.5 ~ x88 and the injected x50 spike passed; the cap (x30) keeps it catchable.
+    window = [0.05] * 100 + [0.3] * 28
+    cfg = SpikeConfig()
+    assert not spike_score(0.3 * 1.5, window, cfg)[0]  # healthy-sized rises stay unflagged
+    assert not spike_score(0.05 * 25, window, cfg)[0]  # x25: under the cap and the tail bar
+    assert spike_score(0.05 * 50, window, cfg)[0]
+    assert not spike_score(0.05 * 50, window, SpikeConfig(tail_cap=math.inf))[0]  # the old hole
+
+
 def test_non_positive_values_fall_back_to_the_linear_scale():
     cfg = SpikeConfig(tail_factor=0.0)
     window = [-1.0, 0.0, 1.0] * 10
@@ -165,6 +176,7 @@ def test_non_positive_values_fall_back_to_the_linear_scale():
 @pytest.mark.parametrize("kwargs, match", [
     ({"tail_factor": -1.0}, "tail_factor"),
     ({"tail_factor": math.inf}, "tail_factor"),
+    ({"tail_cap": 1.0}, "tail_cap"),
     ({"window": 2}, "window must be >= 3"),
     ({"min_samples": 1}, "min_samples"),
     ({"threshold": 0}, "threshold must be positive"),
