@@ -120,7 +120,7 @@ def exit_code_of(exc: SystemExit) -> int:
         return 0
     if isinstance(exc.code, int):
         return exc.code & 0xFF
-    print(exc.code, file=sys.stderr)
+    sys.stderr.write(f"{exc.code}\n")  # what the interpreter itself prints for SystemExit(obj)
     return 1
 
 
