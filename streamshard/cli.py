@@ -97,31 +97,11 @@ def _add_convert(sub: Any) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from streamshard.convert import convert
-
     *sources, dest = args.paths
     options = {d[4:]: getattr(args, d) for d in args.option_dests if getattr(args, d) is not None}
     if args.pack_tokenizer or args.pack_token_field:
         return _cmd_pack(args, sources, dest, options)
-    bar: list[ProgressBar] = []
-
-    def on_start(chunks: int, reused: int, nbytes: int) -> None:
-        if reused:
-            print(f"resuming: {reused} of {chunks} chunks already done", file=sys.stderr)
-        bar.append(ProgressBar(nbytes, label="convert", enabled=not args.quiet))
-
-    try:
-        s = convert(sources, dest, format=args.format, options=options,
-                    shard_size=args.shard_size, block_size=args.block_size,
-                    compression=args.compression, compression_level=args.compression_level,
-                    workers=args.workers, chunk_size=args.chunk_size or "64MB",
-                    skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
-                    input_cache=args.input_cache,
-                    progress=lambda n, b: bar[0].update(n, b) if bar else None,
-                    on_start=on_start)
-    finally:
-        if bar:
-            bar[0].close()
+    s = _run_convert(args, sources, dest, options, label="convert")
     print(f"converted {s.samples:,} samples into {s.shards:,} shards ({s.chunks} chunks, "
           f"{s.reused_chunks} reused) in {format_duration(s.seconds)} ({s.seconds:.2f} s)")
     print(f"input {format_size(s.input_bytes)}, {s.mb_per_s:.1f} MB/s; raw "
@@ -140,8 +120,34 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
+def _run_convert(args: argparse.Namespace, sources: list[str], dest: str, options: dict, *,
+                 label: str, packing: Any = None) -> Any:
+    """``convert`` with the CLI's arguments, a progress bar named ``label`` and a resume line:
+    the one call behind both ``convert`` and ``convert --tokenizer/--token-field``."""
     from streamshard.convert import convert
+
+    bar: list[ProgressBar] = []
+
+    def on_start(chunks: int, reused: int, nbytes: int) -> None:
+        if reused:
+            print(f"resuming: {reused} of {chunks} chunks already done", file=sys.stderr)
+        bar.append(ProgressBar(nbytes, label=label, enabled=not args.quiet))
+
+    try:
+        return convert(sources, dest, format=args.format, options=options,
+                       shard_size=args.shard_size, block_size=args.block_size,
+                       compression=args.compression, compression_level=args.compression_level,
+                       workers=args.workers, chunk_size=args.chunk_size or "64MB",
+                       skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
+                       input_cache=args.input_cache, packing=packing,
+                       progress=lambda n, b: bar[0].update(n, b) if bar else None,
+                       on_start=on_start)
+    finally:
+        if bar:
+            bar[0].close()
+
+
+def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: dict) -> int:
     from streamshard.convert_packing import make_spec, stats_of
 
     seq_len = options.pop("seq_len", None)
@@ -152,25 +158,7 @@ def _cmd_pack(args: argparse.Namespace, sources: list[str], dest: str, options: 
                      eod_id=args.pack_eod_id, pad_id=args.pack_pad_id,
                      doc_boundaries=args.pack_doc_boundaries,
                      token_dtype_name=args.pack_token_dtype)
-    bar: list[ProgressBar] = []
-
-    def on_start(chunks: int, reused: int, nbytes: int) -> None:
-        if reused:
-            print(f"resuming: {reused} of {chunks} chunks already done", file=sys.stderr)
-        bar.append(ProgressBar(nbytes, label="tokenize", enabled=not args.quiet))
-
-    try:
-        s = convert(sources, dest, format=args.format, options=options,
-                    shard_size=args.shard_size, block_size=args.block_size,
-                    compression=args.compression, compression_level=args.compression_level,
-                    workers=args.workers, chunk_size=args.chunk_size or "64MB",
-                    skip_errors=args.skip_errors, overwrite=args.overwrite, resume=args.resume,
-                    input_cache=args.input_cache, packing=spec,
-                    progress=lambda n, b: bar[0].update(n, b) if bar else None,
-                    on_start=on_start)
-    finally:
-        if bar:
-            bar[0].close()
+    s = _run_convert(args, sources, dest, options, label="tokenize", packing=spec)
     stats = stats_of(s)
     print(f"packed {stats.documents:,} documents ({stats.tokens:,} tokens) into "
           f"{stats.sequences:,} sequences of {seq_len} in {stats.seconds:.2f} s; "
