@@ -4,7 +4,8 @@ When every column has a fixed size (scalars, fixed-shape arrays), a sample's enc
 columns' little-endian bytes back to back (docs/FORMAT.md). For uncompressed shards a batch is
 gathered with one fancy-index per shard from a strided view of the shard's mmap
 (:mod:`streamshard.gather`), directly into the output tensor when the schema is one array
-column; compressed shards copy each row out of its (cached) decompressed block. The result equals
+column; compressed shards copy the rows a batch takes from each (cached) decompressed block
+in one operation per block (:mod:`streamshard.blockread`). The result equals
 ``streamshard.collate.collate([ds[i] for i in ids], token_dtype=...)`` exactly (tested): arrays
 keep their dtype except uint16/uint32 arrays, which become ``token_dtype`` (int64 by default,
 what ``nn.Embedding`` and ``cross_entropy`` take; ``None`` keeps them), and scalars become int64 /
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from streamshard import blockread
 from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
-from streamshard.errors import CorruptionError
 from streamshard.flatgather import FlatGather
 from streamshard.schema import Schema
 
@@ -114,8 +115,8 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
     ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). Uncompressed shards of uniform rows:
-    one fancy index for the whole batch (:mod:`streamshard.flatgather`); otherwise sample by
-    sample out of each shard's (cached) blocks, shard after shard."""
+    one fancy index for the whole batch (:mod:`streamshard.flatgather`); otherwise shard after
+    shard in offset order, compressed shards block by block (:mod:`streamshard.blockread`)."""
     n = dataset.index.num_samples
     if int(ids.min()) < 0 or int(ids.max()) >= n:
         _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
@@ -124,15 +125,8 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         rows = _flat(dataset, row).gather(ids, dtype, items)
         if rows is not None:
             return rows, None
-    order = np.argsort(ids, kind="stable")  # by shard, then offset: a block's samples in a row
-    shards, within = dataset.index.locate(ids[order])
-    cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
-    bounds = [0, *cuts, len(ids)]
-    out = np.empty((len(ids), items), dtype)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        src = _span_rows(dataset.shard_reader(int(shards[a])), within[a:b], row)
-        out[a:b] = src.view(dtype).reshape(b - a, items)
-    return out, order
+    rows, order = blockread.sorted_rows(dataset, ids, row)
+    return rows.view(dtype).reshape(len(ids), items), order
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,
@@ -193,21 +187,4 @@ def read_samples(dataset, ids: Sequence[int] | np.ndarray) -> list[dict]:
         if s != current:
             current, read = s, dataset.shard_reader(s).read
         out[pos] = read(k)
-    return out
-
-
-def _span_rows(reader, offsets: np.ndarray, row: int) -> np.ndarray:
-    """``(len(offsets), row)`` bytes of samples ``offsets`` of one shard, copied one by one out
-    of their (cached) blocks: compressed shards, or rows that are not uniform."""
-    out = np.empty((len(offsets), row), np.uint8)
-    dest = memoryview(out).cast("B")
-    pos = 0
-    span = reader.span
-    for k in offsets.tolist():
-        buf, start, length = span(k)
-        if length != row:
-            raise CorruptionError(f"{reader.name} sample {k}: {length} bytes, the schema "
-                                  f"needs {row}")
-        dest[pos:pos + row] = buf[start:start + row]
-        pos += row
     return out

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from streamshard import blockread
 from streamshard.errors import ConfigError, CorruptionError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import local_path
@@ -235,17 +236,15 @@ class Dataset:
         size = self.index.schema.fixed_size
         if size is None:
             raise ConfigError("read_rows needs a schema whose columns all have a fixed size")
-        shards, offsets = self.index.locate(np.asarray(ids, dtype=np.int64))
-        pos = 0
-        for s, k in zip(shards.tolist(), offsets.tolist()):
-            last = self._last
-            r = last[1] if last[0] == s else self._reader(s)
-            buf, start, length = r.span(k)
-            if length != size:
-                raise CorruptionError(f"{r.name} sample {k}: {length} bytes, the "
-                                      f"schema needs {size}")
-            out[pos:pos + size] = buf[start:start + size]
-            pos += size
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(ids):
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self._len:
+            _, _ = self.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
+            ids = np.where(ids < 0, ids + self._len, ids)
+        rows, order = blockread.sorted_rows(self, ids, size)  # block by block when compressed
+        dest = np.frombuffer(out, np.uint8, len(ids) * size).reshape(len(ids), size)
+        dest[order] = rows
 
     def __iter__(self) -> Iterator[dict]:
         for s, info in enumerate(self.index.shards):

@@ -278,6 +278,9 @@ class ShardFileReader:
             self._stored = table["stored"].tolist()
             self._raw = table["raw"].tolist()
             self._hashes = table["xxh64"].tolist()
+            # Per block: the sample size every sample of it was found to have (0: not checked
+            # yet), so a batch gather of fixed-size rows checks each block once (block_rows).
+            self._row_sizes = [0] * self.num_blocks
             self.read = self._read_compressed
         else:
             self._map_uncompressed(table)
@@ -430,6 +433,37 @@ class ShardFileReader:
         if shared is not None:
             shared.put((self.name, b), (raw, head))
         return raw, head
+
+    def block_rows(self, b: int, row: int, uses: int = 1) -> tuple[bytes, int]:
+        """``(raw block bytes, payload start)`` of compressed block ``b``, all of whose samples
+        are ``row`` bytes (checked once per block per reader: sample ``j`` is then
+        ``raw[start + j * row:][:row]``), for ``uses`` sample reads: the stats count one block
+        fetch (a decompression or a hit) and ``uses - 1`` hits, as ``uses`` ``span`` calls
+        in a row would. ``CorruptionError`` names the first sample of another size."""
+        raw, head = self.block(b)
+        if uses > 1:
+            self._stats.block_cache_hits += uses - 1
+        if self._row_sizes[b] != row:
+            n = (self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples) \
+                - self._first[b]
+            rel = np.frombuffer(raw, "<u8", n + 1, 8)  # block_header checked it fits
+            bad = np.flatnonzero(np.diff(rel) != row)
+            if rel[0] != 0 or bad.size or head + n * row > len(raw):
+                j = int(bad[0]) if bad.size else 0
+                raise CorruptionError(f"{self.name} block {b} sample {self._first[b] + j}: "
+                                      f"{int(rel[j + 1]) - int(rel[j])} bytes at offset "
+                                      f"{int(rel[j])}, the schema needs {row}")
+            self._row_sizes[b] = row
+        return raw, head
+
+    @property
+    def block_starts(self) -> np.ndarray:
+        """First sample of each block (int64; ``block_starts[b] <= k`` for block ``b``'s
+        samples ``k``)."""
+        starts = self.__dict__.get("_block_starts")
+        if starts is None:
+            starts = self._block_starts = self._table["first"].astype(np.int64)
+        return starts
 
     def _compressed_span(self, k: int) -> tuple[bytes, int, int, int]:
         """``(raw block, start, length, block number)`` of sample ``k`` in a compressed shard."""
