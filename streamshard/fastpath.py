@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from streamshard import blockread
+from streamshard import blockarena, blockread
 from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
 from streamshard.flatgather import FlatGather
 from streamshard.schema import Schema
@@ -115,8 +115,9 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
     ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). Uncompressed shards of uniform rows:
-    one fancy index for the whole batch (:mod:`streamshard.flatgather`); otherwise shard after
-    shard in offset order, compressed shards block by block (:mod:`streamshard.blockread`)."""
+    one fancy index for the whole batch (:mod:`streamshard.flatgather`); compressed shards:
+    one fancy index over the decompressed blocks (:mod:`streamshard.blockarena`); otherwise
+    shard after shard in offset order, block by block (:mod:`streamshard.blockread`)."""
     n = dataset.index.num_samples
     if int(ids.min()) < 0 or int(ids.max()) >= n:
         _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
@@ -125,6 +126,10 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         rows = _flat(dataset, row).gather(ids, dtype, items)
         if rows is not None:
             return rows, None
+    if dataset.index.compression is not None:  # one fancy index over decompressed blocks
+        rows = blockarena.arena_rows(dataset, ids, row)
+        if rows is not None:
+            return rows.view(dtype).reshape(len(ids), items), None
     rows, order = blockread.sorted_rows(dataset, ids, row)
     return rows.view(dtype).reshape(len(ids), items), order
 

@@ -4,7 +4,9 @@
 block read (compressed) or an mmap slice (uncompressed). Shard readers are kept in an LRU
 (streamshard/lru.py) of ``max_open_shards``; evicting one unpins it in the source (the remote
 cache may then evict the file). Decompressed blocks are kept in a byte-bounded LRU of the same
-design, shared by the dataset's shard readers.
+design, shared by the dataset's shard readers; batch gathers of fixed-size rows
+(``read_rows``, ``streamshard.fastpath``) keep theirs in a block arena of the same byte budget
+instead (streamshard/blockarena.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from streamshard import blockread
-from streamshard.errors import ConfigError, CorruptionError, StorageError
+from streamshard import blockarena, blockread
+from streamshard.errors import ConfigError, StorageError
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import local_path
 from streamshard.lru import LRU
@@ -242,8 +244,13 @@ class Dataset:
         if int(ids.min()) < 0 or int(ids.max()) >= self._len:
             _, _ = self.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
             ids = np.where(ids < 0, ids + self._len, ids)
-        rows, order = blockread.sorted_rows(self, ids, size)  # block by block when compressed
         dest = np.frombuffer(out, np.uint8, len(ids) * size).reshape(len(ids), size)
+        rows = (blockarena.arena_rows(self, ids, size)  # compressed: one fancy index
+                if self.index.compression is not None else None)
+        if rows is not None:
+            dest[...] = rows
+            return
+        rows, order = blockread.sorted_rows(self, ids, size)  # block by block when compressed
         dest[order] = rows
 
     def __iter__(self) -> Iterator[dict]:

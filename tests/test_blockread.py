@@ -12,7 +12,7 @@ import zstandard
 from hypothesis import given, settings, strategies as st
 
 from streamshard import ShardWriter, StreamingDataLoader, StreamingDataset, World, open_dataset
-from streamshard import blockread, fastpath
+from streamshard import blockarena, blockread, fastpath
 from streamshard.errors import CorruptionError
 from streamshard.shardfile import ShardFileReader, ShardFileWriter, pack_raw_block
 from streamshard.testing import batch_key, take
@@ -37,17 +37,18 @@ def pair(tmp_path_factory):
     return str(root / "zstd"), str(root / "None")
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("cache", [0, "1KiB", "64MiB"])  # per-block path; arena of 4 slots; big
+@settings(max_examples=30, deadline=None)
 @given(ids=st.lists(st.integers(0, 172), min_size=1, max_size=40))
-def test_batches_equal_the_uncompressed_copy_and_count_like_sample_reads(pair, ids):
-    zstd_ds, none_ds = open_dataset(pair[0], block_cache=0), open_dataset(pair[1])
+def test_batches_equal_the_uncompressed_copy_and_count_like_sample_reads(pair, cache, ids):
+    zstd_ds, none_ds = open_dataset(pair[0], block_cache=cache), open_dataset(pair[1])
     cols = fastpath.layout(zstd_ds.schema)
     got = fastpath.read_batch(zstd_ds, cols, ids)
     want = fastpath.read_batch(none_ds, cols, ids)
     assert batch_key(got) == batch_key(want)
     assert got["n"].tolist() == [-i for i in ids]
     # Counters: one decompression per distinct block a sorted sample-by-sample read would
-    # fetch (no block cache here: the reader keeps its last block), a hit for every other read.
+    # fetch (a fresh dataset), a hit for every other read.
     stats = zstd_ds.stats
     blocks = {(s, int(np.searchsorted(zstd_ds.shard_reader(s).block_starts, k, "right")))
               for s, k in zip(*(a.tolist() for a in zstd_ds.index.locate(np.asarray(ids))))}
@@ -113,3 +114,46 @@ def test_a_sample_of_another_size_is_refused(tmp_path):
     assert bytes(dest) == b"aaaabbbb"
     with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 3: 5 bytes"):
         blockread.copy_rows(reader, np.array([2]), 4, np.zeros((1, 4), np.uint8))
+    # The arena makes the same check on every block it decompresses.
+    host = _OneShard(reader, 5)
+    assert bytes(blockarena.arena_rows(host, np.array([1, 0]), 4)) == b"bbbbaaaa"
+    with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 3: 5 bytes"):
+        blockarena.arena_rows(host, np.array([4]), 4)
+
+
+def test_arena_reuses_slots_and_stays_exact(pair):
+    # 1 KiB of block cache: 4 slots of 256 bytes (the block size). 300 random batches of up to
+    # 4 samples reuse slots all the time; batches needing more than 4 blocks take the per-block
+    # path. Every batch equals the uncompressed copy; each block read once per batch at most.
+    zstd_ds, none_ds = open_dataset(pair[0], block_cache="1KiB"), open_dataset(pair[1])
+    cols = fastpath.layout(zstd_ds.schema)
+    rng = np.random.default_rng(3)
+    total = 0
+    for _ in range(300):
+        ids = rng.integers(0, 173, int(rng.integers(1, 7))).tolist()
+        total += len(ids)
+        got = fastpath.read_batch(zstd_ds, cols, ids, token_dtype=None)
+        assert batch_key(got) == batch_key(fastpath.read_batch(none_ds, cols, ids, token_dtype=None))
+    arena = zstd_ds.__dict__["_block_arena"]
+    assert arena.slots == 4
+    stats = zstd_ds.stats
+    assert stats["blocks_read"] + stats["block_cache_hits"] == total
+    assert stats["blocks_read"] > 100  # 4 slots for ~25 blocks: slots were reused
+
+
+class _Index:
+    """The two things a BlockArena asks of a dataset's index, for one hand-written shard."""
+
+    def __init__(self, n: int):
+        self.block_size, self.num_samples = 64, n
+
+    def locate(self, ids):
+        return np.zeros(len(ids), np.int64), np.asarray(ids, np.int64)
+
+
+class _OneShard:
+    def __init__(self, reader, n):
+        self.index, self.reader, self.block_cache_bytes = _Index(n), reader, 1 << 16
+
+    def shard_reader(self, s):
+        return self.reader
