@@ -47,14 +47,17 @@ class BlockArena:
         self._shards: dict[int, tuple[np.ndarray, ...]] = {}
         self._lock = threading.Lock()
 
-    def _shard(self, s: int, reader: Any) -> tuple[np.ndarray, ...]:
-        """``(block starts, slot per block (-1: not held), payload start per block, raw size
-        per block)`` of shard ``s``."""
+    def _shard(self, s: int, reader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(block starts, slot per block (-1: not held), base per block)`` of shard ``s``,
+        where a held block ``b``'s sample ``k`` starts at ``base[b] + k * row`` in the buffer;
+        ``None`` when some block of the shard does not fit a slot."""
         state = self._shards.get(s)
         if state is None:
+            if reader.num_blocks and int(reader.table["raw"].max()) > self.slot:
+                return None
             nb = reader.num_blocks
             state = self._shards[s] = (reader.block_starts, np.full(nb, -1, np.int64),
-                                       np.zeros(nb, np.int64), reader.table["raw"].astype(np.int64))
+                                       np.zeros(nb, np.int64))
         return state
 
     def gather(self, dataset: Any, ids: np.ndarray) -> np.ndarray | None:
@@ -66,46 +69,43 @@ class BlockArena:
     def _gather(self, dataset: Any, ids: np.ndarray) -> np.ndarray | None:
         shards, within = dataset.index.locate(ids)
         self._tick += 1
-        tick, row, slot = self._tick, self.row, self.slot
-        plan = []
+        tick = self._tick
         present = np.unique(shards).tolist()
+        plan = []
         for s in present:
             reader = dataset.shard_reader(s)
-            if not reader.compressed:
+            state = self._shard(s, reader) if reader.compressed else None
+            if state is None:
                 return None
-            starts, where, heads, raws = self._shard(s, reader)
             sel = np.flatnonzero(shards == s) if len(present) > 1 else None
             ks = within if sel is None else within[sel]
-            blocks = np.searchsorted(starts, ks, side="right") - 1
-            if int(raws[blocks].max()) > slot:
-                return None
-            plan.append((s, reader, sel, ks, blocks))
-        need = sum(len(np.unique(p[4])) for p in plan)
-        if need > self.slots:
-            return None
+            blocks = np.searchsorted(state[0], ks, side="right") - 1
+            held = state[1][blocks]
+            missing = np.unique(blocks[held < 0]).tolist() if int(held.min()) < 0 else []
+            plan.append((s, reader, sel, ks, blocks, held, missing))
+        if len(ids) > self.slots and sum(len(np.unique(p[4])) for p in plan) > self.slots:
+            return None  # more distinct blocks than slots
         # Mark what the batch already holds, then load the rest into the least recently used
         # slots: those no part of this batch uses (need <= slots leaves enough of them).
-        missing = []
-        for s, reader, sel, ks, blocks in plan:
-            where = self._shards[s][1]
-            held = where[blocks]
-            self._stamp[held[held >= 0]] = tick
-            missing += [(s, reader, b) for b in np.unique(blocks[held < 0]).tolist()]
-        if missing:
-            m = len(missing)
+        loads = []
+        for s, reader, sel, ks, blocks, held, missing in plan:
+            self._stamp[held[held >= 0] if missing else held] = tick
+            loads += [(s, reader, b) for b in missing]
+        if loads:
+            m = len(loads)
             free = (np.argpartition(self._stamp, m - 1)[:m] if m < self.slots
                     else np.arange(self.slots))
-            for (s, reader, b), i in zip(missing, free.tolist()):
+            for (s, reader, b), i in zip(loads, free.tolist()):
                 self._load(s, reader, b, i, tick)
-        out_starts = np.empty(len(ids), np.int64)
-        for s, reader, sel, ks, blocks in plan:
-            starts, where, heads, _ = self._shards[s]
-            pos = where[blocks] * slot + heads[blocks] + (ks - starts[blocks]) * row
-            if sel is None:
-                out_starts = pos
-            else:
-                out_starts[sel] = pos
-        plan[0][1].note_hits(len(ids) - len(missing))
+        row = self.row
+        if len(plan) == 1:
+            _, _, _, ks, blocks, _, _ = plan[0]
+            out_starts = self._shards[plan[0][0]][2][blocks] + ks * row
+        else:
+            out_starts = np.empty(len(ids), np.int64)
+            for s, _, sel, ks, blocks, _, _ in plan:
+                out_starts[sel] = self._shards[s][2][blocks] + ks * row
+        plan[0][1].note_hits(len(ids) - len(loads))
         return self._windows[out_starts]
 
     def _load(self, s: int, reader: Any, b: int, i: int, tick: int) -> None:
@@ -117,9 +117,9 @@ class BlockArena:
         start = i * self.slot
         dest = self._view[start:start + self.slot]
         head = reader.fetch_block_into(b, dest)
-        _, where, heads, raws = self._shards[s]
-        reader.check_rows(b, dest[:int(raws[b])], head, self.row)
-        where[b], heads[b] = i, head
+        starts, where, base = self._shards[s]
+        reader.check_rows(b, dest[:int(reader.table["raw"][b])], head, self.row)
+        where[b], base[b] = i, start + head - int(starts[b]) * self.row
         self._owner[i] = (s, b)
         self._stamp[i] = tick
 
