@@ -226,6 +226,10 @@ def bench_zstd(work: str, args) -> dict:
               f"{res['best_ratio_decode_bound']:.2f}; with the reader's read and checks "
               f"{statistics.median(fetch) * 1e3:.0f} ms [{min(fetch) * 1e3:.0f}.."
               f"{max(fetch) * 1e3:.0f}] -> {res['best_ratio_fetch_bound']:.2f}", flush=True)
+        if res["decompressions_per_block_all_epochs"] < 0.9:
+            print(f"  {name}: NOTE later epochs were served from the block cache (the corpus "
+                  f"nearly fits it): the ratio is above what one decompression per block per "
+                  f"epoch allows; use a corpus several times block_cache for that", flush=True)
         out[name] = res
         for p in paths.values():
             shutil.rmtree(p)
