@@ -1,6 +1,7 @@
 """Child processes that die with the process that started them (the one implementation of the
 parent-death watch: the recovery zygote and its ranks, :mod:`streamshard.recovery.zygote`, arm
-the same :func:`die_with_parent`; the keeper's standby checks its ranks with :func:`alive`).
+the same :func:`die_with_parent`; the keeper's standby and the destination lock check pids with
+:func:`alive`).
 
 ``convert --workers N`` runs its chunks in a process pool under a forkserver. When the parent is
 killed with SIGKILL nothing runs in it, so the children must notice themselves, or they keep
@@ -47,13 +48,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one owned by another user counts)."""
+    """Whether process ``pid`` exists (one owned by another user counts; a pid too large for
+    the OS, e.g. read from a stale lock file, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
+        return True  # exists, owned by someone else
     return True
 
 
