@@ -24,7 +24,7 @@ import torch.utils.data
 
 from streamshard import blockarena, blockread
 from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
-from streamshard.flatgather import FlatGather
+from streamshard.flatgather import FlatGather, OutOfRange
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -118,20 +118,32 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
     one fancy index for the whole batch (:mod:`streamshard.flatgather`); compressed shards:
     one fancy index over the decompressed blocks (:mod:`streamshard.blockarena`); otherwise
     shard after shard in offset order, block by block (:mod:`streamshard.blockread`)."""
-    n = dataset.index.num_samples
-    if int(ids.min()) < 0 or int(ids.max()) >= n:
-        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
-        ids = np.where(ids < 0, ids + n, ids)
     if dataset.index.compression is None:
-        rows = _flat(dataset, row).gather(ids, dtype, items)
+        flat = _flat(dataset, row)
+        try:
+            rows = flat.gather(ids, dtype, items)
+        except OutOfRange:
+            ids = _in_range(dataset, ids)
+            rows = flat.gather(ids, dtype, items)
         if rows is not None:
             return rows, None
-    if dataset.index.compression is not None:  # one fancy index over decompressed blocks
-        rows = blockarena.arena_rows(dataset, ids, row)
+    else:
+        ids = _in_range(dataset, ids)
+        rows = blockarena.arena_rows(dataset, ids, row)  # one fancy index over the blocks
         if rows is not None:
             return rows.view(dtype).reshape(len(ids), items), None
     rows, order = blockread.sorted_rows(dataset, ids, row)
     return rows.view(dtype).reshape(len(ids), items), order
+
+
+def _in_range(dataset, ids: np.ndarray) -> np.ndarray:
+    """``ids`` with negative ids counted from the end; an ``IndexError`` names an id outside
+    the dataset."""
+    n = dataset.index.num_samples
+    if int(ids.min()) < 0 or int(ids.max()) >= n:
+        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
+        ids = np.where(ids < 0, ids + n, ids)
+    return ids
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,
