@@ -157,3 +157,23 @@ class _OneShard:
 
     def shard_reader(self, s):
         return self.reader
+
+
+def test_shard_truncated_after_open_is_a_corruption_error(pair, tmp_path):
+    # Compressed shards are mmapped: the fetch compares the file's size with the block's end
+    # first, so a shard cut while open fails with a clear error instead of SIGBUS.
+    import shutil
+
+    dest = tmp_path / "ds"
+    shutil.copytree(pair[0], dest)
+    ds = open_dataset(str(dest), block_cache=0)
+    assert ds[0]["n"] == 0  # shard 0 open and mapped
+    reader = ds.shard_reader(0)
+    last = reader.num_blocks - 1
+    os.truncate(os.path.join(str(dest), ds.index.shards[0].file), int(reader.table["offset"][last]) + 3)
+    k = int(reader.table["first"][last])
+    with pytest.raises(CorruptionError, match=rf"shard 0 \(.*\) block {last}: read 3 of \d+ bytes "
+                                              r"\(truncated shard\)"):
+        ds[k]
+    with pytest.raises(CorruptionError, match="truncated shard"):
+        fastpath.read_batch(ds, fastpath.layout(ds.schema), [k])
