@@ -1,22 +1,26 @@
 """A batch of fixed-size rows out of compressed shards in one fancy index: the block arena.
 
 A shuffled batch over zstd shards touches about one block per sample (the block-aware shuffle
-spreads a lane's step over the ``g`` blocks of its unit), so a gather that visits blocks one by
-one in Python pays a few microseconds per sample on top of the decompressions. The arena keeps
-a dataset's decompressed blocks in slots of one preallocated buffer instead of in the block LRU;
-then a batch is a handful of numpy operations: locate, find each sample's block, look up its
-slot (an int array per shard), load the missing blocks, and copy every row with one fancy index
-over a sliding-window view of the buffer (``windows[start]`` is the ``row`` bytes at ``start``).
+spreads a lane's step over the ``g`` blocks of its unit, and a batch reads every lane), so a
+gather that visits blocks one by one in Python pays a few microseconds per sample on top of the
+decompressions. The arena keeps a dataset's decompressed blocks in slots of one preallocated
+buffer instead of in the block LRU, and serves a batch with about fifteen numpy calls whatever
+the number of shards and blocks it touches:
 
-- Each load is ``ShardFileReader.fetch_block`` (xxh64 of the stored bytes, frame, size and
-  header checks, counted in ``blocks_read``) plus ``check_rows`` (every sample of the block is
-  ``row`` bytes): the same checks as any other read, made on every decompression.
+- A fixed-size schema packs exactly ``k`` samples per block and every shard starts a new block
+  (docs/SAMPLER.md "Block groups"), so sample ``i`` of shard ``s`` is row ``i % k`` of the
+  shard's block ``i // k``, whose dataset-wide number is ``first_block[s] + i // k``
+  (``first_block`` from the index's sample counts alone). A shard's block table is checked to
+  follow that rule (and every block to fit a slot) before any of its blocks is loaded; a shard
+  that does not is served by the per-block path (:mod:`streamshard.blockread`).
+- Held blocks are found with one ``searchsorted`` over the sorted numbers of the held blocks;
+  the missing ones are loaded with ``ShardFileReader.fetch_block_into`` (xxh64 of the stored
+  bytes, frame, size and header checks, counted in ``blocks_read``), decompressed straight into
+  their slot, and ``check_rows`` (every sample of the block is ``row`` bytes); the rows are then
+  copied with one fancy index over a sliding-window view of the buffer.
 - Slots are reused least recently used first, at batch granularity (a slot a batch uses is never
   reused by that batch); the arena holds ``block_cache`` bytes (what the block-aware shuffle
-  reserves), so the shuffle's one-decompression-per-block holds as with the LRU.
-- It applies when the dataset has a block cache, the shard is compressed and each block the
-  batch needs fits a slot (``max(index.block_size, 24 + row)`` bytes); otherwise the caller
-  takes the per-block path (:mod:`streamshard.blockread`).
+  reserves), so the shuffle's one decompression per block holds as with the LRU.
 - Counters as a sample-by-sample read in offset order: one read per missing block, a hit for
   every other sample.
 """
@@ -29,36 +33,31 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from streamshard.blockshuffle import samples_per_block
+
 
 class BlockArena:
     """Decompressed blocks of one dataset's compressed shards, for gathers of ``row``-byte
-    samples, in ``capacity`` bytes. Thread-safe (one gather at a time)."""
+    samples packed ``per_block`` to a block, in ``capacity`` bytes. Thread-safe (one gather at
+    a time)."""
 
-    def __init__(self, capacity: int, row: int, block_size: int):
-        self.capacity, self.row = int(capacity), int(row)
+    def __init__(self, capacity: int, row: int, block_size: int, per_block: int,
+                 shard_samples: np.ndarray):
+        self.capacity, self.row, self.per_block = int(capacity), int(row), int(per_block)
         self.slot = max(int(block_size), 24 + self.row)  # a block of one sample: 24 + row
         self.slots = self.capacity // self.slot
+        blocks = -(-np.asarray(shard_samples, np.int64) // self.per_block)
+        self._first_block = np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64)
         self._buf = np.empty(self.slots * self.slot, np.uint8)
         self._view = memoryview(self._buf)
         self._windows = sliding_window_view(self._buf, self.row)
         self._stamp = np.zeros(self.slots, np.int64)  # last batch that used each slot
-        self._owner: list[tuple[int, int] | None] = [None] * self.slots
+        self._owner = np.full(self.slots, -1, np.int64)  # dataset-wide block number per slot
+        self._base = np.zeros(self.slots, np.int64)  # buffer offset of each slot's first row
+        self._held, self._held_slot = self._owner.copy(), np.arange(self.slots)  # sorted
+        self._regular: dict[int, bool] = {}  # shard -> follows the k-per-block rule
         self._tick = 0
-        self._shards: dict[int, tuple[np.ndarray, ...]] = {}
         self._lock = threading.Lock()
-
-    def _shard(self, s: int, reader: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(block starts, slot per block (-1: not held), base per block)`` of shard ``s``,
-        where a held block ``b``'s sample ``k`` starts at ``base[b] + k * row`` in the buffer;
-        ``None`` when some block of the shard does not fit a slot."""
-        state = self._shards.get(s)
-        if state is None:
-            if reader.num_blocks and int(reader.table["raw"].max()) > self.slot:
-                return None
-            nb = reader.num_blocks
-            state = self._shards[s] = (reader.block_starts, np.full(nb, -1, np.int64),
-                                       np.zeros(nb, np.int64))
-        return state
 
     def gather(self, dataset: Any, ids: np.ndarray) -> np.ndarray | None:
         """``(len(ids), row)`` uint8 rows of samples ``ids`` (int64, in range), in ``ids``
@@ -66,73 +65,84 @@ class BlockArena:
         with self._lock:
             return self._gather(dataset, ids)
 
+    def _lookup(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(slot, held)`` of each dataset-wide block number."""
+        pos = np.minimum(np.searchsorted(self._held, blocks), self.slots - 1)
+        return self._held_slot[pos], self._held[pos] == blocks
+
     def _gather(self, dataset: Any, ids: np.ndarray) -> np.ndarray | None:
         shards, within = dataset.index.locate(ids)
+        local, j = np.divmod(within, self.per_block)
+        blocks = self._first_block[shards] + local
+        slots, held = self._lookup(blocks)
         self._tick += 1
         tick = self._tick
-        present = np.unique(shards).tolist()
-        plan = []
-        for s in present:
-            reader = dataset.shard_reader(s)
-            state = self._shard(s, reader) if reader.compressed else None
-            if state is None:
-                return None
-            sel = np.flatnonzero(shards == s) if len(present) > 1 else None
-            ks = within if sel is None else within[sel]
-            blocks = np.searchsorted(state[0], ks, side="right") - 1
-            held = state[1][blocks]
-            missing = np.unique(blocks[held < 0]).tolist() if int(held.min()) < 0 else []
-            plan.append((s, reader, sel, ks, blocks, held, missing))
-        if len(ids) > self.slots and sum(len(np.unique(p[4])) for p in plan) > self.slots:
-            return None  # more distinct blocks than slots
-        # Mark what the batch already holds, then load the rest into the least recently used
-        # slots: those no part of this batch uses (need <= slots leaves enough of them).
-        loads = []
-        for s, reader, sel, ks, blocks, held, missing in plan:
-            self._stamp[held[held >= 0] if missing else held] = tick
-            loads += [(s, reader, b) for b in missing]
-        if loads:
-            m = len(loads)
+        if held.all():
+            self._stamp[slots] = tick
+            loads = 0
+        else:
+            missing = np.unique(blocks[~held]).tolist()
+            if len(ids) > self.slots and len(np.unique(blocks)) > self.slots:
+                return None  # more distinct blocks than slots
+            owners = np.searchsorted(self._first_block, missing, side="right") - 1
+            plan = []
+            for g, s in zip(missing, owners.tolist()):
+                reader = dataset.shard_reader(s)
+                if not self._fits(s, reader):
+                    return None
+                plan.append((g, reader, g - int(self._first_block[s])))
+            self._stamp[slots[held]] = tick
+            # The least recently used slots: none of them holds a block of this batch.
+            m = len(plan)
             free = (np.argpartition(self._stamp, m - 1)[:m] if m < self.slots
                     else np.arange(self.slots))
-            for (s, reader, b), i in zip(loads, free.tolist()):
-                self._load(s, reader, b, i, tick)
-        row = self.row
-        if len(plan) == 1:
-            _, _, _, ks, blocks, _, _ = plan[0]
-            out_starts = self._shards[plan[0][0]][2][blocks] + ks * row
-        else:
-            out_starts = np.empty(len(ids), np.int64)
-            for s, _, sel, ks, blocks, _, _ in plan:
-                out_starts[sel] = self._shards[s][2][blocks] + ks * row
-        plan[0][1].note_hits(len(ids) - len(loads))
-        return self._windows[out_starts]
+            try:
+                for (g, reader, b), i in zip(plan, free.tolist()):
+                    self._load(g, reader, b, i, tick)
+            finally:
+                order = np.argsort(self._owner, kind="stable")
+                self._held, self._held_slot = self._owner[order], order
+            slots, _ = self._lookup(blocks)
+            loads = m
+        dataset.shard_reader(int(shards[0])).note_hits(len(ids) - loads)
+        return self._windows[self._base[slots] + j * self.row]
 
-    def _load(self, s: int, reader: Any, b: int, i: int, tick: int) -> None:
-        """Decompress block ``b`` of shard ``s`` into slot ``i`` (checked, rows included)."""
-        old = self._owner[i]
-        if old is not None:  # the slot is forgotten before it is overwritten
-            self._shards[old[0]][1][old[1]] = -1
-            self._owner[i] = None
+    def _fits(self, s: int, reader: Any) -> bool:
+        """Whether shard ``s`` (checked once) is compressed, packs ``per_block`` samples in
+        each block but its last, and has no block larger than a slot."""
+        ok = self._regular.get(s)
+        if ok is None:
+            starts = reader.block_starts
+            ok = (reader.compressed
+                  and len(starts) == int(self._first_block[s + 1] - self._first_block[s])
+                  and bool(np.array_equal(starts, np.arange(len(starts)) * self.per_block))
+                  and (not len(starts) or int(reader.table["raw"].max()) <= self.slot))
+            self._regular[s] = ok
+        return ok
+
+    def _load(self, g: int, reader: Any, b: int, i: int, tick: int) -> None:
+        """Decompress block ``b`` of ``reader``'s shard (dataset-wide ``g``) into slot ``i``,
+        checked, its rows included."""
+        self._owner[i] = -1  # forgotten before it is overwritten
         start = i * self.slot
         dest = self._view[start:start + self.slot]
         head = reader.fetch_block_into(b, dest)
-        starts, where, base = self._shards[s]
         reader.check_rows(b, dest[:int(reader.table["raw"][b])], head, self.row)
-        where[b], base[b] = i, start + head - int(starts[b]) * self.row
-        self._owner[i] = (s, b)
-        self._stamp[i] = tick
+        self._owner[i], self._base[i], self._stamp[i] = g, start + head, tick
 
 
 def arena_rows(dataset: Any, ids: np.ndarray, row: int) -> np.ndarray | None:
     """Rows of ``ids`` through ``dataset``'s arena (made on first use, remade when the block
-    cache is resized), or ``None`` when the arena does not apply (no block cache)."""
+    cache is resized), or ``None`` when the arena does not apply (no block cache, no block
+    size in the index, a shard that does not follow the packing rule)."""
     capacity = dataset.block_cache_bytes
-    if capacity <= 0:
+    block_size = dataset.index.block_size
+    if capacity <= 0 or block_size <= 0:
         return None
     arena = dataset.__dict__.get("_block_arena")  # never pickled (Dataset.__getstate__)
     if arena is None or arena.capacity != capacity or arena.row != row:
-        arena = BlockArena(capacity, row, dataset.index.block_size)
+        arena = BlockArena(capacity, row, block_size, samples_per_block(dataset.index),
+                           dataset.index.shards.samples)
         if arena.slots < 1:
             return None
         dataset.__dict__["_block_arena"] = arena

@@ -103,7 +103,7 @@ def test_a_sample_of_another_size_is_refused(tmp_path):
     cctx = zstandard.ZstdCompressor(write_content_size=True)
     with open(path, "wb") as f:
         w = ShardFileWriter(f, compressed=True)
-        for samples in ([b"aaaa", b"bbbb"], [b"cccc", b"ddddd", b"eeee"]):
+        for samples in ([b"aaaa", b"bbbb", b"cccc"], [b"dddd", b"eeeee", b"ffff"]):
             raw = pack_raw_block(samples)
             w.add_block(cctx.compress(raw), len(raw), len(samples))
         w.finish()
@@ -112,13 +112,13 @@ def test_a_sample_of_another_size_is_refused(tmp_path):
     dest = np.zeros((2, 4), np.uint8)
     blockread.copy_rows(reader, np.array([0, 1]), 4, dest)  # block 0 is uniform
     assert bytes(dest) == b"aaaabbbb"
-    with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 3: 5 bytes"):
-        blockread.copy_rows(reader, np.array([2]), 4, np.zeros((1, 4), np.uint8))
+    with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 4: 5 bytes"):
+        blockread.copy_rows(reader, np.array([3]), 4, np.zeros((1, 4), np.uint8))
     # The arena makes the same check on every block it decompresses.
-    host = _OneShard(reader, 5)
-    assert bytes(blockarena.arena_rows(host, np.array([1, 0]), 4)) == b"bbbbaaaa"
-    with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 3: 5 bytes"):
-        blockarena.arena_rows(host, np.array([4]), 4)
+    host = _OneShard(reader)
+    assert bytes(blockarena.arena_rows(host, np.array([1, 0, 2]), 4)) == b"bbbbaaaacccc"
+    with pytest.raises(CorruptionError, match=r"shard 0 \(odd.sss\) block 1 sample 4: 5 bytes"):
+        blockarena.arena_rows(host, np.array([3]), 4)
 
 
 def test_arena_reuses_slots_and_stays_exact(pair):
@@ -135,25 +135,28 @@ def test_arena_reuses_slots_and_stays_exact(pair):
         got = fastpath.read_batch(zstd_ds, cols, ids, token_dtype=None)
         assert batch_key(got) == batch_key(fastpath.read_batch(none_ds, cols, ids, token_dtype=None))
     arena = zstd_ds.__dict__["_block_arena"]
-    assert arena.slots == 4
+    assert arena.slots == 4 and arena.per_block == 10
+    assert len(arena._regular) == 3 and all(arena._regular.values())  # it served the batches
     stats = zstd_ds.stats
     assert stats["blocks_read"] + stats["block_cache_hits"] == total
     assert stats["blocks_read"] > 100  # 4 slots for ~25 blocks: slots were reused
 
 
 class _Index:
-    """The two things a BlockArena asks of a dataset's index, for one hand-written shard."""
+    """What a BlockArena asks of a dataset's index, for one hand-written shard of 6 samples of
+    4 bytes, 3 to a block (the writer's rule for block_size 56)."""
 
-    def __init__(self, n: int):
-        self.block_size, self.num_samples = 64, n
+    block_size, num_samples = 56, 6
+    schema = type("Schema", (), {"fixed_size": 4})()
+    shards = type("Shards", (), {"samples": np.array([6])})()
 
     def locate(self, ids):
         return np.zeros(len(ids), np.int64), np.asarray(ids, np.int64)
 
 
 class _OneShard:
-    def __init__(self, reader, n):
-        self.index, self.reader, self.block_cache_bytes = _Index(n), reader, 1 << 16
+    def __init__(self, reader):
+        self.index, self.reader, self.block_cache_bytes = _Index(), reader, 1 << 16
 
     def shard_reader(self, s):
         return self.reader
