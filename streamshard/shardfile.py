@@ -291,8 +291,10 @@ class ShardFileReader:
 
     def _map_compressed(self) -> None:
         """Map a compressed shard: a block's stored bytes are then checked and decompressed
-        straight from the page cache (a ``pread`` copied them first: ~40% of fetching a block
-        zstd stores raw, such as already-compressed media)."""
+        straight from the page cache. A ``pread`` copied them first: fetching every block of
+        200 MB of 100-200 KB incompressible samples (zstd stores them raw) took 87 ms that way
+        against 45 ms from a map already touched (about even on a fresh map, whose first touch
+        of each page faults); token blocks measured the same either way."""
         import mmap
 
         report_fatal_signals()  # truncation races the fstat check in _stored_block: SIGBUS
