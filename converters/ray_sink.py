@@ -10,7 +10,9 @@ write removes the parts it made.
 Task ``i`` writes the ``i``-th bundle of blocks when Ray preserves order, so
 :func:`write_streamshard` turns on ``DataContext.execution_options.preserve_order`` for the write
 (and restores it): the result is then the same sample sequence as a single-process conversion of
-the same rows. Requires ``ray[data]`` (optional extra ``ray``).
+the same rows. Requires ``ray[data]`` (optional extra ``ray``), imported only where the sink is
+used: :class:`StreamshardDatasink` is built on first access (it subclasses Ray's ``Datasink``), so
+a Spark worker that imports :func:`write_part` never pays the ~1 s ``import ray.data``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,7 @@ import numpy as np
 from streamshard.errors import ConfigError, DatasetExistsError, SchemaError, missing_dependency
 
 PARTS = "parts"
-
-try:
-    from ray.data import Datasink as _DatasinkBase
-except ImportError:  # the sink class is still importable; using it raises with an install hint
-    _DatasinkBase = object
+_SINK = "StreamshardDatasink"
 
 
 def part_name(task_idx: int) -> str:
@@ -66,18 +64,49 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class StreamshardDatasink(_DatasinkBase):  # type: ignore[misc, valid-type]
+def __getattr__(name: str) -> Any:
+    if name == _SINK:
+        return _sink_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), _SINK})
+
+
+def _sink_class() -> type:
+    """``StreamshardDatasink``: :class:`_Sink` on Ray's ``Datasink``, built once, on first use.
+    Without ray the class is still importable; constructing it raises with an install hint."""
+    cls = globals().get(_SINK)
+    if cls is None:
+        try:
+            from ray.data import Datasink
+        except ImportError:
+            bases: tuple[type, ...] = (_Sink,)
+        else:
+            bases = (_Sink, Datasink)
+        cls = type(_SINK, bases, {"__module__": __name__, "__qualname__": _SINK,
+                                  "__doc__": _Sink.__doc__, "_RAY": len(bases) > 1})
+        # one class per process, also when two threads race here: pickle (Ray ships the sink to
+        # its write tasks) finds a class by its module and name and checks it is that object
+        cls = globals().setdefault(_SINK, cls)
+    return cls
+
+
+class _Sink:
     """Ray Data ``Datasink`` writing ``columns`` (name -> streamshard type string) to ``dest``.
 
     Picklable (Ray ships it to write tasks); holds only settings. ``writer_options`` go to each
     part's ``ShardWriter`` (``shard_size``, ``block_size``, ``compression``,
     ``compression_level``). ``result`` holds the merged ``DatasetIndex`` after the write."""
 
+    _RAY = False  # set on the built class: whether it is a Ray Datasink
+
     def __init__(self, dest: str, *, columns: Mapping[str, str], overwrite: bool = False,
                  storage_options: Mapping[str, Any] | None = None,
                  metadata: Mapping[str, Any] | None = None, **writer_options: Any):
-        if _DatasinkBase is object:
-            raise missing_dependency("ray", "ray", "StreamshardDatasink")
+        if not self._RAY:
+            raise missing_dependency("ray", "ray", _SINK)
         from streamshard.schema import Schema
 
         Schema(dict(columns))  # validate the types on the driver, before any task runs
@@ -194,7 +223,7 @@ def write_streamshard(dataset: Any, dest: str, *, columns: Mapping[str, str],
         from ray.data import DataContext
     except ImportError:
         raise missing_dependency("ray", "ray", "write_streamshard") from None
-    sink = StreamshardDatasink(dest, columns=columns, overwrite=overwrite, **options)
+    sink = _sink_class()(dest, columns=columns, overwrite=overwrite, **options)
     exec_opts = DataContext.get_current().execution_options
     saved = exec_opts.preserve_order
     exec_opts.preserve_order = True

@@ -28,9 +28,10 @@ from streamshard.state import KEY_STEP, build_state
 # Chunks of ``lookahead`` steps whose shards a key hints to remote sources (issue 12, item 6).
 HINT_CHUNKS = 16
 # Fewest epoch positions mapped per sampler call (several chunks at once when batches are small):
-# a call costs about the same from 512 to 4,096 positions (~20 us per 32-sample batch at 4,096
-# against ~150 us at 512, measured on bench_speed's gather workload).
-MAP_POSITIONS = 4096
+# a call's fixed numpy costs dominate up to a few thousand positions (keys of a 32-sample batch:
+# ~150 us at 512 positions, ~14 us at 4,096, ~11 us at 16,384 on bench_speed's gather workload;
+# 16,384 positions are 128 KiB of ids, a few ms before the first batch).
+MAP_POSITIONS = 16384
 
 
 @dataclass(frozen=True)
@@ -262,20 +263,17 @@ class _KeyIterator:
         per_step = max(1, len(seq.device_positions(self._start, world.rank, world.world_size,
                                                    world.local_world_size)))
         group = lookahead * max(1, -(-MAP_POSITIONS // (lookahead * per_step)))
-        n = self._served
+        step = seq.nth_served_step(self._start, self._served)
         while True:
-            steps = []
-            while len(steps) < group:
-                step = seq.nth_served_step(self._start, n)
-                if step >= self._stop:
-                    break
-                steps.append(step)
-                n += 1
+            steps = seq.served_run(step, group, self._stop)
             if not steps:
                 return
+            step = steps[-1] + 1
             mapped = []
             for epoch, same in itertools.groupby(steps, key=lambda s: s // per_epoch):
                 same = list(same)
+                if same[-1] - same[0] == len(same) - 1:  # no skip inside: a range
+                    same = range(same[0], same[-1] + 1)
                 parts = seq.device_positions_of(same, world.rank, world.world_size,
                                                 world.local_world_size)
                 streams, samples = seq.map_positions(epoch, np.concatenate(parts))

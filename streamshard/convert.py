@@ -14,13 +14,14 @@ rerun with different arguments is refused, naming the difference. The final inde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import streamshard.converters as converters
 from streamshard.converters import Piece
@@ -33,7 +34,9 @@ from streamshard.errors import (
 from streamshard.index import INDEX_FILE, DatasetIndex
 from streamshard.location import resolve
 from streamshard.sizes import parse_size
-from streamshard.writer import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE
+from streamshard.writer import (
+    DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_SIZE, SIZE_WARNING, ShardWriter,
+)
 
 MARKER = ".streamshard-convert.json"
 PARTS = "parts"
@@ -101,43 +104,50 @@ class _Job:
     storage_options: dict = field(default_factory=dict)
 
 
-def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
-    """Write one chunk's part dataset and its stats; on any error remove the part and re-raise."""
-    from streamshard.writer import ShardWriter
-
-    conv = converters.get(job.format)
-    loc = resolve(job.dest, job.storage_options)
-    fs, root = loc.fs, loc.root
-    part_path = f"{root}/{job.chunk.part}"
-    ctx = converters.CountingContext(job.skip_errors, report)
-    cpu0 = time.process_time()
-    from streamshard.writer import SIZE_WARNING
-
-    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
+@contextlib.contextmanager
+def part_writer(chunk: Chunk, dest: str, columns: Mapping[str, str], writer: Mapping[str, Any],
+                storage_options: Mapping[str, Any], fs: Any, root: str) -> Iterator[ShardWriter]:
+    """The ``ShardWriter`` of ``chunk``'s part dataset, for either kind of chunk job
+    (:func:`convert_chunk`, ``packjobs.pack_chunk``): the shard-size warning is off (the driver
+    gave it once for all chunks), and on any error the part is removed and the error re-raised,
+    so a rerun redoes the chunk. Write the chunk's ``STATS_FILE`` inside the block."""
+    token = SIZE_WARNING.set(False)
     try:
-        with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.columns,
-                         storage_options=job.storage_options, **job.writer) as writer:
-            write = writer.write
-            for piece in job.chunk.pieces:
-                for sample in conv.read(piece, job.options, ctx):
-                    try:
-                        write(sample)
-                    except SchemaError as exc:
-                        ctx.bad_record(InputError(f"{ctx.where()}: {exc}"))
-                        continue
-                    ctx.samples += 1
-                    if not ctx.samples & 15:
-                        ctx.tick()
-            stats = {"chunk": job.chunk.index, "samples": ctx.samples, "skipped": ctx.skipped,
-                     "examples": ctx.examples, "counters": ctx.counters,
-                     "input_bytes": job.chunk.nbytes,
-                     "cpu_seconds": round(time.process_time() - cpu0, 6)}
-            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
+        with ShardWriter(f"{dest.rstrip('/')}/{chunk.part}", columns=columns,
+                         storage_options=storage_options, **writer) as w:
+            yield w
     except BaseException:
-        _remove(fs, part_path)
+        _remove(fs, f"{root}/{chunk.part}")
         raise
     finally:
         SIZE_WARNING.reset(token)
+
+
+def convert_chunk(job: _Job, report: Callable[[int, int], None]) -> dict:
+    """Write one chunk's part dataset and its stats; on any error remove the part and re-raise."""
+    conv = converters.get(job.format)
+    loc = resolve(job.dest, job.storage_options)
+    fs, root = loc.fs, loc.root
+    ctx = converters.CountingContext(job.skip_errors, report)
+    cpu0 = time.process_time()
+    with part_writer(job.chunk, job.dest, job.columns, job.writer, job.storage_options,
+                     fs, root) as writer:
+        write = writer.write
+        for piece in job.chunk.pieces:
+            for sample in conv.read(piece, job.options, ctx):
+                try:
+                    write(sample)
+                except SchemaError as exc:
+                    ctx.bad_record(InputError(f"{ctx.where()}: {exc}"))
+                    continue
+                ctx.samples += 1
+                if not ctx.samples & 15:
+                    ctx.tick()
+        stats = {"chunk": job.chunk.index, "samples": ctx.samples, "skipped": ctx.skipped,
+                 "examples": ctx.examples, "counters": ctx.counters,
+                 "input_bytes": job.chunk.nbytes,
+                 "cpu_seconds": round(time.process_time() - cpu0, 6)}
+        atomic_write_json(f"{root}/{job.chunk.part}/{STATS_FILE}", stats, fs=fs)
     ctx.tick(force=True)
     return stats
 

@@ -28,21 +28,13 @@ from streamshard.batch_keys import (
 )
 from streamshard.collate import collate, token_dtype_of
 from streamshard.errors import ConfigError
-from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
-from streamshard.packing import Packing, TokenBudget, check_column, check_config
-from streamshard.reader import Dataset
-from streamshard.streams import (  # noqa: F401 (Stream re-exported)
-    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
-    resolve_batch,
-)
-from streamshard.sampler import SampleSequence, sample_rng
-from streamshard.world import World, detect_world
+from streamshard.options import OrderOptions, ReadOptions
+from streamshard.packing import Packing, TokenBudget
+from streamshard.streams import SequenceHost, Stream  # noqa: F401 (Stream re-exported)
+from streamshard.sampler import sample_rng
+from streamshard.world import World
 
 Transform = Callable[[dict, np.random.Generator], Any]
-
-
-# Stream and the batch rule live in streams.py (no torch); re-exported here.
-_resolve_batch = resolve_batch
 
 
 class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
@@ -78,45 +70,18 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
         **options: Any,
     ):
         super().__init__()
-        # ``order``/``reading`` group the options (streamshard/options.py); each of their fields
-        # is also accepted as a keyword of its own (``seed=3``), as before they were grouped.
-        order, reading = resolve_options(order, reading, options, "StreamingDataset")
-        self.order, self.reading = order, reading
-        streams = as_streams(source, reading.storage_options)
-        self.world = world if world is not None else detect_world()
-        self.global_batch_size = _resolve_batch(batch_size, global_batch_size, self.world)
-        if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
-            check_config(packing, self.global_batch_size, self.world.world_size)
-        self.packing = packing
-        self.seed, self.shuffle, self.transform = order.seed, order.shuffle, transform
         # uint16/uint32 token arrays come out in this dtype from the default collation.
         self.token_dtype = token_dtype_of(token_dtype)
         self.collate_fn = functools.partial(collate, token_dtype=self.token_dtype)
         # Set by StreamingDataLoader(pin_memory=True, num_workers=0): gather into pinned memory.
         self.pin_memory = False
-        self.streams = streams
-        self.datasets: tuple[Dataset, ...] = open_streams(
-            streams, cache_dir=reading.cache_dir, cache_limit=reading.cache_limit,
-            storage_options=reading.storage_options, block_cache=reading.block_cache,
-            verify_blocks=reading.verify_blocks)
-        if packing is not None:
-            check_column(self.datasets, packing.column)
-        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
-        self.pack_planner = packplan.Planner(self) if packing is not None else None
-        sampler_order, orders = build_order(
-            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
-            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
-            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
-            global_batch_size=self.global_batch_size
-            // (packing.group if packing is not None else 1))  # lanes divide windows per step
-        self.lookahead = reading.lookahead
-        # adopt_saved_order, stream_order, adopt_layout: streams.SequenceHost
-        self._init_sequence(SampleSequence(
-            sampler_order, global_batch_size=self.global_batch_size, drop_last=order.drop_last
-        ), lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
-            epoch_size=order.epoch_size)
-        if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
-            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        self.transform = transform
+        # options, world, batch, streams, sequence: streams.SequenceHost._open (as
+        # NumpyBatchIterator); adopt_saved_order, stream_order, adopt_layout: SequenceHost too
+        self._open("StreamingDataset", source, options, batch_size=batch_size,
+                   global_batch_size=global_batch_size, order=order, reading=reading,
+                   world=world, packing=packing)
+        self.shuffle = self.order.shuffle
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as
         # columns straight into tensors (streamshard.fastpath); None when that does not apply.

@@ -25,6 +25,7 @@ import sys
 import time
 
 from streamshard.errors import DestinationLockedError
+from streamshard.lifeline import alive as _alive
 
 log = logging.getLogger(__name__)
 HOLDER_FILE = ".streamshard-writer.json"
@@ -146,16 +147,6 @@ def _describe_holder(path: str) -> str:
     except (OSError, ValueError):
         return "holder unknown"
     return _describe(info if isinstance(info, dict) else None)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def clean_stale_temps(*dirs: str) -> list[str]:

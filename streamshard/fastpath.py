@@ -23,7 +23,7 @@ import torch.utils.data
 
 from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
 from streamshard.errors import CorruptionError
-from streamshard.flatgather import FlatGather
+from streamshard.flatgather import FlatGather, OutOfRange
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,17 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
     ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). Uncompressed shards of uniform rows:
     one fancy index for the whole batch (:mod:`streamshard.flatgather`); otherwise sample by
     sample out of each shard's (cached) blocks, shard after shard."""
-    n = dataset.index.num_samples
-    if int(ids.min()) < 0 or int(ids.max()) >= n:
-        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
-        ids = np.where(ids < 0, ids + n, ids)
     if dataset.index.compression is None:
-        rows = _flat(dataset, row).gather(ids, dtype, items)
+        flat = _flat(dataset, row)
+        try:
+            rows = flat.gather(ids, dtype, items)
+        except OutOfRange:
+            ids = _in_range(dataset, ids)
+            rows = flat.gather(ids, dtype, items)
         if rows is not None:
             return rows, None
+    else:
+        ids = _in_range(dataset, ids)
     order = np.argsort(ids, kind="stable")  # by shard, then offset: a block's samples in a row
     shards, within = dataset.index.locate(ids[order])
     cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
@@ -133,6 +136,16 @@ def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
         src = _span_rows(dataset.shard_reader(int(shards[a])), within[a:b], row)
         out[a:b] = src.view(dtype).reshape(b - a, items)
     return out, order
+
+
+def _in_range(dataset, ids: np.ndarray) -> np.ndarray:
+    """``ids`` with negative ids counted from the end; an ``IndexError`` names an id outside
+    the dataset."""
+    n = dataset.index.num_samples
+    if int(ids.min()) < 0 or int(ids.max()) >= n:
+        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
+        ids = np.where(ids < 0, ids + n, ids)
+    return ids
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,

@@ -1,4 +1,7 @@
-"""Child processes that die with the process that started them.
+"""Child processes that die with the process that started them (the one implementation of the
+parent-death watch: the recovery zygote and its ranks, :mod:`streamshard.recovery.zygote`, arm
+the same :func:`die_with_parent`; the keeper's standby and the destination lock check pids with
+:func:`alive`).
 
 ``convert --workers N`` runs its chunks in a process pool under a forkserver. When the parent is
 killed with SIGKILL nothing runs in it, so the children must notice themselves, or they keep
@@ -15,7 +18,6 @@ writing into the destination for ever (and a rerun races with them):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -38,19 +40,22 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        # dlopen(NULL): the process's own symbols, libc's prctl among them; no find_library
+        # (it runs ``ldconfig -p``, ~15 ms, in every zygote-forked rank)
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one owned by another user counts; a pid too large for
+    the OS, e.g. read from a stale lock file, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
+        return True  # exists, owned by someone else
     return True
 
 

@@ -29,18 +29,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from streamshard import packplan
-from streamshard.options import OrderOptions, ReadOptions, resolve as resolve_options
-from streamshard.packing import Packing, TokenBudget, check_column, check_config
+from streamshard.options import OrderOptions, ReadOptions
+from streamshard.packing import Packing, TokenBudget
 from streamshard.batch_keys import (
     StreamingBatchSampler, start_prefetch, with_quarantine, with_reseed, with_skip,
 )
-from streamshard.sampler import Ledgers, SampleSequence, sample_rng
+from streamshard.sampler import Ledgers, sample_rng
 from streamshard.mixing import reweight_ledgers
-from streamshard.streams import (
-    SequenceHost, Stream, as_streams, build_order, open_streams, reserve_block_caches,
-    resolve_batch,
-)
-from streamshard.world import World, detect_world
+from streamshard.streams import SequenceHost, Stream
+from streamshard.world import World
 
 Transform = Callable[[dict, np.random.Generator], Any]
 
@@ -151,40 +148,12 @@ class NumpyBatchIterator(SequenceHost):
                  transform: Transform | None = None,
                  collate_fn: Callable[[list], Any] | None = None,
                  packing: Packing | TokenBudget | None = None, **options: Any):
-        # ``order``/``reading`` as on StreamingDataset (streamshard/options.py); each field is
-        # also accepted as a keyword of its own.
-        order, reading = resolve_options(order, reading, options, "NumpyBatchIterator")
-        self.order, self.reading = order, reading
-        streams = as_streams(source, reading.storage_options)
-        self.world = world if world is not None else detect_world()
-        self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
-        if packing is not None:  # length-aware batches, as on StreamingDataset (packplan.py)
-            check_config(packing, self.global_batch_size, self.world.world_size)
-        self.packing = packing
-        self.seed, self.transform = order.seed, transform
+        self.transform = transform
         self.collate_fn = collate_fn or collate_numpy
-        self.streams = streams
-        self.datasets = open_streams(streams, cache_dir=reading.cache_dir,
-                                     cache_limit=reading.cache_limit,
-                                     storage_options=reading.storage_options,
-                                     block_cache=reading.block_cache,
-                                     verify_blocks=reading.verify_blocks)
-        if packing is not None:
-            check_column(self.datasets, packing.column)
-        self.pack_planner = packplan.Planner(self) if packing is not None else None
-        sampler_order, orders = build_order(
-            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
-            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
-            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
-            global_batch_size=self.global_batch_size
-            // (packing.group if packing is not None else 1))  # lanes divide windows per step
-        self.lookahead = reading.lookahead
-        self._init_sequence(SampleSequence(sampler_order, global_batch_size=self.global_batch_size,
-                                           drop_last=order.drop_last),
-                            lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
-                            epoch_size=order.epoch_size)
-        if reading.block_cache is None:
-            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
+        # options, world, batch, streams, sequence: as StreamingDataset (streams.SequenceHost)
+        self._open("NumpyBatchIterator", source, options, batch_size=batch_size,
+                   global_batch_size=global_batch_size, order=order, reading=reading,
+                   world=world, packing=packing)
         self._keys = StreamingBatchSampler(self)  # owns the step, the ledgers and the state
         self._last_step: int | None = None
         self._generation = 0  # bumped by load_state_dict and ledger changes

@@ -14,7 +14,7 @@ import numpy as np
 import xxhash
 
 from streamshard.atomic import atomic_write_json, put_atomic
-from streamshard.convert import PARTS, STATS_FILE, Chunk, _remove
+from streamshard.convert import PARTS, STATS_FILE, Chunk, _remove, part_writer
 from streamshard.converters.packing import (
     _BATCH_DOCS, check_document, field_value, load_tokenizer,
 )
@@ -175,13 +175,10 @@ def _load(fs: Any, root: str, chunk: int, meta: dict, dtype: str) -> tuple[np.nd
 
 def pack_chunk(job: PackJob, report: Callable[[int, int], None]) -> dict:
     """Write the chunk's part dataset and its stats; on any error remove the part."""
-    from streamshard.writer import SIZE_WARNING, ShardWriter
-
     cfg = job.spec.config
     n = cfg.seq_len
     loc = resolve(job.dest, job.storage_options)
     fs, root = loc.fs, loc.root
-    part_path = f"{root}/{job.chunk.part}"
     cpu0 = time.process_time()
     first = -(-job.start // n)                     # sequences whose first token is in the chunk
     stop = -(-(job.start + job.tokens) // n)
@@ -197,7 +194,7 @@ def pack_chunk(job: PackJob, report: Callable[[int, int], None]) -> dict:
         starts.append(doc[(doc >= lo) & (doc < hi)])
     stream = np.concatenate(pieces) if pieces else np.zeros(0, cfg.dtype)
     if stream.size != b - a:
-        raise CorruptionError(f"{part_path}: packing found {stream.size} tokens for "
+        raise CorruptionError(f"{root}/{job.chunk.part}: packing found {stream.size} tokens for "
                               f"[{a}, {b}), expected {b - a}; rerun with --no-resume")
     padded = (stop - first) * n - stream.size
     rows = np.full((stop - first) * n, cfg.pad, dtype=cfg.dtype)
@@ -205,28 +202,21 @@ def pack_chunk(job: PackJob, report: Callable[[int, int], None]) -> dict:
     rows = rows.reshape(-1, n)
     offsets = (np.concatenate(starts) - a) if starts else np.zeros(0, np.int64)
     cuts = np.searchsorted(offsets, np.arange(stop - first + 1) * n)
-    token = SIZE_WARNING.set(False)  # the driver said it once for all chunks
-    try:
-        with ShardWriter(f"{job.dest.rstrip('/')}/{job.chunk.part}", columns=job.spec.columns(),
-                         storage_options=job.storage_options, **job.writer) as writer:
-            for r in range(stop - first):
-                sample: dict[str, Any] = {"tokens": rows[r],
-                                          "length": n if r < stop - first - 1 else n - padded}
-                if cfg.doc_boundaries:
-                    sample["doc_starts"] = (offsets[cuts[r]:cuts[r + 1]] - r * n).astype(np.uint32)
-                writer.write(sample)
-            t = job.tokenized
-            stats = {"chunk": job.chunk.index, "samples": stop - first, "skipped": t["skipped"],
-                     "examples": t["examples"], "input_bytes": t["input_bytes"],
-                     "stream_tokens": job.tokens,
-                     "counters": {"documents": t["documents"],
-                                  "tokens": t["tokens"] - t["documents"],
-                                  "padded_tokens": padded},
-                     "cpu_seconds": round(time.process_time() - cpu0, 6)}
-            atomic_write_json(f"{part_path}/{STATS_FILE}", stats, fs=fs)
-    except BaseException:
-        _remove(fs, part_path)
-        raise
-    finally:
-        SIZE_WARNING.reset(token)
+    with part_writer(job.chunk, job.dest, job.spec.columns(), job.writer, job.storage_options,
+                     fs, root) as writer:
+        for r in range(stop - first):
+            sample: dict[str, Any] = {"tokens": rows[r],
+                                      "length": n if r < stop - first - 1 else n - padded}
+            if cfg.doc_boundaries:
+                sample["doc_starts"] = (offsets[cuts[r]:cuts[r + 1]] - r * n).astype(np.uint32)
+            writer.write(sample)
+        t = job.tokenized
+        stats = {"chunk": job.chunk.index, "samples": stop - first, "skipped": t["skipped"],
+                 "examples": t["examples"], "input_bytes": t["input_bytes"],
+                 "stream_tokens": job.tokens,
+                 "counters": {"documents": t["documents"],
+                              "tokens": t["tokens"] - t["documents"],
+                              "padded_tokens": padded},
+                 "cpu_seconds": round(time.process_time() - cpu0, 6)}
+        atomic_write_json(f"{root}/{job.chunk.part}/{STATS_FILE}", stats, fs=fs)
     return stats

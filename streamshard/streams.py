@@ -12,12 +12,14 @@ from typing import Any, Callable, Sequence
 
 from streamshard import blockshuffle
 from streamshard.errors import ConfigError
+from streamshard.options import resolve as resolve_options
+from streamshard.packing import check_column, check_config
 from streamshard.reader import DEFAULT_BLOCK_CACHE, Dataset, open_dataset
 from streamshard.sampler import (
     BlockGroups, EpochOrder, Ledgers, MixtureOrder, SampleSequence, derive_key,
 )
 from streamshard.sampler.order import DEFAULT_MAX_LANES, default_lanes
-from streamshard.world import World
+from streamshard.world import World, detect_world
 
 
 def _number(value: Any) -> bool:
@@ -247,8 +249,7 @@ class SequenceHost:
     reads, without torch: the opened ``datasets``, the ``world``, the base ``sequence`` and its
     ``steps_per_epoch``, ``lookahead``, and the saved-order adoption of a resume. Shared by
     ``StreamingDataset`` (PyTorch) and ``NumpyBatchIterator`` (numpy / JAX), so a state saved
-    by one restores into the other in every case. Subclasses set ``datasets``, ``world`` and
-    ``lookahead`` and call :meth:`_init_sequence` once."""
+    by one restores into the other in every case. Subclasses call :meth:`_open` once."""
 
     datasets: tuple[Dataset, ...]
     streams: tuple[Stream, ...]
@@ -258,6 +259,46 @@ class SequenceHost:
     # Attributes holding a single-stream fast path (``None`` when it does not apply): dropped
     # while a resume lays out several streams (:meth:`adopt_layout`).
     _SINGLE_STREAM_PATHS: tuple[str, ...] = ()
+
+    def _open(self, owner: str, source: str | Sequence[Stream], options: dict, *,
+              batch_size: int | None, global_batch_size: int | None, order: Any, reading: Any,
+              world: World | None, packing: Any) -> None:
+        """The constructor both loaders share (``owner`` names the class in errors): group the
+        options (``order``/``reading``, streamshard/options.py; each field may also be a keyword
+        of its own), fix the world and the global batch, open the streams, build the sequence.
+        Sets ``order``, ``reading``, ``world``, ``global_batch_size``, ``packing``, ``seed``,
+        ``streams``, ``datasets``, ``pack_planner``, ``lookahead`` and the sequence."""
+        from streamshard import packplan  # packplan -> batch_keys -> mixing -> restream -> here
+
+        order, reading = resolve_options(order, reading, options, owner)
+        self.order, self.reading = order, reading
+        streams = as_streams(source, reading.storage_options)
+        self.world = world if world is not None else detect_world()
+        self.global_batch_size = resolve_batch(batch_size, global_batch_size, self.world)
+        if packing is not None:  # length-aware batches (streamshard/packing.py, packplan.py)
+            check_config(packing, self.global_batch_size, self.world.world_size)
+        self.packing, self.seed, self.streams = packing, order.seed, streams
+        self.datasets = open_streams(
+            streams, cache_dir=reading.cache_dir, cache_limit=reading.cache_limit,
+            storage_options=reading.storage_options, block_cache=reading.block_cache,
+            verify_blocks=reading.verify_blocks)
+        if packing is not None:
+            check_column(self.datasets, packing.column)
+        # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
+        self.pack_planner = packplan.Planner(self) if packing is not None else None
+        sampler_order, orders = build_order(
+            self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
+            window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
+            block_shuffle=order.block_shuffle, blocks_per_group=order.blocks_per_group,
+            global_batch_size=self.global_batch_size
+            // (packing.group if packing is not None else 1))  # lanes divide windows per step
+        self.lookahead = reading.lookahead
+        self._init_sequence(SampleSequence(sampler_order, global_batch_size=self.global_batch_size,
+                                           drop_last=order.drop_last),
+                            lanes=order.lanes, block_shuffle=order.block_shuffle, orders=orders,
+                            epoch_size=order.epoch_size)
+        if reading.block_cache is None:  # sized to what the block-aware shuffle keeps in flight
+            reserve_block_caches(self.datasets, orders, self.world, self.sequence)
 
     def _init_sequence(self, sequence: SampleSequence, *, lanes: int | None,
                        block_shuffle: bool | None, orders: Sequence[EpochOrder] = (),

@@ -128,6 +128,13 @@ def test_out_of_range_and_bad_token_dtype(tokens_path):
     ds = open_dataset(tokens_path)
     with pytest.raises(IndexError, match="sample index 203 out of range"):
         fastpath.read_batch(ds, fastpath.layout(ds.schema), [1, 203])
+    with pytest.raises(IndexError, match="sample index -204 out of range"):
+        fastpath.read_batch(ds, fastpath.layout(ds.schema), [1, -204])
+    # negative ids count from the end, in the one-index gather as per sample
+    cols = fastpath.layout(ds.schema)
+    got = fastpath.read_batch(ds, cols, [5, -1, 0])["tok"]
+    want = fastpath.read_batch(ds, cols, [5, 202, 0])["tok"]
+    assert torch.equal(got, want)
     with pytest.raises(ConfigError, match="token_dtype must be"):
         fastpath.read_batch(ds, fastpath.layout(ds.schema), [1], token_dtype=torch.float32)
 

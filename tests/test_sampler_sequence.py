@@ -179,6 +179,9 @@ def test_served_steps_skip_and_nth_agree(ranges, start, n):
     shares = [[seq.nth_served_step(start, w + workers * i) for i in range(10)]
               for w in range(workers)]
     assert sorted(s for share in shares for s in share) == served[: workers * 10]
+    # served_run: the same steps in bulk, cut at the count and at the stop
+    for count, stop in ((n, 200), (n, start + n // 2), (0, 200)):
+        assert seq.served_run(start, count, stop) == [s for s in served if s < stop][:count]
 
 
 # -- reseeds --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
+from streamshard.lifeline import alive
 from streamshard.recovery.zygote import ENV_SOCKET, WARM
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class Forked:
     def wait(self, timeout: float | None = None) -> int | None:
         if self.returncode is None:
             line = self._lines.readline(timeout)
-            if line is None and timeout is not None and _alive(self.pid):
+            if line is None and timeout is not None and alive(self.pid):
                 return None
             if line is None or not line.startswith("exit "):  # the zygote died: the rank died with it
                 self.zygote_lost = True
@@ -85,16 +86,6 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_zygote(path: str, script: str | None, env: Mapping[str, str],

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import ctypes
 import json
 import logging
 import os
@@ -51,22 +50,15 @@ import signal
 import socket
 import sys
 
+from streamshard.lifeline import die_with_parent
+
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1
 ENV_SOCKET = "STREAMSHARD_ZYGOTE_SOCKET"
 # imported before any request. torch._dynamo: torch.optim imports it lazily when the first optimizer
 # is built (3-6 s on a busy 2-core machine), so without it every rank would still pay that at start
 WARM = ("torch", "torch.distributed", "torch._dynamo")
 POLL_S = 0.05  # reaping latency for an ended rank
 _exit_code = [0]
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Linux: receive ``sig`` when the parent exits (a no-op where prctl is not available)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def import_statements(script: str) -> list[ast.stmt]:

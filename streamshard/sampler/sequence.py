@@ -179,6 +179,24 @@ class SampleSequence:
             step = skip_stop
         return step + n
 
+    def served_run(self, start: int, count: int, stop: int) -> list[int]:
+        """The first ``count`` served steps at or after ``start`` and before ``stop`` (fewer
+        when ``stop`` comes first), in O(#skips + count) without a call per step."""
+        count = check_int(count, "count", minimum=0)
+        stop = check_int(stop, "stop", minimum=0)
+        step = self.next_served_step(start)
+        i = bisect.bisect_right(self._skip_starts, step)
+        out: list[int] = []
+        while len(out) < count and step < stop:
+            gap_end = self._skips[i][0] if i < len(self._skips) else stop
+            end = min(gap_end, stop, step + count - len(out))
+            out.extend(range(step, end))
+            step = end
+            if i < len(self._skips) and step == gap_end:
+                step = self._skips[i][1]
+                i += 1
+        return out
+
     def served_steps(self, start: int, stop: int) -> Iterator[int]:
         """Served steps in ``[start, stop)``, in order."""
         step = self.next_served_step(start)
@@ -227,9 +245,13 @@ class SampleSequence:
                             local_world_size: int = 1) -> list[np.ndarray]:
         """``[device_positions(s, ...) for s in steps]``, vectorized over the steps whose
         positions do not wrap (all but a ``drop_last=False`` epoch's padded last step)."""
-        steps = [check_int(s, "step", minimum=0) for s in steps]
+        if isinstance(steps, range) and steps.start >= 0:  # checked ints already
+            first = np.arange(steps.start, steps.stop, steps.step, dtype=np.int64)
+        else:
+            steps = [check_int(s, "step", minimum=0) for s in steps]
+            first = np.asarray(steps, dtype=np.int64)
         assignment = self.assignment(world_size, local_world_size)
-        first = (np.asarray(steps, dtype=np.int64) % self._steps) * self._g
+        first = (first % self._steps) * self._g
         wraps = first + self._g > self._e
         if not wraps.any():
             return list(assignment.split_contiguous(first, rank))
