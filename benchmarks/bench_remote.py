@@ -3,15 +3,19 @@ and from local files; and bytes fetched per simulated node when D nodes read the
 
     python benchmarks/bench_remote.py                 # 150 MB raw, 4 KiB token samples, < 90 s
     python benchmarks/bench_remote.py --mb 40 --nodes 4,3
+    python benchmarks/bench_remote.py --mb 60 --repeat 7 --nodes "" --client s3fs,obstore  # issue 12
 
 moto's S3 runs in a separate ``python -m moto.server`` process on 127.0.0.1 (a server in this
 process would compete with the reader for the GIL), behind ``tests/latency_proxy.py`` (another
 process) that makes it look like a far object store: ``--latency`` first-byte latency per request
 and ``--bandwidth`` bytes/s per connection (defaults 20 ms, 50 MB/s). Epochs run through
 ``StreamingDataset`` in the sampler's order with the loader's own prefetch hints (``--hint epoch``
-instead hands the cache the whole epoch's shard order at once). Each repeat uses a fresh cache:
-cold, then warm from that cache, then local files; cold/warm is a ratio within one repeat, and the
-median and spread over ``--repeat`` repeats are printed. ``--backends`` also times a plain
+instead hands the cache the whole epoch's shard order at once). Each repeat uses a fresh cache
+per client (``--client s3fs,obstore``: interleaved within the repeat): cold, then warm from that
+cache, then local files; cold/warm is a ratio within one repeat, and the median and spread over
+``--repeat`` repeats are printed. Each epoch line gives the time the reader waited in
+``shard_path`` (downloads it did or waited for), the most GETs in flight at once, and the CPU
+seconds of this process, moto and the proxy during the epoch: they share the same cores. ``--backends`` also times a plain
 parallel download of every shard through each fsspec backend (s3fs; obstore through fsspec when
 installed). Targets: cold/warm >= 0.9 (issue 12); bytes per node <= 1.2x its share when D
 divides the lanes.
@@ -273,6 +277,7 @@ def main() -> None:
                 cpu = {k: cpu_seconds(pids[k]) - v for k, v in cpu0.items()}
                 row[name] = count / seconds
                 row[f"{name}_cpu"] = cpu["client"]
+                row[f"{name}_server_cpu"] = cpu.get("moto", 0.0) + cpu.get("proxy", 0.0)
                 waited = (f", reader waited {stats['read_wait_seconds']:.2f}s, peak "
                           f"{stats['peak_connections']} GETs" if "read_wait_seconds" in stats else "")
                 print(f"{name:12s} epoch {rep}: {count} samples in {seconds:.2f}s = "
@@ -293,7 +298,10 @@ def main() -> None:
                   f"{statistics.median(r[f'{client}:warm'] / r['local'] for r in rows):.2f}; client "
                   f"CPU s per epoch: cold median "
                   f"{statistics.median(r[f'{client}:cold_cpu'] for r in rows):.2f}, warm median "
-                  f"{statistics.median(r[f'{client}:warm_cpu'] for r in rows):.2f} [{load()}]")
+                  f"{statistics.median(r[f'{client}:warm_cpu'] for r in rows):.2f}; moto + proxy "
+                  f"CPU s per cold epoch: median "
+                  f"{statistics.median(r[f'{client}:cold_server_cpu'] for r in rows):.2f} (same "
+                  f"{os.cpu_count()} CPUs) [{load()}]")
 
         for nodes in [int(x) for x in args.nodes.split(",") if x]:
             t = time.perf_counter()
