@@ -109,7 +109,7 @@ class NativeReader:
     into Python ``bytes`` and writes it through a local-file coroutine; here a GET is one
     synchronous obstore call and its buffer goes straight to ``os.write``/``pwrite``. A plain
     parallel download of the 54 MB set of ``benchmarks/bench_remote.py`` through the
-    latency-capped proxy (8 threads) cost this process 0.13-0.19 CPU seconds through the
+    latency-capped proxy (8-32 threads) cost this process 0.13-0.19 CPU seconds through the
     adapter and 0.08-0.12 here (load 5, 2 cores): CPU the reader, on the same cores, gets back.
     Thread-safe (obstore stores are). Not fork-safe, like every obstore object: the owner
     (:class:`~streamshard.remote.storage.Remote`) builds a new one per process.
