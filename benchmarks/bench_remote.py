@@ -3,15 +3,19 @@ and from local files; and bytes fetched per simulated node when D nodes read the
 
     python benchmarks/bench_remote.py                 # 150 MB raw, 4 KiB token samples, < 90 s
     python benchmarks/bench_remote.py --mb 40 --nodes 4,3
+    python benchmarks/bench_remote.py --mb 60 --repeat 7 --nodes "" --client s3fs,obstore  # issue 12
 
 moto's S3 runs in a separate ``python -m moto.server`` process on 127.0.0.1 (a server in this
 process would compete with the reader for the GIL), behind ``tests/latency_proxy.py`` (another
 process) that makes it look like a far object store: ``--latency`` first-byte latency per request
 and ``--bandwidth`` bytes/s per connection (defaults 20 ms, 50 MB/s). Epochs run through
 ``StreamingDataset`` in the sampler's order with the loader's own prefetch hints (``--hint epoch``
-instead hands the cache the whole epoch's shard order at once). Each repeat uses a fresh cache:
-cold, then warm from that cache, then local files; cold/warm is a ratio within one repeat, and the
-median and spread over ``--repeat`` repeats are printed. ``--backends`` also times a plain
+instead hands the cache the whole epoch's shard order at once). Each repeat uses a fresh cache
+per client (``--client s3fs,obstore``: interleaved within the repeat): cold, then warm from that
+cache, then local files; cold/warm is a ratio within one repeat, and the median and spread over
+``--repeat`` repeats are printed. Each epoch line gives the time the reader waited in
+``shard_path`` (downloads it did or waited for), the most GETs in flight at once, and the CPU
+seconds of this process, moto and the proxy during the epoch: they share the same cores. ``--backends`` also times a plain
 parallel download of every shard through each fsspec backend (s3fs; obstore through fsspec when
 installed). Targets: cold/warm >= 0.9 (issue 12); bytes per node <= 1.2x its share when D
 divides the lanes.
@@ -78,6 +82,16 @@ def start_proxy(upstream: str, latency: float, bandwidth: float) -> tuple[subpro
     return _start([sys.executable, "-m", "tests.latency_proxy", "--upstream-port",
                    upstream.rsplit(":", 1)[1], "--port", str(port), "--latency", str(latency),
                    "--bandwidth", str(bandwidth)], port, "latency proxy")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (all threads) or of child ``pid``."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load() -> str:
@@ -192,8 +206,9 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=50e6, help="bytes/s per connection")
     ap.add_argument("--hint", choices=("loader", "epoch"), default="loader",
                     help="prefetch hints: the loader's own, or the whole epoch at once")
-    ap.add_argument("--client", choices=("s3fs", "obstore"), default="s3fs",
-                    help="storage_options backend of the cold/warm epochs")
+    ap.add_argument("--client", default="s3fs",
+                    help="storage_options backends of the cold/warm epochs, comma-separated "
+                         "(s3fs,obstore: interleaved within each repeat)")
     ap.add_argument("--backends", default="s3fs,obstore",
                     help="fsspec backends to time on the same server ('' to skip)")
     args = ap.parse_args()
@@ -227,8 +242,10 @@ def main() -> None:
             local + "/", "bench/ds/", recursive=True)
         print(f"uploaded to {endpoint} in {time.perf_counter() - t:.1f}s")
         url, raw_mb = "s3://bench/ds", n * 2 * TOKENS / 1e6
-        options = {**options, "backend": args.client}
-        print(f"client: {args.client}")
+        clients = [c for c in args.client.split(",") if c]
+        base_options = options
+        options = {**options, "backend": clients[0]}
+        print(f"clients: {', '.join(clients)} (interleaved within each repeat)")
 
         for name in [b for b in args.backends.split(",") if b]:
             try:
@@ -243,28 +260,48 @@ def main() -> None:
                   f"[{load()}]")
 
         rows: list[dict[str, float]] = []
+        pids = {"client": None, "moto": proc.pid, "proxy": proxy.pid if proxy else None}
         for rep in range(args.repeat):
-            cache = os.path.join(work, f"cache{rep}")  # cold means a fresh cache every repeat
             row = {}
-            for name, kw in [("cold", dict(cache_dir=cache, options=options, prefetch=args.hint == "epoch")),
-                             ("warm", dict(cache_dir=cache, options=options, prefetch=args.hint == "epoch")),
-                             ("local", dict(cache_dir=None, options=None, prefetch=False))]:
-                seconds, count, stats = run_epoch(local if name == "local" else url,
-                                                  batch=args.batch, lanes=args.lanes, **kw)
+            runs = []
+            for client in clients:
+                cache = os.path.join(work, f"cache{rep}-{client}")  # cold: a fresh cache each repeat
+                opts = {**base_options, "backend": client}
+                runs += [(f"{client}:cold", url, dict(cache_dir=cache, options=opts)),
+                         (f"{client}:warm", url, dict(cache_dir=cache, options=opts))]
+            runs.append(("local", local, dict(cache_dir=None, options=None)))
+            for name, where, kw in runs:
+                cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items() if k == "client" or pid}
+                seconds, count, stats = run_epoch(where, batch=args.batch, lanes=args.lanes,
+                                                  prefetch=args.hint == "epoch" and where == url, **kw)
+                cpu = {k: cpu_seconds(pids[k]) - v for k, v in cpu0.items()}
                 row[name] = count / seconds
-                print(f"{name:5s} epoch {rep}: {count} samples in {seconds:.2f}s = "
-                      f"{count / seconds:,.0f} samples/s, {raw_mb / seconds:,.0f} MB/s (raw) [{load()}]")
+                row[f"{name}_cpu"] = cpu["client"]
+                row[f"{name}_server_cpu"] = cpu.get("moto", 0.0) + cpu.get("proxy", 0.0)
+                waited = (f", reader waited {stats['read_wait_seconds']:.2f}s, peak "
+                          f"{stats['peak_connections']} GETs" if "read_wait_seconds" in stats else "")
+                print(f"{name:12s} epoch {rep}: {count} samples in {seconds:.2f}s = "
+                      f"{count / seconds:,.0f} samples/s, {raw_mb / seconds:,.0f} MB/s (raw){waited}; "
+                      f"CPU s {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())} [{load()}]")
                 if rep == args.repeat - 1 and name != "local":
                     print(f"      stats: {json.dumps(stats)}")
             rows.append(row)
-        ratios = [r["cold"] / r["warm"] for r in rows]
-        for name in ("cold", "warm", "local"):
+        for name in [f"{c}:{w}" for c in clients for w in ("cold", "warm")] + ["local"]:
             rates = [r[name] for r in rows]
-            print(f"{name:5s}: median {statistics.median(rates):,.0f} samples/s "
+            print(f"{name:12s}: median {statistics.median(rates):,.0f} samples/s "
                   f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
-        print(f"cold/warm = median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max "
-              f"{max(ratios):.2f}, {len(ratios)} repeats; target >= 0.90), warm/local = median "
-              f"{statistics.median(r['warm'] / r['local'] for r in rows):.2f} [{load()}]")
+        for client in clients:
+            ratios = [r[f"{client}:cold"] / r[f"{client}:warm"] for r in rows]
+            print(f"{client}: cold/warm = median {statistics.median(ratios):.2f} (min "
+                  f"{min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} repeats; target >= "
+                  f"0.90), warm/local = median "
+                  f"{statistics.median(r[f'{client}:warm'] / r['local'] for r in rows):.2f}; client "
+                  f"CPU s per epoch: cold median "
+                  f"{statistics.median(r[f'{client}:cold_cpu'] for r in rows):.2f}, warm median "
+                  f"{statistics.median(r[f'{client}:warm_cpu'] for r in rows):.2f}; moto + proxy "
+                  f"CPU s per cold epoch: median "
+                  f"{statistics.median(r[f'{client}:cold_server_cpu'] for r in rows):.2f} (same "
+                  f"{os.cpu_count()} CPUs) [{load()}]")
 
         for nodes in [int(x) for x in args.nodes.split(",") if x]:
             t = time.perf_counter()

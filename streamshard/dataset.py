@@ -168,6 +168,30 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
                                np.asarray(key.sample_ids, dtype=np.int64))
         return Tagged(key.step, batch) if key.tagged else batch
 
+    def reads_ahead(self) -> bool:
+        """Whether the 0-worker loop reads keys ahead through :meth:`read_keys` (one gather for
+        several keys when the schema is one fixed-size array column): a fixed-size schema, no
+        packing, no pinned output, ``__getitems__`` not overridden."""
+        return (self._columns is not None and self.packing is None and not self.pin_memory
+                and type(self).__getitems__ is StreamingDataset.__getitems__)
+
+    def read_keys(self, keys: list[BatchKey]) -> list[Any]:
+        """``[self.__getitems__(key) for key in keys]``, in one gather when every key asks for
+        columns of this dataset's one-array-column fast path (what ``StreamingDataLoader``
+        reads ahead at 0 workers)."""
+        if (not self.reads_ahead() or len(keys) < 2
+                or not all(type(k) is BatchKey and k.columnar and not k.raw_tokens for k in keys)):
+            return [self.__getitems__(key) for key in keys]
+        for key in keys:
+            if key.prefetch:
+                start_prefetch(self.datasets, key)
+        batches = fastpath.read_batches(
+            self.datasets[0], self._columns,
+            [np.asarray(key.sample_ids, dtype=np.int64) for key in keys],
+            token_dtype=self.token_dtype)
+        return [Tagged(key.step, Columns(b)) if key.tagged else Columns(b)
+                for key, b in zip(keys, batches)]
+
     def __iter__(self) -> Iterator[Any]:
         """This rank's batches of ``set_epoch``'s epoch, read in this process (no DataLoader,
         no collation): ``for batch in ds`` as with the iterable datasets of other libraries."""

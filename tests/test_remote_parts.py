@@ -193,3 +193,70 @@ def test_obstore_backend_reads_the_same_and_classifies_errors(proxy, uploaded, t
     assert not info.value.transient
     with pytest.raises(ConfigError, match="backend"):
         CachedSource(url, storage_options={"backend": "boto"}, cache_dir=str(tmp_path / "c3"))
+
+
+def test_connections_and_prefetch_bytes_stay_within_their_bounds_at_the_server(s3, uploaded, tmp_path):
+    # 8 prefetch threads and 3 parts per large shard want more than 2 connections at once; the
+    # proxy's 30 ms first byte keeps every GET open long enough for them to overlap if allowed
+    local, url = uploaded
+    shards = list(open_dataset(local).index.shards)
+    bound = 2 * max(s.bytes for s in shards)
+    slow = LatencyProxy(s3.port, latency=0.03, bandwidth=0).start()
+    try:
+        src = _source(slow, url, tmp_path / "cache", max_connections=2, prefetch_bytes=bound)
+        src.prefetch(shards)
+        for shard in shards:  # the reader's own requests share the same 2 connections
+            src.shard_path(shard)
+        stats = src.stats()
+        src.close()
+    finally:
+        slow.stop()
+    assert 1 <= slow.knobs.peak_gets <= 2
+    assert 1 <= stats["peak_connections"] <= 2
+    assert 0 < stats["prefetch_peak_bytes"] <= bound
+    assert stats["prefetched"] + stats["misses"] == len(shards)
+    assert stats["bytes_fetched"] == sum(s.bytes for s in shards)
+    assert len(slow.ranged_gets(_big_shard(local).file)) == len(PARTS.ranges(_big_shard(local).bytes))
+
+
+def test_s3fs_connection_pool_matches_max_connections(proxy, uploaded, tmp_path):
+    pytest.importorskip("s3fs")
+    _, url = uploaded
+    src = _source(proxy, url, tmp_path / "cache", max_connections=24)
+    assert src._remote.fs.config_kwargs["max_pool_connections"] == 24  # botocore's default: 10
+    mine = {**s3_options(proxy.endpoint), "config_kwargs": {"max_pool_connections": 5}}
+    kept = CachedSource(url, cache_dir=str(tmp_path / "c2"), storage_options=mine, max_connections=24)
+    assert kept._remote.fs.config_kwargs["max_pool_connections"] == 5  # the caller's choice wins
+    assert kept._remote.fs.config_kwargs["retries"] == {"total_max_attempts": 1, "mode": "standard"}
+
+
+@pytest.mark.parametrize("backend", ["s3fs", "obstore"])
+def test_cold_epoch_reads_exactly_the_warm_and_local_samples(backend, proxy, uploaded, tmp_path):
+    if backend == "obstore":
+        pytest.importorskip("obstore")
+    from streamshard import World
+    from streamshard.dataset import StreamingDataset
+
+    local, url = uploaded
+    opts = {**s3_options(proxy.endpoint), "backend": backend}
+
+    def epoch(src: str, cache, options) -> tuple[list, dict]:
+        ds = StreamingDataset(src, batch_size=16, seed=3, lanes=4, world=World(), cache_dir=cache,
+                              storage_options=options)
+        ids = [[int(s["id"]) for s in b] for b in ds]
+        source = ds.datasets[0].source
+        stats = source.stats() if isinstance(source, CachedSource) else {}
+        if isinstance(source, CachedSource):
+            source.close()
+        ds.datasets[0].close()
+        return ids, stats
+
+    cache = str(tmp_path / "cache")
+    cold, cold_stats = epoch(url, cache, opts)
+    warm, warm_stats = epoch(url, cache, opts)
+    here, _ = epoch(local, None, None)
+    assert cold == warm == here
+    assert sorted(i for b in cold for i in b) == sorted(set(i for b in cold for i in b))
+    total = sum(s.bytes for s in open_dataset(local).index.shards)
+    assert cold_stats["bytes_fetched"] == total and warm_stats["bytes_fetched"] == 0
+    assert cold_stats["prefetched"] > 0  # the loader's hints reached the cache

@@ -225,7 +225,11 @@ class ShardCache:
                         return self._done(key, None, pin)
                     self._count("hits", "waits")
                     return self._done(key, paths.data, pin)
-                self._clean_temps(paths.data)
+                # A temp file exists only beside its entry's meta file (the reservation is written
+                # before the temp and removed after it), so a shard never reserved skips the
+                # directory listing: it cost O(entries) per download, O(shards^2) per cold epoch.
+                if os.path.lexists(paths.meta):
+                    self._clean_temps(paths.data)
                 _remove(paths.data)  # a copy that failed the check above is never served
                 if not self._reserve(paths, key, size, expected, url, wait=not prefetch):
                     self._count("prefetch_skipped")

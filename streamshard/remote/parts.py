@@ -53,9 +53,42 @@ class PartPolicy:
         return [(s, min(size, s + self.part_size)) for s in range(0, size, self.part_size)]
 
 
+class ConnectionSlots:
+    """At most ``limit`` GETs in flight at once (plain and ranged, prefetch and reads of one
+    process); counts the most that were ever in flight together (``peak``), so tests and
+    benchmarks see the bound hold and how much of it a cold epoch uses. Thread-safe."""
+
+    def __init__(self, limit: int):
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"max_connections must be an int >= 1, got {limit!r}")
+        self.limit = limit
+        self._sem = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def acquire(self) -> None:
+        self._sem.acquire()
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def release(self) -> None:
+        with self._lock:
+            self.active -= 1
+        self._sem.release()
+
+    def __enter__(self) -> "ConnectionSlots":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def download_parts(read_range: Callable[[int, int], bytes], local_path: str, size: int,
                    policy: PartPolicy, *, retrying: Callable[[Callable[[], bytes]], bytes],
-                   slots: threading.BoundedSemaphore | None = None) -> None:
+                   slots: ConnectionSlots | threading.BoundedSemaphore | None = None) -> None:
     """Fetch ``[0, size)`` as ranged parts into the new file ``local_path`` (created with
     ``O_EXCL``; the caller removes it on error and renames it on success).
 

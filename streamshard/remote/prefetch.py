@@ -53,7 +53,7 @@ class Prefetcher:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.counts = {"prefetch_submitted": 0, "prefetch_errors": 0, "prefetch_dropped": 0,
-                       "prefetch_expired": 0}
+                       "prefetch_expired": 0, "prefetch_peak_bytes": 0, "prefetch_peak_shards": 0}
 
     def submit(self, shards: Sequence[Any]) -> None:
         """Queue ``shards`` (in the order they will be read) ahead of what earlier hints left.
@@ -114,6 +114,11 @@ class Prefetcher:
                     if used == 0 or used + shard.bytes <= self.max_bytes:
                         self._queue.popleft()
                         self._inflight[shard.file] = shard.bytes
+                        # what the bound limits, at its highest (tests check it holds)
+                        self.counts["prefetch_peak_bytes"] = max(
+                            self.counts["prefetch_peak_bytes"], used + shard.bytes)
+                        self.counts["prefetch_peak_shards"] = max(
+                            self.counts["prefetch_peak_shards"], len(self._inflight))
                         return shard
                 self._cond.wait(timeout=1.0)
             return None

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any, Sequence
 
 import xxhash
@@ -22,7 +23,7 @@ import xxhash
 from streamshard.errors import ConfigError, CorruptionError, redact
 from streamshard.atomic import TMP_MARK, atomic_write, atomic_write_json
 from streamshard.remote.cache import ShardCache, _flock
-from streamshard.remote.parts import PartPolicy, download_parts
+from streamshard.remote.parts import ConnectionSlots, PartPolicy, download_parts
 from streamshard.remote.prefetch import Prefetcher
 from streamshard.remote.storage import Remote, RetryPolicy, call_with_retry, describe, version_token
 from streamshard.sizes import parse_size
@@ -106,7 +107,7 @@ class CachedSource:
         self.max_connections = max_connections
         self.fingerprint: str | None = None
         self._largest = 0
-        self._remote = Remote(self.url, self.storage_options)
+        self._remote = Remote(self.url, self.storage_options, self.max_connections)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -114,8 +115,9 @@ class CachedSource:
         self._lock = threading.Lock()
         self._cache: ShardCache | None = None
         self._prefetcher: Prefetcher | None = None
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._slots = ConnectionSlots(self.max_connections)
         self._counts = {"retries": 0, "index_fetches": 0, "index_hits": 0}
+        self._read_wait = 0.0  # seconds shard_path spent before returning (downloads, waits)
 
     # ---- pickling and fork ----------------------------------------------------------------
     _CONFIG = ("url", "cache_dir", "cache_limit", "prefetch_bytes", "storage_options", "retry",
@@ -128,7 +130,7 @@ class CachedSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k in self._CONFIG:
             setattr(self, k, state[k])
-        self._remote = Remote(self.url, self.storage_options)
+        self._remote = Remote(self.url, self.storage_options, self.max_connections)
         self._init_runtime()
 
     def __repr__(self) -> str:
@@ -253,7 +255,11 @@ class CachedSource:
         prefetcher = self._prefetcher
         if prefetcher is not None:
             prefetcher.consumed(shard.file)
+        t0 = time.perf_counter()  # measured for stats() only: nothing decides on it
         path = self._fetch(shard, pin=True, prefetch=False)
+        waited = time.perf_counter() - t0
+        with self._lock:
+            self._read_wait += waited
         assert path is not None  # only prefetch may skip
         return path
 
@@ -283,10 +289,15 @@ class CachedSource:
     def stats(self) -> dict[str, float]:
         """This process's counters: hits, misses, waits, prefetched, prefetch_skipped,
         bytes_fetched, evictions, bytes_evicted, corrupt_downloads, temp_cleaned,
-        download_seconds, pinned, retries, index_fetches, index_hits, prefetch_*."""
+        download_seconds, pinned, retries, index_fetches, index_hits, prefetch_* (including
+        prefetch_peak_bytes and prefetch_peak_shards), read_wait_seconds (time the reader spent
+        in :meth:`shard_path`: its own downloads and waits for prefetches) and peak_connections
+        (most GETs in flight at once, <= ``max_connections``)."""
         out = self.cache.stats()
         with self._lock:
             out.update(self._counts)
+            out["read_wait_seconds"] = round(self._read_wait, 6)
+            out["peak_connections"] = self._slots.peak
             if self._prefetcher is not None:
                 out.update(dict(self._prefetcher.counts))
         return out

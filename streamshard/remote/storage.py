@@ -207,26 +207,33 @@ def call_with_retry(
 class Remote:
     """An fsspec filesystem for one dataset URL, created lazily and again after ``fork``.
 
-    ``join(rel)`` gives the filesystem path of a file relative to the dataset root. Picklable:
-    only the URL and storage options travel.
+    ``join(rel)`` gives the filesystem path of a file relative to the dataset root.
+    ``connections``: GETs the owner runs at once; s3fs's connection pool gets that many
+    (botocore's ``max_pool_connections`` is 10 by default, so 16 threads queued for 10 sockets),
+    unless ``storage_options["config_kwargs"]`` sets it. Picklable: only the URL, the storage
+    options and ``connections`` travel.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 connections: int | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        self.connections = connections
         self.protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
         from streamshard.remote.obstore_fs import split_backend
 
         split_backend(self.url, self.storage_options)  # a bad backend is a ConfigError now
         self._fs: Any = None
+        self._native: Any = None  # obstore's NativeReader for GETs, when that is the backend
         self._root = ""
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {"url": self.url, "storage_options": self.storage_options,
+                "connections": self.connections}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["storage_options"])
+        self.__init__(state["url"], state["storage_options"], state.get("connections"))
 
     @property
     def fs(self) -> Any:
@@ -235,9 +242,16 @@ class Remote:
 
             backend, opts = split_backend(self.url, self.storage_options)
             if backend == "obstore":  # its own retries are off (obstore_fs); RetryPolicy retries
+                from streamshard.remote.obstore_fs import NativeReader
+
                 self._fs, self._root = make_fs(opts), self.url.split("://", 1)[1].rstrip("/")
+                self._native = NativeReader(self._root.split("/", 1)[0], opts)
             else:
-                loc = resolve(self.url, single_attempt_options(self.protocol, opts))
+                opts = single_attempt_options(self.protocol, opts)
+                if self.protocol in _S3 and self.connections is not None:
+                    opts["config_kwargs"] = {"max_pool_connections": self.connections,
+                                             **opts["config_kwargs"]}
+                loc = resolve(self.url, opts)
                 self._fs, self._root = loc.fs, loc.root.rstrip("/")
                 if self.protocol in _S3:  # s3fs's own retry loop: a class attribute, not an argument
                     loc.fs.retries = opts.get("retries", 1)
@@ -263,11 +277,18 @@ class Remote:
     def get(self, rel: str, local_path: str) -> None:
         """Download one whole object to ``local_path`` (one GET for objects below the
         filesystem's multipart threshold, e.g. s3fs's 50 MiB block size)."""
-        self.fs.get_file(self.path(rel), local_path)
+        path = self.path(rel)
+        if self._native is not None:
+            self._native.get_file(path.split("/", 1)[1], local_path)
+            return
+        self.fs.get_file(path, local_path)
 
-    def cat_range(self, rel: str, start: int, end: int) -> bytes:
+    def cat_range(self, rel: str, start: int, end: int) -> bytes | memoryview:
         """Bytes ``[start, end)`` of one object (one ranged GET)."""
-        return self.fs.cat_file(self.path(rel), start=start, end=end)
+        path = self.path(rel)
+        if self._native is not None:
+            return self._native.get_range(path.split("/", 1)[1], start, end)
+        return self.fs.cat_file(path, start=start, end=end)
 
 
 _S3 = ("s3", "s3a")
