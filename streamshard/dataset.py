@@ -80,7 +80,7 @@ class StreamingDataset(SequenceHost, torch.utils.data.Dataset):
         # NumpyBatchIterator); adopt_saved_order, stream_order, adopt_layout: SequenceHost too
         self._open("StreamingDataset", source, options, batch_size=batch_size,
                    global_batch_size=global_batch_size, order=order, reading=reading,
-                   world=world, packing=packing)
+                   world=world, packing=packing, planner=packplan.Planner)
         self.shuffle = self.order.shuffle
         self._epoch = 0  # the epoch plain ``DataLoader(ds, batch_size=...)`` indices refer to
         # Batches of a single fixed-size-schema stream without a transform can be read as

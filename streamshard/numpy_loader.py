@@ -153,7 +153,7 @@ class NumpyBatchIterator(SequenceHost):
         # options, world, batch, streams, sequence: as StreamingDataset (streams.SequenceHost)
         self._open("NumpyBatchIterator", source, options, batch_size=batch_size,
                    global_batch_size=global_batch_size, order=order, reading=reading,
-                   world=world, packing=packing)
+                   world=world, packing=packing, planner=packplan.Planner)
         self._keys = StreamingBatchSampler(self)  # owns the step, the ledgers and the state
         self._last_step: int | None = None
         self._generation = 0  # bumped by load_state_dict and ledger changes

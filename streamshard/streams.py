@@ -262,13 +262,14 @@ class SequenceHost:
 
     def _open(self, owner: str, source: str | Sequence[Stream], options: dict, *,
               batch_size: int | None, global_batch_size: int | None, order: Any, reading: Any,
-              world: World | None, packing: Any) -> None:
+              world: World | None, packing: Any, planner: Callable[[Any], Any]) -> None:
         """The constructor both loaders share (``owner`` names the class in errors): group the
         options (``order``/``reading``, streamshard/options.py; each field may also be a keyword
         of its own), fix the world and the global batch, open the streams, build the sequence.
         Sets ``order``, ``reading``, ``world``, ``global_batch_size``, ``packing``, ``seed``,
-        ``streams``, ``datasets``, ``pack_planner``, ``lookahead`` and the sequence."""
-        from streamshard import packplan  # packplan -> batch_keys -> mixing -> restream -> here
+        ``streams``, ``datasets``, ``pack_planner``, ``lookahead`` and the sequence.
+        ``planner``: ``packplan.Planner``, passed in (packplan imports batch_keys, which
+        imports this module through mixing and restream)."""
 
         order, reading = resolve_options(order, reading, options, owner)
         self.order, self.reading = order, reading
@@ -285,7 +286,7 @@ class SequenceHost:
         if packing is not None:
             check_column(self.datasets, packing.column)
         # The batch sampler plans packed keys with it (main process; streamshard/packplan.py).
-        self.pack_planner = packplan.Planner(self) if packing is not None else None
+        self.pack_planner = planner(self) if packing is not None else None
         sampler_order, orders = build_order(
             self.datasets, streams, seed=order.seed, shuffle=order.shuffle, lanes=order.lanes,
             window=order.window, epoch_size=order.epoch_size, mixture_block=order.mixture_block,
