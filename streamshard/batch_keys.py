@@ -236,17 +236,18 @@ class _KeyIterator:
         chunks = self._chunks()
         ahead: collections.deque = collections.deque()
 
-        def fill() -> None:
+        def fill() -> None:  # each chunk's shards are found once, when it joins ``ahead``
             while len(ahead) < (HINT_CHUNKS + 1 if remote else 1):
                 chunk = next(chunks, None)
                 if chunk is None:
                     return
-                ahead.append(chunk)
+                ahead.append((chunk, _shards(dataset, chunk) if remote else ()))
 
         fill()
         while ahead:
-            hint = _shards(dataset, [c for chunk in ahead for c in chunk]) if remote else ()
-            current = ahead.popleft()
+            # the shards of every chunk ahead, first reads first (an ordered union)
+            hint = tuple(dict.fromkeys(itertools.chain.from_iterable(s for _, s in ahead)))
+            current, _ = ahead.popleft()
             for i, (step, streams, samples) in enumerate(current):
                 yield BatchKey(step, tuple(streams.tolist()), tuple(samples.tolist()),
                                hint if i == 0 else (), self._sampler.columnar,
@@ -285,20 +286,22 @@ class _KeyIterator:
 
 
 def _shards(dataset: Any, chunk) -> tuple[tuple[int, int], ...]:
-    """(stream, shard) pairs a chunk reads, in reading order, for remote streams only."""
-    out: list[tuple[int, int]] = []
-    seen = set()
-    for _, streams, samples in chunk:
-        for stream in np.unique(streams).tolist():
-            if not dataset.is_remote(stream):
-                continue
+    """(stream, shard) pairs a chunk reads, in reading order (step by step; in a step, stream by
+    stream, then sample order), for remote streams only. Vectorized over the chunk."""
+    if not chunk:
+        return ()
+    streams = np.concatenate([c[1] for c in chunk])
+    samples = np.concatenate([c[2] for c in chunk])
+    steps = np.repeat(np.arange(len(chunk)), [len(c[1]) for c in chunk])
+    shards = np.full(len(samples), -1, dtype=np.int64)
+    for stream in np.unique(streams).tolist():
+        if dataset.is_remote(stream):
+            mine = streams == stream
             offsets = dataset.datasets[stream].index.offsets
-            shards = np.searchsorted(offsets, samples[streams == stream], side="right") - 1
-            for shard in shards.tolist():
-                if (stream, shard) not in seen:
-                    seen.add((stream, shard))
-                    out.append((stream, shard))
-    return tuple(out)
+            shards[mine] = np.searchsorted(offsets, samples[mine], side="right") - 1
+    order = np.lexsort((np.arange(len(samples)), streams, steps))
+    order = order[shards[order] >= 0]
+    return tuple(dict.fromkeys(zip(streams[order].tolist(), shards[order].tolist())))
 
 
 def sequence_fields(dataset: Any) -> dict[str, Any]:

@@ -383,6 +383,40 @@ def test_prefetcher_order_and_byte_bound():
     p.close()
 
 
+def test_prefetcher_does_not_recheck_a_resident_shard_until_settled_ttl():
+    # A warm cache: every fetch finds the shard resident (False). Overlapping hints must not
+    # send a worker to check the same shard again until ``settled_ttl`` has passed.
+    checks: list[str] = []
+    done = threading.Condition()
+    now = [0.0]
+
+    def resident(shard) -> bool:
+        with done:
+            checks.append(shard.file)
+            done.notify_all()
+        return False
+
+    def wait_for(n: int) -> None:
+        with done:
+            assert done.wait_for(lambda: len(checks) >= n, timeout=10)
+        deadline = time.monotonic() + 10  # then until the worker has recorded the outcome
+        while p.outstanding_bytes() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert p.outstanding_bytes() == 0
+
+    p = Prefetcher(resident, max_bytes=1000, workers=1, settled_ttl=10, clock=lambda: now[0])
+    p.submit([FakeShard("a", 100), FakeShard("b", 100)])
+    wait_for(2)
+    p.submit([FakeShard("a", 100), FakeShard("b", 100), FakeShard("c", 100)])  # overlapping
+    wait_for(3)
+    assert checks == ["a", "b", "c"] and p.counts["prefetch_submitted"] == 3
+    now[0] = 11.0  # past the ttl: a hint checks them again
+    p.submit([FakeShard("a", 100)])
+    wait_for(4)
+    assert checks[3] == "a"
+    p.close()
+
+
 def test_prefetcher_merges_hints_newest_first_and_expires_stale_ahead():
     fetch = Fetches()
     # Every clock reading is 100 s after the previous one, so a shard fetched ahead is past its

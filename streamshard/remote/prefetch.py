@@ -7,6 +7,9 @@ it fetched before it is used. A hint is merged, not replacing: its shards go to 
 queue (they are needed soonest) and an earlier, longer hint keeps its tail, so a loader's
 per-chunk hints and a whole-epoch hint coexist. A shard that stays "ahead" for ``ahead_ttl``
 seconds without being asked for (a wrong hint) stops counting, so a bad hint cannot stall prefetch.
+A shard a worker found resident (or could not fit) is not queued again for ``settled_ttl``
+seconds: a loader hints each shard in many overlapping chunks, and on a warm cache every repeat
+cost a meta-file read and a touch in a worker thread (~0.07-0.1 s of CPU per 55-shard epoch).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Prefetcher:
     """
 
     def __init__(self, fetch: Callable[[Any], bool], *, max_bytes: int, workers: int = 2,
-                 max_queue: int = 100_000, ahead_ttl: float = 30.0,
+                 max_queue: int = 100_000, ahead_ttl: float = 30.0, settled_ttl: float = 10.0,
                  clock: Callable[[], float] = time.monotonic):
         if max_bytes <= 0:
             raise ConfigError(f"prefetch max_bytes must be positive, got {max_bytes}")
@@ -44,12 +47,14 @@ class Prefetcher:
         self.workers = workers
         self.max_queue = max_queue
         self.ahead_ttl = ahead_ttl
+        self.settled_ttl = settled_ttl
         self._clock = clock  # injected: tests expire "ahead" shards without waiting
         self._cond = threading.Condition()
         self._queue: deque[Any] = deque()
         self._inflight: dict[str, int] = {}
         self._ahead: dict[str, tuple[int, float]] = {}  # file -> (bytes, when fetched)
         self._early: set[str] = set()  # asked for by the reader while still in flight
+        self._settled: dict[str, float] = {}  # file -> when a worker found it resident/skipped
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.counts = {"prefetch_submitted": 0, "prefetch_errors": 0, "prefetch_dropped": 0,
@@ -62,8 +67,12 @@ class Prefetcher:
             if self._closed:
                 return
             new: dict[str, Any] = {}
+            cutoff = self._clock() - self.settled_ttl
+            if self._settled and min(self._settled.values()) < cutoff:
+                self._settled = {f: t for f, t in self._settled.items() if t >= cutoff}
             for shard in shards:
-                if shard.file not in self._inflight and shard.file not in self._ahead:
+                if (shard.file not in self._inflight and shard.file not in self._ahead
+                        and shard.file not in self._settled):
                     new.setdefault(shard.file, shard)
             queued = {s.file for s in self._queue}
             self.counts["prefetch_submitted"] += sum(1 for f in new if f not in queued)
@@ -125,11 +134,12 @@ class Prefetcher:
 
     def _run(self) -> None:
         while (shard := self._next()) is not None:
-            ok = False
+            ok = failed = False
             try:
                 ok = self._fetch(shard)
             except Exception as exc:  # noqa: BLE001 - the reader's own request retries and reports
                 _logger.debug("prefetch of %s failed: %s", shard.file, exc)
+                failed = True
                 with self._cond:
                     self.counts["prefetch_errors"] += 1
             with self._cond:
@@ -138,6 +148,8 @@ class Prefetcher:
                 self._early.discard(shard.file)
                 if ok and not early:
                     self._ahead[shard.file] = (shard.bytes, self._clock())
+                elif not ok and not failed:
+                    self._settled[shard.file] = self._clock()
                 self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
