@@ -247,6 +247,7 @@ def main() -> None:
         options = {**options, "backend": clients[0]}
         print(f"clients: {', '.join(clients)} (interleaved within each repeat)")
 
+        backend_mb_s: dict[str, float] = {}  # the server's ceiling per client, no reader
         for name in [b for b in args.backends.split(",") if b]:
             try:
                 rates = [time_backend(name, endpoint, [(f"bench/ds/{sh.file}", sh.bytes)
@@ -255,6 +256,7 @@ def main() -> None:
             except ImportError as exc:
                 print(f"backend {name}: not installed ({exc})")
                 continue
+            backend_mb_s[name] = statistics.median(rates)
             print(f"backend {name:8s}: ranged GETs of every shard, 16 connections: median "
                   f"{statistics.median(rates):,.0f} MB/s (min {min(rates):,.0f}, max {max(rates):,.0f}) "
                   f"[{load()}]")
@@ -276,6 +278,7 @@ def main() -> None:
                                                   prefetch=args.hint == "epoch" and where == url, **kw)
                 cpu = {k: cpu_seconds(pids[k]) - v for k, v in cpu0.items()}
                 row[name] = count / seconds
+                row["samples"] = count
                 row[f"{name}_cpu"] = cpu["client"]
                 row[f"{name}_server_cpu"] = cpu.get("moto", 0.0) + cpu.get("proxy", 0.0)
                 waited = (f", reader waited {stats['read_wait_seconds']:.2f}s, peak "
@@ -302,6 +305,16 @@ def main() -> None:
                   f"CPU s per cold epoch: median "
                   f"{statistics.median(r[f'{client}:cold_server_cpu'] for r in rows):.2f} (same "
                   f"{os.cpu_count()} CPUs) [{load()}]")
+            if client in backend_mb_s:
+                # What the server allows: a cold epoch moves every stored byte through it, at
+                # about the rate a plain parallel download reaches (measured above, a short
+                # burst: an estimate, not a strict bound), while the warm one reads the disk.
+                warm_s = statistics.median(r["samples"] / r[f"{client}:warm"] for r in rows)
+                need = stored / warm_s / 1e6
+                print(f"{client}: what the server allows: a cold epoch at warm speed needs "
+                      f"{need:,.0f} MB/s of stored bytes; plain ranged GETs reached "
+                      f"{backend_mb_s[client]:,.0f} MB/s -> cold/warm of about "
+                      f"{min(1.0, backend_mb_s[client] / need):.2f} at that rate")
 
         for nodes in [int(x) for x in args.nodes.split(",") if x]:
             t = time.perf_counter()
