@@ -96,6 +96,18 @@ def batch_stats(batch) -> tuple[int, int]:
     return len(a), int(a.nbytes)
 
 
+def consume(batch) -> None:
+    """What a training step does with a batch of token ids (``--consume``): ids as int64, every
+    one read (a sum), the same for every library. Lists of variable-size values are left alone."""
+    v = _column(batch)
+    if isinstance(v, (list, tuple)):
+        return
+    import torch
+
+    t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+    t.to(torch.int64).sum()
+
+
 def digest(batch) -> str:
     h = hashlib.blake2b(digest_size=12)
     v = _column(batch)
@@ -121,7 +133,8 @@ def phase_convert(peer, wl, dest) -> dict:
             "disk_bytes": disk, "disk_vs_raw": round(disk / wl.raw_bytes, 3)}
 
 
-def _one_epoch(peer, wl, dest, *, shuffle, workers, seed) -> tuple[int, int, float, float]:
+def _one_epoch(peer, wl, dest, *, shuffle, workers, seed, eat: bool = False
+               ) -> tuple[int, int, float, float]:
     t0 = time.perf_counter()
     loader = peer.loader(wl, dest, shuffle=shuffle, workers=workers, seed=seed)
     t1 = time.perf_counter()
@@ -129,17 +142,21 @@ def _one_epoch(peer, wl, dest, *, shuffle, workers, seed) -> tuple[int, int, flo
     for batch in loader:
         n, b = batch_stats(batch)
         samples, nbytes = samples + n, nbytes + b
+        if eat:
+            consume(batch)
     secs = time.perf_counter() - t1
     del loader
     return samples, nbytes, secs, t1 - t0
 
 
-def phase_epoch(peer, wl, dest, *, shuffle, workers, seed, min_s=MIN_EPOCH_S) -> dict:
+def phase_epoch(peer, wl, dest, *, shuffle, workers, seed, min_s=MIN_EPOCH_S,
+                eat: bool = False) -> dict:
     """One full epoch from a fresh loader (worker start-up included). Epochs shorter than
     ``min_s`` are repeated with fresh loaders (at most MAX_REPEATS) and the median is kept."""
     runs = []
     while not runs or (sum(r[2] for r in runs) < min_s and len(runs) < MAX_REPEATS):
-        runs.append(_one_epoch(peer, wl, dest, shuffle=shuffle, workers=workers, seed=seed))
+        runs.append(_one_epoch(peer, wl, dest, shuffle=shuffle, workers=workers, seed=seed,
+                               eat=eat))
     samples, nbytes, secs, build = sorted(runs, key=lambda r: r[2])[len(runs) // 2]
     return {"samples": samples, "seconds": round(secs, 4), "build_s": round(build, 3),
             "samples_s": round(samples / secs, 1), "mb_s": round(nbytes / 1e6 / secs, 1),
@@ -241,7 +258,7 @@ def run_child(spec: dict) -> dict:
             for nw in (0, w):
                 plan.append((f"epoch_{order}_w{nw}", lambda s=shuffle, n=nw: phase_epoch(
                     peer, wl, spec["dest"], shuffle=s, workers=n, seed=seed,
-                    min_s=spec.get("min_epoch_s", MIN_EPOCH_S))))
+                    min_s=spec.get("min_epoch_s", MIN_EPOCH_S), eat=spec.get("consume", False))))
         plan.append(("resume", lambda: phase_resume(peer, wl, spec["dest"], workers=w, seed=seed,
                                                     collect=spec.get("isolated", True))))
     for name, fn in plan:
@@ -415,6 +432,9 @@ def main(argv=None) -> int:
     p.add_argument("--libs", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
     p.add_argument("--workloads", default="tokens,text")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--consume", action="store_true",
+                   help="epochs read every token of each batch as int64, as a training step does "
+                        "(default: count the batch only, as before)")
     p.add_argument("--reads", type=int, default=2000, help="random ds[i] calls per library")
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--min-epoch-s", type=float, default=MIN_EPOCH_S,
@@ -436,7 +456,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     report = {"command": " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
               "machine": machine_info(), "batch_size": BATCH_SIZE, "workers": args.workers,
-              "seed": args.seed, "reads": args.reads, "min_epoch_s": args.min_epoch_s, "workloads": {}, "results": {}}
+              "seed": args.seed, "reads": args.reads, "min_epoch_s": args.min_epoch_s,
+              "consume": args.consume, "workloads": {}, "results": {}}
     work = tempfile.mkdtemp(prefix="bench-peers-", dir=args.tmp)
     try:
         for name in args.workloads.split(","):
@@ -450,7 +471,8 @@ def main(argv=None) -> int:
             for lib in libs:
                 dest = os.path.join(work, f"{name}-{lib}")
                 base = {"lib": lib, "workload": wl.to_json(), "dest": dest, "workers": args.workers,
-                        "seed": args.seed, "reads": args.reads, "min_epoch_s": args.min_epoch_s}
+                        "seed": args.seed, "reads": args.reads, "min_epoch_s": args.min_epoch_s,
+                        "consume": args.consume}
                 t1 = time.perf_counter()
                 conv = spawn(dict(base, phase="convert", result=dest + ".convert.json"),
                              args.timeout, not args.no_isolate, dest + ".convert.log")
