@@ -80,8 +80,6 @@ class FlatGather:
         self._maps: dict[int, tuple[object, ShardRows, np.ndarray]] = {}
         self._views: dict[tuple[np.dtype, int], tuple[int, np.ndarray]] = {}
         self._generation = dataset.reader_generation
-        # Touching the reader LRU only matters when it can evict (more shards than it holds).
-        self._touch = s > dataset.max_open_shards
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -109,7 +107,7 @@ class FlatGather:
             t = self.table[rows_of]
             blocks, rows = np.divmod(ids - t[:, _OFF], t[:, _K])
             first = self.address[t[:, _BLOCK0] + blocks]
-        if self._touch:
+        if len(self.offsets) - 1 > ds.max_open_shards:  # else the reader LRU never evicts
             ds.touch_readers((rows_of - 1).tolist())
         # rows < the block's row count: every id lies inside its shard (the sentinel rows of
         # ``table`` send any other to _prepare, which raises; the per-shard counts of the index
