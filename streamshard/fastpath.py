@@ -146,9 +146,47 @@ def _in_range(dataset, ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-# (id(columns), token_dtype) -> (columns, name, shape, out dtype, row bytes, stored dtype, items)
-# for single-array-column layouts: what read_batch decides per layout, decided once.
-_SINGLE_PLANS: dict[tuple[int, object], tuple] = {}
+@dataclass(frozen=True)
+class _Single:
+    """How a layout of one array column is read: its name and shape, the output dtype, the row
+    bytes, the stored dtype and the values per row."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: np.dtype
+    row: int
+    dtype: np.dtype
+    items: int
+
+
+# id(columns), token_dtype -> (columns, plan): decided once per layout (the layout is kept
+# alive in the entry, so its id cannot be reused while the entry exists).
+_SINGLE_PLANS: dict[tuple[int, object], tuple[tuple[Column, ...], _Single]] = {}
+
+
+def _single(columns: tuple[Column, ...], token_dtype: torch.dtype | None) -> _Single | None:
+    """The plan of a one-array-column layout (``token_dtype`` validated), ``None`` for others."""
+    found = _SINGLE_PLANS.get((id(columns), token_dtype))
+    if found is not None and found[0] is columns:
+        return found[1]
+    token_dtype = token_dtype_of(token_dtype)
+    if len(columns) != 1 or columns[0].scalar:
+        return None
+    c = columns[0]
+    plan = _Single(c.name, c.shape, _out_dtype(c, token_dtype), c.nbytes, c.dtype,
+                   int(np.prod(c.shape, dtype=np.int64)))
+    if len(_SINGLE_PLANS) < 64:
+        _SINGLE_PLANS[id(columns), token_dtype] = (columns, plan)
+    return plan
+
+
+def _place(array: np.ndarray, rows: np.ndarray, order: np.ndarray | None) -> None:
+    """Copy gathered ``rows`` into ``array`` (``order``: row ``i`` belongs at ``order[i]``)."""
+    flat = array.reshape(len(array), -1)
+    if order is None:
+        flat[...] = rows
+    else:
+        flat[order] = rows
 
 
 def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.ndarray, *,
@@ -162,37 +200,15 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     n = len(ids)
-    plan = _SINGLE_PLANS.get((id(columns), token_dtype))
-    if plan is not None and plan[0] is columns and n and not pin_memory:
-        # One array column, outside workers: the same steps as below, decided once.
-        _, name, shape, out_dtype, row, dtype, items = plan
-        if torch.utils.data.get_worker_info() is None:
-            array = np.empty((n, *shape), out_dtype)
-            rows, order = _gather(dataset, ids, row, dtype, items)
-            if order is None:
-                array.reshape(n, items)[...] = rows
-            else:
-                array.reshape(n, items)[order] = rows
-            return {name: torch.from_numpy(array)}
-    token_dtype = token_dtype_of(token_dtype)
+    single = _single(columns, token_dtype)
+    if single is not None and n:
+        out, array = _empty((n, *single.shape), single.out_dtype, pin_memory)
+        _place(array, *_gather(dataset, ids, single.row, single.dtype, single.items))
+        return {single.name: out}
     row = sum(c.nbytes for c in columns)
     if n == 0:
         return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False)[0]
                 for c in columns}
-    single = columns[0] if len(columns) == 1 and not columns[0].scalar else None
-    if single is not None:
-        out_dtype = _out_dtype(single, token_dtype)
-        out, array = _empty((n, *single.shape), out_dtype, pin_memory)
-        flat = array.reshape(n, -1)
-        if len(_SINGLE_PLANS) < 64:  # keyed by the layout's identity: a dataset keeps its own
-            _SINGLE_PLANS[id(columns), token_dtype] = (columns, single.name, single.shape,
-                                                       out_dtype, row, single.dtype, flat.shape[1])
-        rows, order = _gather(dataset, ids, row, single.dtype, flat.shape[1])
-        if order is None:
-            flat[...] = rows
-        else:
-            flat[order] = rows
-        return {single.name: out}
     rows, order = _gather(dataset, ids, row, np.dtype(np.uint8), row)
     if order is not None:
         rows = rows[np.argsort(order)]
@@ -212,23 +228,22 @@ def read_batches(dataset, columns: tuple[Column, ...], id_lists: Sequence[np.nda
     workers, not pinned), with one gather for all of them when the layout is one array column:
     a batch then costs its own output array and the copy into it, not the ten-odd numpy calls
     of a gather. Each batch owns its memory (no views of a shared buffer)."""
-    plan = _SINGLE_PLANS.get((id(columns), token_dtype))
+    single = _single(columns, token_dtype)
     sizes = [len(ids) for ids in id_lists]
-    if (plan is None or plan[0] is not columns or len(id_lists) < 2 or 0 in sizes
+    if (single is None or len(id_lists) < 2 or 0 in sizes
             or torch.utils.data.get_worker_info() is not None):
         return [read_batch(dataset, columns, ids, token_dtype=token_dtype) for ids in id_lists]
-    _, name, shape, out_dtype, row, dtype, items = plan
     ids = np.concatenate(id_lists).astype(np.int64, copy=False)
-    rows, order = _gather(dataset, ids, row, dtype, items)
+    rows, order = _gather(dataset, ids, single.row, single.dtype, single.items)
     if order is not None:  # read in offset order: back to the batches' order
         unsorted = np.empty_like(rows)
         unsorted[order] = rows
         rows = unsorted
     out, a = [], 0
     for n in sizes:
-        array = np.empty((n, *shape), out_dtype)
-        array.reshape(n, items)[...] = rows[a:a + n]
-        out.append({name: torch.from_numpy(array)})
+        array = np.empty((n, *single.shape), single.out_dtype)
+        _place(array, rows[a:a + n], None)
+        out.append({single.name: torch.from_numpy(array)})
         a += n
     return out
 

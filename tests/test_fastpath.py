@@ -215,7 +215,6 @@ def test_read_batches_equals_read_batch(tokens_path):
     ds = open_dataset(tokens_path)
     cols = fastpath.layout(ds.schema)
     lists = [np.array([5, 202, 0]), np.array([17]), np.array([3, 3, 100, 45, 9])]
-    fastpath.read_batch(ds, cols, lists[0])  # the plan exists after a first batch
     for token_dtype in (torch.int64, None):
         many = fastpath.read_batches(ds, cols, lists, token_dtype=token_dtype)
         for ids, got in zip(lists, many):
