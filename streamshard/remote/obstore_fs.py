@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from streamshard.errors import ConfigError
+from streamshard.remote.parts import pwrite_all
 
 BACKENDS = ("s3fs", "obstore")
 _KNOWN = {"backend", "key", "secret", "token", "endpoint_url", "client_kwargs",
@@ -107,7 +108,7 @@ class NativeReader:
 
     The adapter runs each request as a coroutine on fsspec's event-loop thread, copies the body
     into Python ``bytes`` and writes it through a local-file coroutine; here a GET is one
-    synchronous obstore call and its buffer goes straight to ``os.write``/``pwrite``. A plain
+    synchronous obstore call and its buffer goes straight to ``pwrite``. A plain
     parallel download of the 54 MB set of ``benchmarks/bench_remote.py`` through the
     latency-capped proxy (8-32 threads) cost this process 0.13-0.19 CPU seconds through the
     adapter and 0.08-0.12 here (load 5, 2 cores): CPU the reader, on the same cores, gets back.
@@ -128,12 +129,10 @@ class NativeReader:
         """The whole object ``key`` into ``local_path`` (created or truncated)."""
         import obstore
 
-        data = memoryview(obstore.get(self._store, key).bytes())
+        data = obstore.get(self._store, key).bytes()
         fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            pos = 0
-            while pos < len(data):  # write may write less than asked
-                pos += os.write(fd, data[pos:])
+            pwrite_all(fd, data, 0)
         finally:
             os.close(fd)
 

@@ -86,9 +86,17 @@ class ConnectionSlots:
         self.release()
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (a bytes-like object) at ``offset`` of ``fd``: pwrite may write
+    less than asked."""
+    view, pos = memoryview(data), 0
+    while pos < len(view):
+        pos += os.pwrite(fd, view[pos:], offset + pos)
+
+
 def download_parts(read_range: Callable[[int, int], bytes], local_path: str, size: int,
                    policy: PartPolicy, *, retrying: Callable[[Callable[[], bytes]], bytes],
-                   slots: ConnectionSlots | threading.BoundedSemaphore | None = None) -> None:
+                   slots: ConnectionSlots | None = None) -> None:
     """Fetch ``[0, size)`` as ranged parts into the new file ``local_path`` (created with
     ``O_EXCL``; the caller removes it on error and renames it on success).
 
@@ -119,10 +127,7 @@ def download_parts(read_range: Callable[[int, int], bytes], local_path: str, siz
                                           f"expected {end - start}")
                 return data
 
-            data = retrying(attempt)
-            view, pos = memoryview(data), 0
-            while pos < len(view):  # pwrite may write less than asked
-                pos += os.pwrite(fd, view[pos:], start + pos)
+            pwrite_all(fd, retrying(attempt), start)
 
         if len(ranges) == 1:
             one(*ranges[0])
