@@ -1,11 +1,10 @@
 """Columnar batches for fixed-size schemas: rows gathered straight into the output tensors.
 
 When every column has a fixed size (scalars, fixed-shape arrays), a sample's encoding is its
-columns' little-endian bytes back to back (docs/FORMAT.md). For uncompressed shards a batch is
-gathered with one fancy-index per shard from a strided view of the shard's mmap
-(:mod:`streamshard.gather`), directly into the output tensor when the schema is one array
-column; compressed shards copy the rows a batch takes from each (cached) decompressed block
-in one operation per block (:mod:`streamshard.blockread`). The result equals
+columns' little-endian bytes back to back (docs/FORMAT.md). A batch's rows come from the
+dataset's row gather (``Dataset.gather_rows``: one fancy index over the held shard maps or the
+decompressed blocks, block by block otherwise) and are copied into the output tensor, converted
+there when the schema is one array column. The result equals
 ``streamshard.collate.collate([ds[i] for i in ids], token_dtype=...)`` exactly (tested): arrays
 keep their dtype except uint16/uint32 arrays, which become ``token_dtype`` (int64 by default,
 what ``nn.Embedding`` and ``cross_entropy`` take; ``None`` keeps them), and scalars become int64 /
@@ -22,9 +21,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from streamshard import blockarena, blockread
 from streamshard.collate import TOKEN_DTYPES, shared_empty, token_dtype_of
-from streamshard.flatgather import FlatGather, OutOfRange
 from streamshard.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -103,49 +100,6 @@ def _can_pin() -> bool:
     return _PIN[0]
 
 
-def _flat(dataset, row: int) -> FlatGather:
-    # Kept on the Dataset (never pickled: Dataset.__getstate__ lists what travels).
-    g = dataset.__dict__.get("_fastpath_flat")
-    if g is None or g.row != row:
-        g = dataset.__dict__["_fastpath_flat"] = FlatGather(dataset, row)
-    return g
-
-
-def _gather(dataset, ids: np.ndarray, row: int, dtype: np.dtype, items: int
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(rows, order)``: ``rows[i]`` (``items`` values of ``dtype``) is sample
-    ``ids[order[i]]`` (``order`` ``None``: ``ids[i]``). Uncompressed shards of uniform rows:
-    one fancy index for the whole batch (:mod:`streamshard.flatgather`); compressed shards:
-    one fancy index over the decompressed blocks (:mod:`streamshard.blockarena`); otherwise
-    shard after shard in offset order, block by block (:mod:`streamshard.blockread`)."""
-    if dataset.index.compression is None:
-        flat = _flat(dataset, row)
-        try:
-            rows = flat.gather(ids, dtype, items)
-        except OutOfRange:
-            ids = _in_range(dataset, ids)
-            rows = flat.gather(ids, dtype, items)
-        if rows is not None:
-            return rows, None
-    else:
-        ids = _in_range(dataset, ids)
-        rows = blockarena.arena_rows(dataset, ids, row)  # one fancy index over the blocks
-        if rows is not None:
-            return rows.view(dtype).reshape(len(ids), items), None
-    rows, order = blockread.sorted_rows(dataset, ids, row)
-    return rows.view(dtype).reshape(len(ids), items), order
-
-
-def _in_range(dataset, ids: np.ndarray) -> np.ndarray:
-    """``ids`` with negative ids counted from the end; an ``IndexError`` names an id outside
-    the dataset."""
-    n = dataset.index.num_samples
-    if int(ids.min()) < 0 or int(ids.max()) >= n:
-        _, _ = dataset.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
-        ids = np.where(ids < 0, ids + n, ids)
-    return ids
-
-
 @dataclass(frozen=True)
 class _Single:
     """How a layout of one array column is read: its name and shape, the output dtype, the row
@@ -203,13 +157,13 @@ def read_batch(dataset, columns: tuple[Column, ...], ids: Sequence[int] | np.nda
     single = _single(columns, token_dtype)
     if single is not None and n:
         out, array = _empty((n, *single.shape), single.out_dtype, pin_memory)
-        _place(array, *_gather(dataset, ids, single.row, single.dtype, single.items))
+        _place(array, *dataset.gather_rows(ids, single.row, single.dtype, single.items))
         return {single.name: out}
     row = sum(c.nbytes for c in columns)
     if n == 0:
         return {c.name: _empty((0, *c.shape), _out_dtype(c, token_dtype), False)[0]
                 for c in columns}
-    rows, order = _gather(dataset, ids, row, np.dtype(np.uint8), row)
+    rows, order = dataset.gather_rows(ids, row, np.dtype(np.uint8), row)
     if order is not None:
         rows = rows[np.argsort(order)]
     batch = {}
@@ -234,7 +188,7 @@ def read_batches(dataset, columns: tuple[Column, ...], id_lists: Sequence[np.nda
             or torch.utils.data.get_worker_info() is not None):
         return [read_batch(dataset, columns, ids, token_dtype=token_dtype) for ids in id_lists]
     ids = np.concatenate(id_lists).astype(np.int64, copy=False)
-    rows, order = _gather(dataset, ids, single.row, single.dtype, single.items)
+    rows, order = dataset.gather_rows(ids, single.row, single.dtype, single.items)
     if order is not None:  # read in offset order: back to the batches' order
         unsorted = np.empty_like(rows)
         unsorted[order] = rows

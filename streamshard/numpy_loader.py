@@ -61,41 +61,18 @@ def row_dtype(schema: Any) -> np.dtype | None:
 
 class RowGather:
     """The batches of one fixed-size dataset as numpy columns, equal to ``collate_numpy`` of the
-    samples. Uncompressed shards with uniform blocks are gathered with one fancy-index per shard
-    from a strided view of the mmap (``streamshard.gather.ShardRows``, which checks each block
-    on first touch); other shards copy each row out of its block (``Dataset.read_rows``)."""
+    samples, read by the dataset's row gather (``Dataset.gather_rows``: one fancy index per
+    batch over uncompressed maps or decompressed blocks, block by block otherwise)."""
 
     def __init__(self, ds: Any, dtype: np.dtype):
         self.ds, self.dtype = ds, dtype
-        self._rows: dict[int, tuple[Any, Any]] = {}  # shard -> (reader, ShardRows | None)
-
-    def _shard_rows(self, shard: int) -> Any:
-        from streamshard.gather import ShardRows
-
-        reader = self.ds.shard_reader(shard)
-        cached = self._rows.get(shard)
-        if cached is None or cached[0] is not reader:  # (re)opened: rebuild its layout
-            cached = self._rows[shard] = (reader, ShardRows.of(reader, self.dtype.itemsize))
-        return cached[1]
 
     def __call__(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(sample_ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dtype.itemsize), dtype=np.uint8)
-        if self.ds.index.compression is None:
-            shards, offsets = self.ds.index.locate(ids)
-            rest = np.ones(len(ids), dtype=bool)
-            for shard in np.unique(shards).tolist():
-                rows = self._shard_rows(shard)
-                here = shards == shard
-                if rows is not None:
-                    out[here] = rows.byte_rows()[rows.starts(offsets[here])]
-                    rest &= ~here
-            if rest.any():  # shards whose blocks are not uniform: row by row
-                tmp = np.empty((int(rest.sum()), self.dtype.itemsize), dtype=np.uint8)
-                self.ds.read_rows(ids[rest].tolist(), memoryview(tmp).cast("B"))
-                out[rest] = tmp
-        else:
-            self.ds.read_rows(ids.tolist(), memoryview(out).cast("B"))
+        size = self.dtype.itemsize
+        out, order = self.ds.gather_rows(ids, size, np.dtype(np.uint8), size)
+        if order is not None:  # read in offset order: back to the batch's order
+            out = out[np.argsort(order)]
         rows = out.reshape(-1).view(self.dtype)
         columns = {}
         for name in self.dtype.names:

@@ -20,6 +20,7 @@ import numpy as np
 
 from streamshard import blockarena, blockread
 from streamshard.errors import ConfigError, StorageError
+from streamshard.flatgather import FlatGather, OutOfRange
 from streamshard.index import INDEX_FILE, DatasetIndex, ShardInfo
 from streamshard.location import local_path
 from streamshard.lru import LRU
@@ -241,17 +242,49 @@ class Dataset:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not len(ids):
             return
-        if int(ids.min()) < 0 or int(ids.max()) >= self._len:
+        dest = np.frombuffer(out, np.uint8, len(ids) * size).reshape(len(ids), size)
+        rows, order = self.gather_rows(ids, size, np.dtype(np.uint8), size)
+        if order is None:
+            dest[...] = rows
+        else:
+            dest[order] = rows
+
+    def gather_rows(self, ids: np.ndarray, row: int, dtype: np.dtype, items: int
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(rows, order)`` of a fixed-size schema's samples ``ids`` (int64; negative ids count
+        from the end, others outside the dataset are an ``IndexError``): ``rows[i]``
+        (``items`` values of ``dtype``, ``row`` bytes) is sample ``ids[order[i]]``, or
+        ``ids[i]`` when ``order`` is ``None``. Uncompressed shards of uniform rows: one fancy
+        index for the whole batch (:mod:`streamshard.flatgather`); compressed shards: one fancy
+        index over the decompressed blocks (:mod:`streamshard.blockarena`); otherwise shard
+        after shard in offset order, block by block (:mod:`streamshard.blockread`). The one row
+        gather of the columnar fast path and of NumpyBatchIterator."""
+        if self.index.compression is None:
+            flat = self.__dict__.get("_flat_gather")  # never pickled (__getstate__)
+            if flat is None or flat.row != row:
+                flat = self.__dict__["_flat_gather"] = FlatGather(self, row)
+            try:
+                rows = flat.gather(ids, dtype, items)
+            except OutOfRange:
+                ids = self._checked_ids(ids)
+                rows = flat.gather(ids, dtype, items)
+            if rows is not None:
+                return rows, None
+        else:
+            ids = self._checked_ids(ids)
+            rows = blockarena.arena_rows(self, ids, row)  # one fancy index over the blocks
+            if rows is not None:
+                return rows.view(dtype).reshape(len(ids), items), None
+        rows, order = blockread.sorted_rows(self, ids, row)
+        return rows.view(dtype).reshape(len(ids), items), order
+
+    def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` with negative ids counted from the end; an ``IndexError`` names an id outside
+        the dataset."""
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self._len):
             _, _ = self.index.locate(ids)  # IndexError naming the id (negative ids count from the end)
             ids = np.where(ids < 0, ids + self._len, ids)
-        dest = np.frombuffer(out, np.uint8, len(ids) * size).reshape(len(ids), size)
-        rows = (blockarena.arena_rows(self, ids, size)  # compressed: one fancy index
-                if self.index.compression is not None else None)
-        if rows is not None:
-            dest[...] = rows
-            return
-        rows, order = blockread.sorted_rows(self, ids, size)  # block by block when compressed
-        dest[order] = rows
+        return ids
 
     def __iter__(self) -> Iterator[dict]:
         for s, info in enumerate(self.index.shards):

@@ -56,16 +56,16 @@ def test_equals_per_sample_across_layouts_and_evictions(mixed_path):
     for _ in range(30):
         ids = rng.integers(0, len(ds), 13)
         assert batch_key(fastpath.read_batch(ds, columns, ids)) == expected(ds, ids)
-        flat = ds.__dict__["_fastpath_flat"]
+        flat = ds.__dict__["_flat_gather"]
         # Held maps follow the dataset's LRU: at most its readers plus one batch's shards.
         assert len(flat._maps) <= 2 + 13
     assert batch_key(fastpath.read_batch(ds, columns, [-1, 0])) == expected(ds, [229, 0])
     ids = rng.integers(0, len(ds), 9)
     want = expected(ds, ids)
-    closed = [reader for reader, _, _ in ds.__dict__["_fastpath_flat"]._maps.values()]
+    closed = [reader for reader, _, _ in ds.__dict__["_flat_gather"]._maps.values()]
     ds.close()  # every reader is closed: the next batch reopens, and holds no closed one
     assert batch_key(fastpath.read_batch(ds, columns, ids)) == want
-    held = ds.__dict__["_fastpath_flat"]._maps
+    held = ds.__dict__["_flat_gather"]._maps
     assert held and not any(reader is old for reader, _, _ in held.values() for old in closed)
 
 
@@ -114,7 +114,7 @@ def test_shard_without_uniform_rows_falls_back_to_per_sample(mixed_path, monkeyp
     columns = fastpath.layout(ds.schema)
     ids = np.arange(len(ds))[::-3]
     assert batch_key(fastpath.read_batch(ds, columns, ids)) == expected(ds, ids)
-    flat = ds.__dict__["_fastpath_flat"]
+    flat = ds.__dict__["_flat_gather"]
     assert not flat.uniform[2] and flat.uniform.sum() == ds.num_shards - 1
 
 
