@@ -362,9 +362,9 @@ class ShardFileReader:
             checked = self._checked
             if checked is not None and not checked[b]:
                 self._check_block(b)
-            first, off = self._first, self._offsets[b]
-            nxt = first[b + 1] if b + 1 < self.num_blocks else self.num_samples
-            rel = block_offsets(self._mm, off, self._raw[b], nxt - first[b], f"{self.name} block {b}")
+            off = self._offsets[b]
+            rel = block_offsets(self._mm, off, self._raw[b], self._block_samples(b),
+                                f"{self.name} block {b}")
             offs = (rel + np.uint64(off + 8 * (len(rel) + 1))).tolist()
             self._block_offsets[b] = offs
         return offs
@@ -477,15 +477,18 @@ class ShardFileReader:
         check_frame(stored, self._raw[b], f"{self.name} block {b}")
         return stored
 
+    def _block_samples(self, b: int) -> int:
+        """Samples in block ``b`` (from the block table's first samples)."""
+        end = self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples
+        return end - self._first[b]
+
     def _check_raw(self, b: int, raw: Any, got: int) -> int:
         """Check decompressed block ``b`` (``got`` bytes at ``raw``): its size and header;
         return its payload start."""
         if got != self._raw[b]:
             raise CorruptionError(f"{self.name} block {b}: decompressed to {got} bytes, "
                                   f"table says {self._raw[b]}")
-        expected = (self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples) \
-            - self._first[b]
-        head = block_header(raw, 0, got, expected, f"{self.name} block {b}")
+        head = block_header(raw, 0, got, self._block_samples(b), f"{self.name} block {b}")
         self._stats.bytes_read += got
         return head
 
@@ -520,7 +523,7 @@ class ShardFileReader:
         """Check that every sample of block ``b`` (``raw``, payload at ``head``, as
         :meth:`fetch_block` returns it) is ``row`` bytes, back to back from ``head``
         (``CorruptionError`` naming the first that is not)."""
-        n = (self._first[b + 1] if b + 1 < self.num_blocks else self.num_samples) - self._first[b]
+        n = self._block_samples(b)
         # One comparison of the stored offsets with 0, row, 2*row, ... (block_header checked
         # that they fit); the search for the first wrong one only on a mismatch.
         if raw[8:16 + 8 * n] == _row_offsets(row, n) and head + n * row <= len(raw):
